@@ -1,0 +1,220 @@
+// Shared test tools: a line-oriented TCP client, CLI spawning, and checks for outside programs.
+// The file name starts with "_" so that `deno test` does not take it for a test file.
+
+export const encoder = new TextEncoder();
+export const decoder = new TextDecoder();
+
+/** How long a test waits for bytes it expects before it fails. */
+export const WAIT_MS = 10_000;
+
+/** Rejects after `ms` unless `promise` settles first; clears its timer either way. */
+export async function within<T>(ms: number, promise: Promise<T>, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A TCP client for tests: reads whole lines (with their endings) and writes exact bytes. */
+export class TestClient {
+  readonly conn: Deno.TcpConn;
+  #pending = new Uint8Array(0);
+  #closed = false;
+
+  constructor(conn: Deno.TcpConn) {
+    this.conn = conn;
+  }
+
+  static async connect(port: number, hostname = "127.0.0.1"): Promise<TestClient> {
+    const conn = await Deno.connect({ hostname, port });
+    conn.setNoDelay(true);
+    return new TestClient(conn);
+  }
+
+  /** `host:port` of this client as a server prints it. */
+  get name(): string {
+    const a = this.conn.localAddr as Deno.NetAddr;
+    return a.hostname.includes(":") ? `[${a.hostname}]:${a.port}` : `${a.hostname}:${a.port}`;
+  }
+
+  async write(data: string | Uint8Array): Promise<void> {
+    let bytes = typeof data === "string" ? encoder.encode(data) : data;
+    while (bytes.length > 0) bytes = bytes.subarray(await this.conn.write(bytes));
+  }
+
+  /** Reads one line, including its "\n"; null at EOF. */
+  async readLine(ms = WAIT_MS): Promise<string | null> {
+    const bytes = await this.readLineBytes(ms);
+    return bytes && decoder.decode(bytes);
+  }
+
+  async readLineBytes(ms = WAIT_MS): Promise<Uint8Array | null> {
+    for (;;) {
+      const nl = this.#pending.indexOf(10);
+      if (nl >= 0) {
+        const line = this.#pending.slice(0, nl + 1);
+        this.#pending = this.#pending.slice(nl + 1);
+        return line;
+      }
+      if (!await this.#fill(ms)) return null;
+    }
+  }
+
+  /** Reads until the peer closes, and returns everything not yet read. */
+  async readToEnd(ms = WAIT_MS): Promise<string> {
+    while (await this.#fill(ms));
+    const rest = decoder.decode(this.#pending);
+    this.#pending = new Uint8Array(0);
+    return rest;
+  }
+
+  async #fill(ms: number): Promise<boolean> {
+    const buf = new Uint8Array(65536);
+    let n: number | null;
+    try {
+      n = await within(ms, this.conn.read(buf), "a line from the server");
+    } catch (e) {
+      if (e instanceof Deno.errors.ConnectionReset) return false;
+      throw e;
+    }
+    if (n === null) return false;
+    const joined = new Uint8Array(this.#pending.length + n);
+    joined.set(this.#pending);
+    joined.set(buf.subarray(0, n), this.#pending.length);
+    this.#pending = joined;
+    return true;
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.conn.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** A spawned `deno run` of one of our scripts, with its stdout read line by line. */
+export class Cli {
+  readonly child: Deno.ChildProcess;
+  #lines: AsyncIterator<string>;
+  #stdoutSeen: string[] = [];
+
+  constructor(script: string, args: string[], env: Record<string, string> = {}) {
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", script, ...args],
+      cwd: new URL("..", import.meta.url).pathname,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1", ...env },
+    }).spawn();
+    this.#lines = this.child.stdout.pipeThrough(new TextDecoderStream()).pipeThrough(
+      new LineSplitter(),
+    )[Symbol.asyncIterator]();
+  }
+
+  /** The next line of stdout, without its ending; null at EOF. */
+  async readLine(ms = WAIT_MS): Promise<string | null> {
+    const r = await within(ms, this.#lines.next(), "a line from the program");
+    if (r.done) return null;
+    this.#stdoutSeen.push(r.value);
+    return r.value;
+  }
+
+  /** Waits for exit; returns the code with the rest of stdout and all of stderr. */
+  async finish(ms = WAIT_MS): Promise<{ code: number; stdout: string[]; stderr: string }> {
+    const rest: string[] = [];
+    for (let line = await this.readLine(ms); line !== null; line = await this.readLine(ms)) {
+      rest.push(line);
+    }
+    const stderr = await within(ms, new Response(this.child.stderr).text(), "stderr");
+    const status = await within(ms, this.child.status, "the program to exit");
+    return { code: status.code, stdout: rest, stderr };
+  }
+
+  kill(signal: Deno.Signal = "SIGTERM"): void {
+    try {
+      this.child.kill(signal);
+    } catch (e) {
+      if (!(e instanceof TypeError)) throw e; // already exited
+    }
+  }
+}
+
+/** Splits a text stream into lines, dropping "\n" and a "\r" before it. */
+class LineSplitter extends TransformStream<string, string> {
+  constructor() {
+    let rest = "";
+    super({
+      transform(chunk, controller) {
+        const parts = (rest + chunk).split("\n");
+        rest = parts.pop()!;
+        for (const p of parts) controller.enqueue(p.replace(/\r$/, ""));
+      },
+      flush(controller) {
+        if (rest) controller.enqueue(rest);
+      },
+    });
+  }
+}
+
+/** Runs a script to completion with the given arguments and stdin. */
+export async function runScript(
+  script: string,
+  args: string[],
+  stdin = "",
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", script, ...args],
+    cwd: new URL("..", import.meta.url).pathname,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  await writer.write(encoder.encode(stdin));
+  await writer.close();
+  const out = await within(30_000, child.output(), `${script} ${args.join(" ")} to finish`);
+  return { code: out.code, stdout: decoder.decode(out.stdout), stderr: decoder.decode(out.stderr) };
+}
+
+/** True if `program` is on PATH. */
+export function hasProgram(program: string): boolean {
+  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
+    try {
+      if (Deno.statSync(`${dir}/${program}`).isFile) return true;
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    }
+  }
+  return false;
+}
+
+/** A test name that carries the reason it is ignored, so the runner's output shows why. */
+export function needs(name: string, programs: string[]): { name: string; ignore: boolean } {
+  const missing = programs.filter((p) => !hasProgram(p));
+  return missing.length === 0
+    ? { name, ignore: false }
+    : { name: `${name} (ignored: ${missing.join(", ")} not installed)`, ignore: true };
+}
+
+/** Resident memory of a process in KiB, from /proc. */
+export function rssKiB(pid: number): number {
+  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+  return Number(/VmRSS:\s+(\d+)/.exec(status)![1]);
+}
+
+/** A port nobody listens on: bound, noted and released. */
+export function freePort(): number {
+  using l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  return l.addr.port;
+}

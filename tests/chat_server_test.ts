@@ -1,0 +1,498 @@
+import assert from "node:assert/strict";
+import { type ChatServerOptions, LineFramer, startChatServer } from "../chat_server.ts";
+import { Cli, decoder, encoder, freePort, needs, rssKiB, TestClient, WAIT_MS, within } from "./_helpers.ts";
+
+const GREETING = "You're connected to the Deno chatserver\r\n";
+
+/** Starts a silent server on a free port, runs `body`, and closes everything afterwards. */
+async function withServer(
+  options: ChatServerOptions,
+  body: (port: number) => Promise<void>,
+): Promise<void> {
+  const server = await startChatServer({ port: 0, log: null, ...options });
+  try {
+    await body(server.addr.port);
+  } finally {
+    await server.close();
+  }
+}
+
+/** Connects a client and reads past its greeting. */
+async function join(port: number, hostname = "127.0.0.1"): Promise<TestClient> {
+  const client = await TestClient.connect(port, hostname);
+  assert.equal(await client.readLine(), GREETING);
+  return client;
+}
+
+// --- The tutorial's transcript --------------------------------------------------------------
+
+Deno.test("startChatServer() plays the tutorial's transcript byte for byte", async () => {
+  await withServer({}, async (port) => {
+    using a = await TestClient.connect(port);
+    assert.equal(await a.readLine(), "You're connected to the Deno chatserver\r\n");
+    using b = await TestClient.connect(port);
+    assert.equal(await b.readLine(), "You're connected to the Deno chatserver\r\n");
+    assert.match(b.name, /^127\.0\.0\.1:\d+$/); // an IPv4 peer on the dual-stack socket
+    assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`);
+    await b.write("Hello, is anyone there?\r\n");
+    assert.equal(await a.readLine(), `[${b.name}] Hello, is anyone there?\r\n`);
+    await a.write("Yes, I'm here.\r\n");
+    // b's next line is a's, not an echo of its own
+    assert.equal(await b.readLine(), `[${a.name}] Yes, I'm here.\r\n`);
+    const aName = a.name;
+    a.close();
+    assert.equal(await b.readLine(), `Client left ${aName}\r\n`);
+  });
+});
+
+Deno.test("chat_server.ts prints the tutorial's server log on stdout", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", [String(port)]);
+  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  const a = await join(port);
+  const b = await join(port);
+  assert.equal(await cli.readLine(), `Client joined ${a.name}`);
+  assert.equal(await cli.readLine(), `Client joined ${b.name}`);
+  await b.write("Hello, is anyone there?\r\n");
+  assert.equal(await cli.readLine(), `[${b.name}] Hello, is anyone there?`);
+  await a.write("Yes, I'm here.\r\n");
+  assert.equal(await cli.readLine(), `[${a.name}] Yes, I'm here.`);
+  const aName = a.name;
+  a.close();
+  assert.equal(await cli.readLine(), `Client left ${aName}`);
+  const bName = b.name;
+  b.close();
+  assert.equal(await cli.readLine(), `Client left ${bName}`);
+  cli.kill("SIGINT");
+  const { code, stdout } = await cli.finish();
+  assert.equal(code, 0);
+  assert.deepEqual(stdout, ["ChatServer shutdown complete"]);
+});
+
+// --- Framing ---------------------------------------------------------------------------------
+
+/** Frames `chunks` fed one by one; returns each line decoded, with "!" after truncated ones. */
+function frame(chunks: (string | number[])[], maxLine = 4096): string[] {
+  const lines: string[] = [];
+  const framer = new LineFramer(maxLine, (line, truncated) => {
+    lines.push(decoder.decode(line) + (truncated ? "!" : ""));
+  });
+  for (const c of chunks) framer.push(typeof c === "string" ? encoder.encode(c) : new Uint8Array(c));
+  return lines;
+}
+
+Deno.test("LineFramer reassembles a line cut at every possible byte", () => {
+  const bytes = encoder.encode("héllo wörld €\r\nnext\n");
+  for (let cut = 0; cut <= bytes.length; cut++) {
+    for (let cut2 = cut; cut2 <= bytes.length; cut2++) {
+      const parts = [bytes.slice(0, cut), bytes.slice(cut, cut2), bytes.slice(cut2)].map((p) => [...p]);
+      assert.deepEqual(frame(parts), ["héllo wörld €", "next"], `cut at ${cut} and ${cut2}`);
+    }
+  }
+});
+
+Deno.test("LineFramer ends lines at CRLF, LF, CR and CR NUL, split or not", () => {
+  assert.deepEqual(frame(["a\r\nb\nc\rd\r\0e\r\n"]), ["a", "b", "c", "d", "e"]);
+  assert.deepEqual(frame(["a\r", "\nb\r", [0], "c\r", "d\n"]), ["a", "b", "c", "d"]);
+  assert.deepEqual(frame(["\r\n\r\n\n"]), ["", "", ""]);
+});
+
+Deno.test("LineFramer removes telnet negotiation and control characters", () => {
+  const iac = [255, 253, 1, ...encoder.encode("hi"), 255, 250, 24, 1, 255, 255, 2, 255, 240];
+  assert.deepEqual(frame([iac, " there", [255, 241], "\r\n"]), ["hi there"]);
+  assert.deepEqual(frame([[255], [251], [3], "x\n"]), ["x"]); // split inside a command
+  assert.deepEqual(frame(["a\x1b[31mb\x07c\td\x7f\x08e\n"]), ["a[31mbc\tde"]);
+  assert.deepEqual(frame([[255, 255], "y\n"]), ["y"]); // an escaped 255 is not UTF-8: dropped
+});
+
+Deno.test("LineFramer truncates an over-long line at a character boundary and skips the rest", () => {
+  assert.deepEqual(frame(["abcdefghij\r\nok\r\n"], 4), ["abcd!", "ok"]);
+  assert.deepEqual(frame(["ab€€\n"], 4), ["ab!"]); // "€" is 3 bytes: never cut in half
+  assert.deepEqual(frame(["abcd\n"], 4), ["abcd"]); // exactly the limit is fine
+});
+
+Deno.test("startChatServer() relays a line split over three writes", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    const bytes = encoder.encode("Grüße, €uro!\r\n");
+    // cut inside "ü" and inside "€"; a pause between writes makes them separate TCP reads
+    for (const part of [bytes.slice(0, 3), bytes.slice(3, 12), bytes.slice(12)]) {
+      await b.write(part);
+      await new Promise((r) => setTimeout(r, 30));
+    }
+    assert.equal(await a.readLine(), `[${b.name}] Grüße, €uro!\r\n`);
+  });
+});
+
+Deno.test("startChatServer() ends lines at CRLF, LF, CR and CR NUL and skips empty ones", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    await b.write("one\r\ntwo\nthree\rfour\r\0\r\n\n  \t\r\nfive\r\n");
+    for (const word of ["one", "two", "three", "four", "five"]) {
+      assert.equal(await a.readLine(), `[${b.name}] ${word}\r\n`);
+    }
+  });
+});
+
+Deno.test("startChatServer() strips telnet negotiation before relaying", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    await b.write(new Uint8Array([255, 253, 1, 255, 251, 31, 255, 250, 31, 0, 80, 0, 24, 255, 240]));
+    await b.write("bell\x07 and \x1b[2Jclear\r\n");
+    assert.equal(await a.readLine(), `[${b.name}] bell and [2Jclear\r\n`);
+  });
+});
+
+Deno.test("startChatServer() truncates an over-long line and tells the sender", async () => {
+  await withServer({ maxLine: 16 }, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    await b.write("0123456789abcdefTHE REST IS LOST\r\nshort\r\n");
+    assert.equal(await a.readLine(), `[${b.name}] 0123456789abcdef\r\n`);
+    assert.equal(await a.readLine(), `[${b.name}] short\r\n`);
+    assert.equal(await b.readLine(), "Your line was over 16 bytes; the rest of it was discarded\r\n");
+  });
+});
+
+// --- Limits and slow consumers -----------------------------------------------------------------
+
+/** Sends `total` bytes of numbered lines from `sender`, in big writes. */
+async function sendNumberedLines(sender: TestClient, count: number, width: number): Promise<void> {
+  const pad = "x".repeat(width - 10);
+  let batch: string[] = [];
+  for (let i = 0; i < count; i++) {
+    batch.push(`${String(i).padStart(7, "0")} ${pad}\n`);
+    if (batch.length === 256 || i === count - 1) {
+      await sender.write(batch.join(""));
+      batch = [];
+    }
+  }
+}
+
+Deno.test("chat_server.ts cuts off a client that never reads, and no one else misses a line", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1"]);
+  await cli.readLine();
+  const cliLines = (async () => {
+    while (await cli.readLine() !== null); // keep the log flowing, as a terminal would
+  })();
+  using reader = await join(port);
+  using sleeper = await TestClient.connect(port); // never reads a byte
+  using sender = await join(port);
+  assert.equal(await reader.readLine(), `Client joined ${sleeper.name}\r\n`);
+  assert.equal(await reader.readLine(), `Client joined ${sender.name}\r\n`);
+  const rssBefore = rssKiB(cli.child.pid);
+
+  const count = 160_000, width = 1000; // 160 MB of chat: the sleeper goes early on
+  const sending = sendNumberedLines(sender, count, width).catch((e) => e);
+  let sawLeave = false, rssPeak = 0;
+  for (let i = 0; i < count; i++) {
+    let line = await reader.readLine();
+    if (line === `Client left ${sleeper.name}\r\n`) {
+      sawLeave = true;
+      line = await reader.readLine();
+    }
+    assert.equal(line?.slice(0, sender.name.length + 10), `[${sender.name}] ${String(i).padStart(7, "0")}`);
+    if (i % 5000 === 0) rssPeak = Math.max(rssPeak, rssKiB(cli.child.pid));
+  }
+  assert.equal(await sending, undefined);
+  assert.ok(sawLeave, "the sleeper was never cut off");
+  const growthMiB = (rssPeak - rssBefore) / 1024;
+  // Garbage is collected lazily (V8 lets ~64 MiB of buffers pile up), so the bound is loose, but
+  // a server that kept what it could not deliver would grow by all 160 MB.
+  assert.ok(growthMiB < 100, `server RSS grew by ${growthMiB.toFixed(1)} MiB while 160 MB went by`);
+  cli.kill();
+  await cliLines;
+  assert.equal((await cli.finish()).code, 0);
+});
+
+Deno.test("chat_server.ts keeps its memory when a client streams megabytes with no newline", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1"]);
+  await cli.readLine();
+  using a = await join(port);
+  using b = await join(port);
+  await a.readLine();
+  await cli.readLine();
+  await cli.readLine();
+  const rssBefore = rssKiB(cli.child.pid);
+  const chunk = encoder.encode("y".repeat(1 << 20));
+  for (let i = 0; i < 32; i++) await b.write(chunk); // 32 MiB, one endless line
+  await b.write("\r\nafter\r\n");
+  assert.equal(await a.readLine(), `[${b.name}] ${"y".repeat(4096)}\r\n`);
+  assert.equal(await a.readLine(), `[${b.name}] after\r\n`);
+  assert.match((await b.readLine())!, /^Your line was over 4096 bytes/);
+  const growthMiB = (rssKiB(cli.child.pid) - rssBefore) / 1024;
+  assert.ok(growthMiB < 8, `server RSS grew by ${growthMiB.toFixed(1)} MiB`);
+  cli.kill();
+  assert.equal((await cli.finish()).code, 0);
+});
+
+Deno.test("startChatServer() refuses a client over --max-clients with one line", async () => {
+  await withServer({ maxClients: 2 }, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    using c = await TestClient.connect(port);
+    assert.equal(await c.readToEnd(), "Sorry, the server is full (2 clients); try again later\r\n");
+    b.close();
+    assert.equal(await a.readLine(), `Client left ${b.name}\r\n`);
+    using d = await join(port); // room again once someone leaves
+    assert.equal(await a.readLine(), `Client joined ${d.name}\r\n`);
+  });
+});
+
+// --- Containment ---------------------------------------------------------------------------------
+
+Deno.test("startChatServer() survives resets and half-closes, and the others carry on", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    // a reset: closing with unread bytes in the receive buffer makes the kernel send RST
+    const r = await join(port);
+    assert.equal(await a.readLine(), `Client joined ${r.name}\r\n`);
+    await a.write("unread by r\r\n");
+    await new Promise((res) => setTimeout(res, 50));
+    const rName = r.name;
+    r.close();
+    assert.equal(await a.readLine(), `Client left ${rName}\r\n`);
+    // a half-close: the line before it still goes out
+    using h = await join(port);
+    assert.equal(await a.readLine(), `Client joined ${h.name}\r\n`);
+    await h.write("last words\r\n");
+    await h.conn.closeWrite();
+    assert.equal(await a.readLine(), `[${h.name}] last words\r\n`);
+    assert.equal(await a.readLine(), `Client left ${h.name}\r\n`);
+    using b = await join(port);
+    assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`);
+    await b.write("still here?\r\n");
+    assert.equal(await a.readLine(), `[${b.name}] still here?\r\n`);
+  });
+});
+
+Deno.test("startChatServer() names IPv6 peers as [addr]:port", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port, "::1");
+    assert.equal(await a.readLine(), `Client joined [::1]:${b.conn.localAddr.port}\r\n`);
+    await b.write("from v6\r\n");
+    assert.equal(await a.readLine(), `[[::1]:${b.conn.localAddr.port}] from v6\r\n`);
+  });
+});
+
+Deno.test("startChatServer() listens again at once on the port it just left", async () => {
+  const first = await startChatServer({ port: 0, log: null });
+  const port = first.addr.port;
+  const a = await join(port);
+  const closing = first.close(); // the server closes first, so its side holds TIME_WAIT
+  assert.equal(await a.readToEnd(), "Server shutting down, goodbye\r\n");
+  a.close();
+  await closing;
+  const second = await startChatServer({ port, log: null });
+  using b = await join(port);
+  b.close();
+  await second.close();
+});
+
+// --- The command line ---------------------------------------------------------------------------
+
+Deno.test("chat_server.ts says goodbye to every client on SIGTERM and exits 0", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", ["--port", String(port)]);
+  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  using a = await join(port);
+  using b = await join(port);
+  await a.readLine();
+  const started = Date.now();
+  cli.kill("SIGTERM");
+  assert.equal(await a.readToEnd(), "Server shutting down, goodbye\r\n");
+  assert.equal(await b.readToEnd(), "Server shutting down, goodbye\r\n");
+  const { code, stdout } = await cli.finish();
+  assert.equal(code, 0);
+  assert.equal(stdout.at(-1), "ChatServer shutdown complete");
+  assert.ok(Date.now() - started < 2000, "shutdown took over two seconds");
+});
+
+Deno.test("chat_server.ts shuts down on SIGINT even when a client never reads", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", [String(port)]);
+  await cli.readLine();
+  using sleeper = await TestClient.connect(port);
+  using sender = await join(port);
+  await sendNumberedLines(sender, 5000, 1000); // fills the sleeper's socket buffers
+  cli.kill("SIGINT");
+  const { code, stdout } = await cli.finish();
+  assert.equal(code, 0);
+  assert.equal(stdout.at(-1), "ChatServer shutdown complete");
+  sleeper.close();
+});
+
+Deno.test("chat_server.ts names the port in one line when it is taken", async () => {
+  using taken = Deno.listen({ hostname: "0.0.0.0", port: 0 });
+  const cli = new Cli("chat_server.ts", [String(taken.addr.port)]);
+  const { code, stdout, stderr } = await cli.finish();
+  assert.equal(code, 1);
+  assert.deepEqual(stdout, []);
+  assert.equal(stderr, `chat_server: port ${taken.addr.port} is already in use\n`);
+});
+
+Deno.test("chat_server.ts rejects bad arguments with a usage line and exit code 2", async () => {
+  for (
+    const [args, problem] of [
+      [["--port", "http"], 'port wants a whole number, not "http"'],
+      [["70000"], "port must be from 0 to 65535"],
+      [["--bogus"], "Unknown option '--bogus'"],
+      [["--max-line", "0"], "--max-line must be from 1 to 1048576"],
+      [["2626", "2627"], 'unexpected argument "2627"'],
+    ] as const
+  ) {
+    const { code, stdout, stderr } = await new Cli("chat_server.ts", [...args]).finish();
+    assert.equal(code, 2, args.join(" "));
+    assert.deepEqual(stdout, []);
+    const [first, usage, ...rest] = stderr.split("\n");
+    assert.match(first, new RegExp(`^chat_server: .*${problem.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}`));
+    assert.match(usage, /^usage: chat_server\.ts \[PORT\]/);
+    assert.deepEqual(rest, [""]);
+  }
+});
+
+Deno.test("chat_server.ts --help prints the usage and exits 0", async () => {
+  const { code, stdout } = await new Cli("chat_server.ts", ["--help"]).finish();
+  assert.equal(code, 0);
+  assert.match(stdout[0], /^usage: chat_server\.ts \[PORT\]/);
+  assert.ok(stdout.some((l) => l.includes("--sendq")));
+});
+
+// --- Real clients ------------------------------------------------------------------------------
+
+/** Runs a program on a pseudo-terminal through util-linux `script`, as a person would. */
+function onPty(command: string): Deno.ChildProcess {
+  return new Deno.Command("script", {
+    args: ["-qfec", command, "/dev/null"],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "null",
+    env: { TERM: "dumb" },
+  }).spawn();
+}
+
+/** Reads a child's stdout until `pattern` has been seen; returns all of it. */
+async function readUntil(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  seen: { text: string },
+  pattern: RegExp,
+) {
+  while (!pattern.test(seen.text)) {
+    const { value, done } = await within(WAIT_MS, reader.read(), `output matching ${pattern}`);
+    if (done) throw new Error(`EOF before ${pattern}; got ${JSON.stringify(seen.text)}`);
+    seen.text += decoder.decode(value);
+  }
+  return seen.text;
+}
+
+Deno.test({
+  ...needs("chat_server.ts talks to a real telnet on a terminal, as in the tutorial", ["telnet", "script"]),
+  async fn() {
+    await withServer({}, async (port) => {
+      using peer = await join(port);
+      const telnet = onPty(`telnet localhost ${port}`);
+      const stdin = telnet.stdin.getWriter();
+      const out = telnet.stdout.getReader();
+      const seen = { text: "" };
+      await readUntil(
+        out,
+        seen,
+        /Escape character is '\^]'\.\r\nYou're connected to the Deno chatserver\r\n/,
+      );
+      const joined = (await peer.readLine())!;
+      const name = /^Client joined (127\.0\.0\.1:\d+)\r\n$/.exec(joined)![1];
+      await stdin.write(encoder.encode("Hello, is anyone there?\r"));
+      assert.equal(await peer.readLine(), `[${name}] Hello, is anyone there?\r\n`);
+      await peer.write("Yes, I'm here.\r\n");
+      await readUntil(out, seen, new RegExp(`\\[${peer.name}\\] Yes, I'm here\\.\r\n`));
+      await stdin.write(encoder.encode("\x1d")); // ^] then close, as in Listing 23
+      await readUntil(out, seen, /telnet> $/);
+      await stdin.write(encoder.encode("close\r"));
+      await readUntil(out, seen, /Connection closed\./);
+      assert.equal(await peer.readLine(), `Client left ${name}\r\n`);
+      await stdin.close();
+      await out.cancel();
+      await within(WAIT_MS, telnet.status, "telnet to exit");
+    });
+  },
+});
+
+Deno.test({
+  ...needs("chat_server.ts relays between ncat and socat clients", ["ncat", "socat"]),
+  async fn() {
+    await withServer({}, async (port) => {
+      using watcher = await join(port);
+      const ncat = new Deno.Command("ncat", {
+        args: ["127.0.0.1", String(port)],
+        stdin: "piped",
+        stdout: "piped",
+        stderr: "null",
+      }).spawn();
+      const ncatName = /Client joined (\S+)\r\n/.exec((await watcher.readLine())!)![1];
+      const socat = new Deno.Command("socat", {
+        args: ["-", `TCP:127.0.0.1:${port}`],
+        stdin: "piped",
+        stdout: "piped",
+        stderr: "null",
+      }).spawn();
+      const socatName = /Client joined (\S+)\r\n/.exec((await watcher.readLine())!)![1];
+      const ncatIn = ncat.stdin.getWriter();
+      await ncatIn.write(encoder.encode("from ncat\n"));
+      assert.equal(await watcher.readLine(), `[${ncatName}] from ncat\r\n`);
+      const socatIn = socat.stdin.getWriter();
+      await socatIn.write(encoder.encode("from socat\n"));
+      assert.equal(await watcher.readLine(), `[${socatName}] from socat\r\n`);
+      await ncatIn.close();
+      await socatIn.close();
+      const [ncatOut, socatOut] = await within(WAIT_MS, Promise.all([ncat.output(), socat.output()]), "exit");
+      assert.ok(decoder.decode(ncatOut.stdout).includes(`[${socatName}] from socat\r\n`));
+      assert.ok(decoder.decode(socatOut.stdout).includes(`[${ncatName}] from ncat\r\n`));
+    });
+  },
+});
+
+Deno.test({
+  name: Deno.env.get("DENORT_BIN")
+    ? "chat_server.ts compiles to a standalone binary that serves"
+    : "chat_server.ts compiles to a standalone binary (ignored: set DENORT_BIN to a denort binary)",
+  ignore: !Deno.env.get("DENORT_BIN"),
+  async fn() {
+    const dir = await Deno.makeTempDir();
+    try {
+      const out = `${dir}/chat_server`;
+      const compile = await new Deno.Command(Deno.execPath(), {
+        args: ["compile", "--allow-net", "-o", out, "chat_server.ts"],
+        cwd: new URL("..", import.meta.url).pathname,
+        stdout: "null",
+        stderr: "piped",
+      }).output();
+      assert.equal(compile.code, 0, decoder.decode(compile.stderr));
+      const port = freePort();
+      const bin = new Deno.Command(out, { args: [String(port)], stdout: "piped", stderr: "piped" }).spawn();
+      const reader = bin.stdout.getReader();
+      const seen = { text: "" };
+      await readUntil(reader, seen, /ChatServer started on port \d+\n/);
+      using c = await TestClient.connect(port);
+      assert.equal(await c.readLine(), GREETING);
+      bin.kill("SIGTERM");
+      await readUntil(reader, seen, /shutdown complete/);
+      reader.releaseLock();
+      await bin.stdout.cancel();
+      await bin.stderr.cancel();
+      assert.equal((await bin.status).code, 0);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
