@@ -7,6 +7,10 @@
  *     deno run -A chat_server.ts 2626
  *     telnet localhost 2626
  *
+ * Beyond the tutorial, a plain telnet user gets what chat users expect: `/nick`, `/who`, `/me`,
+ * `/msg`, rooms (`/join`, `/rooms`), `/quit` and `/help`; and the operator gets limits (clients,
+ * clients per address, idle time, flood rate, allow/deny lists), TLS and a JSON event log.
+ *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
  * - The accept loop only dispatches; `serveClient()` owns one connection from greeting to
  *   goodbye, with `try/finally`, so a fault on one connection touches no one else.
@@ -16,8 +20,11 @@
  * - Output never blocks the loop. Each client has a bounded send queue; a broadcast formats the
  *   line once and queues the same bytes for everyone, and each queue is flushed as one coalesced
  *   write. A client that stops reading fills its own queue and is cut off; nobody else waits.
- *   This is wrong for a server whose clients must never lose a line (a log shipper, say): there
- *   you would block the sender instead, and let a slow reader slow the whole room.
+ *   A reader that is slow but alive pauses the senders instead, so it loses nothing.
+ *   This is wrong for a server whose clients must never be cut off (a log shipper, say): there
+ *   you would block the senders for as long as it takes, and let one stalled reader stall all.
+ * - Rooms are sets of clients. Above `--announce-limit` members a room stops announcing joins and
+ *   leaves, as large chat services do: 10,000 joins would otherwise be 50 million notices.
  *
  * @module
  */
@@ -35,8 +42,23 @@ export const DEFAULT_MAX_LINE = 4096;
 export const DEFAULT_SENDQ = 1024 * 1024;
 /** Clients served at once; one more is refused with a line of explanation. */
 export const DEFAULT_MAX_CLIENTS = 1000;
+/** Clients per remote address; 0 is no limit. */
+export const DEFAULT_MAX_PER_IP = 0;
+/** Lines a client may send per 10 seconds before its extra lines are dropped; 0 is no limit. */
+export const DEFAULT_RATE = 50;
+/** Members above which a room no longer announces each join and leave. */
+export const DEFAULT_ANNOUNCE_LIMIT = 200;
+/** The room everyone starts in. */
+export const LOBBY = "lobby";
 /** How long shutdown waits for goodbyes to be written before closing sockets anyway. */
 export const SHUTDOWN_GRACE_MS = 1000;
+/** Floods (runs of dropped lines) within FLOOD_MEMORY_MS that get a client disconnected. */
+const FLOOD_STRIKES = 3;
+const FLOOD_MEMORY_MS = 60_000;
+/** Longest nick or room name, in characters. */
+const MAX_NAME = 32;
+/** Pending connections the kernel may queue for us: a join storm should not meet SYN drops. */
+const TCP_BACKLOG = 4096;
 /** How long a client's writes may stand still before it stops pacing the senders. */
 const STALL_MS = 250;
 /** Bytes read per `read()` call. Small, because every idle client holds one buffer. */
@@ -70,8 +92,24 @@ export interface ChatServerOptions {
   sendq?: number;
   /** Clients served at once. Default {@linkcode DEFAULT_MAX_CLIENTS}. */
   maxClients?: number;
+  /** Clients per remote address; 0 is no limit. Default {@linkcode DEFAULT_MAX_PER_IP}. */
+  maxPerIp?: number;
+  /** Seconds of silence after which a client is told and closed; 0 is never. Default 0. */
+  idle?: number;
+  /** Lines per 10 seconds per client, with bursts of twice that; 0 is no limit. Default {@linkcode DEFAULT_RATE}. */
+  rate?: number;
+  /** Members above which a room stops announcing joins and leaves. Default {@linkcode DEFAULT_ANNOUNCE_LIMIT}. */
+  announceLimit?: number;
+  /** CIDR blocks that may connect (empty: everyone). Checked at accept, before `deny`. */
+  allow?: string[];
+  /** CIDR blocks that may not connect. */
+  deny?: string[];
+  /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
+  tls?: { cert: string; key: string };
   /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
   log?: Writer | null;
+  /** `text`: the tutorial's lines; `json`: one JSON object per event. Default `text`. */
+  logFormat?: "text" | "json";
 }
 
 /** A running chat server. */
@@ -88,16 +126,29 @@ export interface ChatServer {
 // Data structures
 
 const encoder = new TextEncoder();
+const decoder = new TextDecoder();
 const CRLF = encoder.encode("\r\n");
 const LF = encoder.encode("\n");
 
-/** One connected client: its socket, its name, and its queue of bytes waiting to be sent. */
-interface Client {
-  readonly conn: Deno.Conn;
-  /** `host:port` as the tutorial prints it (`[v6addr]:port` for IPv6). */
+/** A room: a name and the clients in it. */
+interface Room {
   readonly name: string;
-  /** Prefix for this client's lines, `[host:port] `, encoded once. */
-  readonly prefix: Uint8Array;
+  readonly members: Set<Client>;
+}
+
+/** One connected client: its socket, its names, its room, and its queue of bytes to send. */
+interface Client {
+  readonly conn: Deno.Conn<Deno.NetAddr>;
+  /** `host:port` as the tutorial prints it (`[v6addr]:port` for IPv6). */
+  readonly address: string;
+  /** The remote address alone, for the per-address limit. */
+  readonly ip: string;
+  nick: string | null;
+  /** What others see: the nick, or else the address. */
+  label: string;
+  /** Prefix for this client's lines, `[label] `, encoded once per name. */
+  prefix: Uint8Array;
+  room: Room;
   queue: Uint8Array[];
   /** Bytes queued or being written: the figure the send queue limit applies to. */
   queued: number;
@@ -108,11 +159,21 @@ interface Client {
   /** Waiting in the list of clients to flush at the end of this turn. */
   dirty: boolean;
   closed: boolean;
+  /** When the client last sent anything (ms since the epoch). */
+  lastInput: number;
+  /** Flood control: a token bucket, and the floods it has caused lately. */
+  tokens: number;
+  tokensAt: number;
+  flooding: boolean;
+  floods: number;
+  lastFlood: number;
+  /** Set when the client is on its way out: why (`/quit` text, "idle", "flooding"). */
+  leaving: string | null;
 }
 
 /** The telnet protocol bytes that matter when removing negotiation (RFC 854). */
 const IAC = 255, SB = 250, SE = 240, WILL = 251, DONT = 254;
-const CR = 13, NL = 10, NUL = 0, TAB = 9, DEL = 127;
+const CR = 13, NL = 10, NUL = 0, TAB = 9, DEL = 127, SLASH = 47;
 
 const enum Telnet {
   Data,
@@ -263,7 +324,8 @@ async function writeCoalesced(
 function isDisconnect(e: unknown): boolean {
   return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
     e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||
-    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected;
+    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected ||
+    e instanceof Deno.errors.UnexpectedEof; // a TLS peer that left without close_notify
 }
 
 /**
@@ -293,6 +355,11 @@ class EventLog {
     this.#parts.push(line, LF);
     this.#bytes += line.length + 1;
     this.#writing ??= this.#drain();
+  }
+
+  /** Logs a line of text. */
+  text(line: string): void {
+    if (this.#out) this.bytes(encoder.encode(line));
   }
 
   /** Resolves when everything logged so far has been written. */
@@ -342,9 +409,19 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   const maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
   const sendq = options.sendq ?? DEFAULT_SENDQ;
   const maxClients = options.maxClients ?? DEFAULT_MAX_CLIENTS;
+  const maxPerIp = options.maxPerIp ?? DEFAULT_MAX_PER_IP;
+  const rate = options.rate ?? DEFAULT_RATE;
+  const burst = 2 * rate; // a pasted block goes through once; a steady flood does not
+  const announceLimit = options.announceLimit ?? DEFAULT_ANNOUNCE_LIMIT;
+  const allow = (options.allow ?? []).map(parseCidr);
+  const deny = (options.deny ?? []).map(parseCidr);
+  const json = options.logFormat === "json";
   const log = new EventLog(options.log === undefined ? Deno.stdout : options.log);
-  const listener = listenDualStack(options.host, options.port ?? DEFAULT_PORT);
+  const listener = listenDualStack(options.host, options.port ?? DEFAULT_PORT, options.tls);
   const clients = new Set<Client>();
+  const rooms = new Map<string, Room>(); // by lower-case name
+  const nicks = new Map<string, Client>(); // by lower-case nick
+  const perIp = new Map<string, number>();
   const handlers = new Set<Promise<void>>();
   let dirty: Client[] = [];
   let closing = false;
@@ -354,14 +431,12 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   const spareBuffers: Uint8Array[] = [];
   let roomFreed: Promise<void> | null = null;
   let releaseSenders: (() => void) | null = null;
+  const lobby = openRoom(LOBBY);
 
   const greeting = encoder.encode(GREETING);
-  const tooLong = encoder.encode(
-    `Your line was over ${maxLine} bytes; the rest of it was discarded\r\n`,
-  );
-  const full = encoder.encode(
-    `Sorry, the server is full (${maxClients} clients); try again later\r\n`,
-  );
+  const tooLong = encoder.encode(`Your line was over ${maxLine} bytes; the rest of it was discarded\r\n`);
+
+  // --- Sending ---------------------------------------------------------------------------------
 
   // Queues bytes for one client; the write happens at the end of this turn, coalesced.
   function send(client: Client, bytes: Uint8Array): void {
@@ -379,10 +454,33 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     }
   }
 
-  // Sends bytes to every client but `sender`, and logs them (without the CRLF).
-  function broadcastExcept(sender: Client | null, message: Uint8Array): void {
-    for (const client of clients) if (client !== sender) send(client, message);
-    log.bytes(message.subarray(0, message.length - 2));
+  // Sends one line of text to one client.
+  function tell(client: Client, text: string): void {
+    send(client, encoder.encode(text + "\r\n"));
+  }
+
+  // Sends bytes to every member of a room but `sender`.
+  function broadcastExcept(room: Room, sender: Client | null, message: Uint8Array): void {
+    for (const client of room.members) if (client !== sender) send(client, message);
+  }
+
+  // Announces a join or leave to a room, unless the room, counting the one coming or going, is
+  // over the announcement limit; logs it either way.
+  function announce(
+    room: Room,
+    sender: Client | null,
+    text: string,
+    event: Record<string, unknown>,
+    size = room.members.size,
+  ): void {
+    if (size <= announceLimit) broadcastExcept(room, sender, encoder.encode(text + "\r\n"));
+    record(text, event);
+  }
+
+  // Writes an event to the log: the text as the tutorial prints it, or one JSON object.
+  function record(text: string, event: Record<string, unknown>): void {
+    if (json) log.text(JSON.stringify({ time: new Date().toISOString(), ...event }));
+    else log.text(text);
   }
 
   // Starts a flush for every client that had bytes queued during this turn.
@@ -471,7 +569,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     client.closed = true;
     client.queue = [];
     if (congested.delete(client)) wakeSenders();
-    if (reason) console.error(`Dropped ${client.name}: ${reason}`);
+    if (reason) console.error(`Dropped ${client.address}: ${reason}`);
     try {
       client.conn.close();
     } catch (e) {
@@ -479,56 +577,324 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     }
   }
 
-  // Owns one connection: greets it, relays its lines, and announces its leave.
-  async function serveClient(conn: Deno.TcpConn): Promise<void> {
-    const name = formatPeer(conn.remoteAddr as Deno.NetAddr);
+  // Tells a client why, lets the notice go out, and ends its connection.
+  function sendOff(client: Client, notice: string, reason: string): void {
+    if (client.leaving !== null) return;
+    tell(client, notice);
+    client.leaving = reason;
+    // The handler stops reading after this chunk of input. An idle client sends nothing to wake
+    // it, so close that one here, once the notice is out (the flush starts this same turn).
+    if (reason === "idle") {
+      queueMicrotask(async () => {
+        await settleWithin(SHUTDOWN_GRACE_MS, client.flushing ? [client.flushing] : []);
+        dropClient(client, null);
+      });
+    }
+  }
+
+  // --- Rooms and names -------------------------------------------------------------------------
+
+  function openRoom(name: string): Room {
+    const key = name.toLowerCase();
+    let room = rooms.get(key);
+    if (!room) rooms.set(key, room = { name, members: new Set() });
+    return room;
+  }
+
+  // Puts a client in a room, and logs when the room grows past the announcement limit.
+  function enterRoom(client: Client, room: Room): void {
+    client.room = room;
+    room.members.add(client);
+    if (room.members.size === announceLimit + 1) {
+      record(
+        `Room ${room.name} has over ${announceLimit} members: joins and leaves are no longer announced`,
+        {
+          event: "quiet",
+          room: room.name,
+          members: room.members.size,
+        },
+      );
+    }
+  }
+
+  // Takes a client out of its room, and forgets the room when it empties (the lobby stays).
+  function leaveRoom(client: Client): void {
+    const room = client.room;
+    room.members.delete(client);
+    if (room.members.size === announceLimit) {
+      record(`Room ${room.name} has ${announceLimit} members again: joins and leaves are announced`, {
+        event: "loud",
+        room: room.name,
+        members: room.members.size,
+      });
+    }
+    if (room.members.size === 0 && room !== lobby) rooms.delete(room.name.toLowerCase());
+  }
+
+  function rename(client: Client, nick: string | null): void {
+    if (client.nick !== null) nicks.delete(client.nick.toLowerCase());
+    client.nick = nick;
+    if (nick !== null) nicks.set(nick.toLowerCase(), client);
+    client.label = nick ?? client.address;
+    client.prefix = encoder.encode(`[${client.label}] `);
+  }
+
+  // --- Lines and commands ------------------------------------------------------------------------
+
+  // Relays one line to the client's room, prefixed with its name.
+  function relay(client: Client, line: Uint8Array): void {
+    const message = new Uint8Array(client.prefix.length + line.length + 2);
+    message.set(client.prefix);
+    message.set(line, client.prefix.length);
+    message.set(CRLF, message.length - 2);
+    broadcastExcept(client.room, client, message);
+    if (json) {
+      record("", { event: "line", room: client.room.name, from: client.label, text: decoder.decode(line) });
+    } else log.bytes(message.subarray(0, message.length - 2));
+  }
+
+  // Takes one token from the client's bucket, or says it is flooding (and cuts it off at last).
+  function withinRate(client: Client): boolean {
+    const now = client.lastInput;
+    client.tokens = Math.min(burst, client.tokens + (now - client.tokensAt) * rate / 10_000);
+    client.tokensAt = now;
+    if (client.tokens >= 1) {
+      client.tokens -= 1;
+      client.flooding = false;
+      return true;
+    }
+    if (!client.flooding) {
+      client.flooding = true;
+      if (now - client.lastFlood > FLOOD_MEMORY_MS) client.floods = 0;
+      client.lastFlood = now;
+      if (++client.floods >= FLOOD_STRIKES) {
+        sendOff(client, "Disconnected for flooding", "flooding");
+      } else {
+        tell(
+          client,
+          `You are sending more than ${rate} lines in 10 seconds; lines are dropped until you slow down ` +
+            `(warning ${client.floods} of ${FLOOD_STRIKES - 1})`,
+        );
+      }
+    }
+    return false;
+  }
+
+  // Handles a line: a command, or chat for the room.
+  function onLine(client: Client, line: Uint8Array, truncated: boolean): void {
+    if (truncated) send(client, tooLong);
+    if (client.leaving !== null || isBlank(line)) return;
+    if (rate > 0 && !withinRate(client)) return;
+    if (line[0] === SLASH) {
+      if (line[1] !== SLASH) return runCommand(client, decoder.decode(line));
+      line = line.subarray(1); // "//text" says "/text"
+    }
+    relay(client, line);
+  }
+
+  const HELP_TEXT = [
+    "Commands:",
+    "  /nick NAME       take a name (1-32 characters, no spaces); others see it instead of your address",
+    "  /who             who is in this room",
+    "  /me ACTION       say what you are doing: * NAME ACTION",
+    "  /msg NAME TEXT   a private message to one person",
+    "  /join ROOM       leave this room for ROOM, making it if need be",
+    "  /rooms           the rooms and how many are in each",
+    "  /quit [REASON]   leave",
+    "  /help            this list",
+    "  //text           send a line that starts with /",
+  ];
+
+  // Runs a /command for a client.
+  function runCommand(client: Client, line: string): void {
+    const match = /^\/(\S*)\s*(.*)$/.exec(line)!;
+    const [command, rest] = [match[1].toLowerCase(), match[2].trim()];
+    switch (command) {
+      case "nick":
+        return changeNick(client, rest);
+      case "who": {
+        const room = client.room;
+        tell(client, `In ${room.name} (${room.members.size}):`);
+        for (const m of room.members) {
+          tell(client, `  ${m.nick ? `${m.nick} (${m.address})` : m.address}${m === client ? " (you)" : ""}`);
+        }
+        return;
+      }
+      case "me":
+        if (!rest) return tell(client, "Usage: /me ACTION");
+        broadcastExcept(client.room, client, encoder.encode(`* ${client.label} ${rest}\r\n`));
+        return record(`* ${client.label} ${rest}`, {
+          event: "me",
+          room: client.room.name,
+          from: client.label,
+          text: rest,
+        });
+      case "msg": {
+        const m = /^(\S+)\s+(.+)$/.exec(rest);
+        if (!m) return tell(client, "Usage: /msg NAME TEXT");
+        const to = nicks.get(m[1].toLowerCase()) ?? [...clients].find((c) => c.address === m[1]);
+        if (!to || to.leaving !== null) return tell(client, `No such user: ${m[1]}`);
+        tell(to, `(private) [${client.label}] ${m[2]}`);
+        tell(client, `(private to ${to.label}) ${m[2]}`);
+        // The log says who wrote to whom, never what: private means private.
+        return record(`${client.label} sent a private message to ${to.label}`, {
+          event: "msg",
+          from: client.label,
+          to: to.label,
+        });
+      }
+      case "join":
+        return joinRoom(client, rest);
+      case "rooms": {
+        const list = [...rooms.values()].filter((r) => r.members.size > 0 || r === lobby);
+        tell(client, `Rooms (${list.length}):`);
+        for (const r of list.sort((a, b) => a.name.localeCompare(b.name))) {
+          tell(client, `  ${r.name} ${r.members.size}${r === client.room ? " (you are here)" : ""}`);
+        }
+        return;
+      }
+      case "quit":
+        return sendOff(client, "Goodbye", rest);
+      case "help":
+        for (const text of HELP_TEXT) tell(client, text);
+        return;
+      default:
+        return tell(client, `Unknown command /${match[1]}; try /help`);
+    }
+  }
+
+  function changeNick(client: Client, nick: string): void {
+    const problem = checkName(nick, "nick");
+    if (problem) return tell(client, `${problem}; you are still ${client.label}`);
+    const holder = nicks.get(nick.toLowerCase());
+    if (holder && holder !== client) {
+      return tell(client, `The nick ${nick} is taken; you are still ${client.label}`);
+    }
+    const old = client.label;
+    rename(client, nick);
+    tell(client, `You are now known as ${nick}`);
+    broadcastExcept(client.room, client, encoder.encode(`${old} is now known as ${nick}\r\n`));
+    record(`${old} is now known as ${nick}`, { event: "nick", peer: client.address, from: old, to: nick });
+  }
+
+  function joinRoom(client: Client, name: string): void {
+    const problem = checkName(name, "room name");
+    if (problem) return tell(client, `${problem}; you are still in ${client.room.name}`);
+    const room = openRoom(name);
+    if (room === client.room) return tell(client, `You are already in ${room.name}`);
+    const old = client.room;
+    leaveRoom(client);
+    announce(old, client, `${client.label} has left ${old.name} for ${room.name}`, {
+      event: "part",
+      room: old.name,
+      peer: client.address,
+      nick: client.nick,
+    }, old.members.size + 1);
+    enterRoom(client, room);
+    tell(client, `You are now in ${room.name} (${room.members.size}); /who lists who is here`);
+    announce(room, client, `${client.label} has joined ${room.name}`, {
+      event: "enter",
+      room: room.name,
+      peer: client.address,
+      nick: client.nick,
+    });
+  }
+
+  // --- Connections ---------------------------------------------------------------------------------
+
+  // Why a new connection may not be served, or null if it may.
+  function refusal(ip: string): string | null {
+    const allowed = allow.length === 0 || allow.some((c) => cidrContains(c, ip));
+    if (!allowed || deny.some((c) => cidrContains(c, ip))) {
+      return `Sorry, connections from ${ip} are not allowed`;
+    }
     if (clients.size >= maxClients) {
-      console.error(`Refused ${name}: ${maxClients} clients already`);
-      await refuse(conn, full);
+      return `Sorry, the server is full (${maxClients} clients); try again later`;
+    }
+    if (maxPerIp > 0 && (perIp.get(ip) ?? 0) >= maxPerIp) {
+      return `Sorry, too many connections from ${ip} (at most ${maxPerIp})`;
+    }
+    return null;
+  }
+
+  // Owns one connection: greets it, relays its lines, and announces its leave.
+  async function serveClient(conn: Deno.Conn<Deno.NetAddr>): Promise<void> {
+    const address = formatPeer(conn.remoteAddr);
+    const ip = plainHost(conn.remoteAddr.hostname);
+    const refused = refusal(ip);
+    if (refused) {
+      console.error(`Refused ${address}: ${refused}`);
+      await refuse(conn, encoder.encode(refused + "\r\n"));
       return;
     }
-    conn.setNoDelay(true);
+    if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
+    if ("handshake" in conn && !await handshake(conn as Deno.TlsConn, address)) return;
+    const now = Date.now();
     const client: Client = {
       conn,
-      name,
-      prefix: encoder.encode(`[${name}] `),
+      address,
+      ip,
+      nick: null,
+      label: address,
+      prefix: encoder.encode(`[${address}] `),
+      room: lobby,
       queue: [],
       queued: 0,
       lastWrite: 0,
       flushing: null,
       dirty: false,
       closed: false,
+      lastInput: now,
+      tokens: burst,
+      tokensAt: now,
+      flooding: false,
+      floods: 0,
+      lastFlood: 0,
+      leaving: null,
     };
     clients.add(client);
+    perIp.set(ip, (perIp.get(ip) ?? 0) + 1);
+    enterRoom(client, lobby);
     send(client, greeting);
-    broadcastExcept(client, encoder.encode(`Client joined ${name}\r\n`));
+    announce(lobby, client, `Client joined ${address}`, { event: "join", room: lobby.name, peer: address });
     try {
       await relayLines(client);
     } catch (e) {
-      if (!isDisconnect(e)) console.error(`Error on ${name}: ${e instanceof Error ? e.stack : e}`);
+      if (!isDisconnect(e)) console.error(`Error on ${address}: ${e instanceof Error ? e.stack : e}`);
     } finally {
       clients.delete(client);
+      const left = (perIp.get(ip) ?? 1) - 1;
+      if (left > 0) perIp.set(ip, left);
+      else perIp.delete(ip);
+      const room = client.room;
+      leaveRoom(client);
+      if (client.nick !== null) nicks.delete(client.nick.toLowerCase());
+      if (!closing) {
+        const why = client.leaving ? ` (${client.leaving})` : "";
+        announce(room, client, `Client left ${client.label}${why}`, {
+          event: "leave",
+          room: room.name,
+          peer: address,
+          nick: client.nick,
+          reason: client.leaving || null,
+        }, room.members.size + 1);
+      }
+      if (client.leaving !== null && client.flushing) {
+        await settleWithin(SHUTDOWN_GRACE_MS, [client.flushing]);
+      }
       dropClient(client, null);
-      if (!closing) broadcastExcept(client, encoder.encode(`Client left ${name}\r\n`));
     }
   }
 
-  // Reads a client's bytes until it goes, broadcasting each non-empty line.
+  // Reads a client's bytes until it goes or is sent off, handling each line.
   async function relayLines(client: Client): Promise<void> {
-    const framer = new LineFramer(maxLine, (line, truncated) => {
-      if (truncated) send(client, tooLong);
-      if (isBlank(line)) return;
-      const message = new Uint8Array(client.prefix.length + line.length + 2);
-      message.set(client.prefix);
-      message.set(line, client.prefix.length);
-      message.set(CRLF, message.length - 2);
-      broadcastExcept(client, message);
-    });
+    const framer = new LineFramer(maxLine, (line, truncated) => onLine(client, line, truncated));
     const buffer = new Uint8Array(READ_SIZE);
-    while (!client.closed) {
+    while (!client.closed && client.leaving === null) {
       if (congested.size > 0) await waitForRoom();
       const n = await client.conn.read(buffer);
       if (n === null) return;
+      client.lastInput = Date.now();
       framer.push(buffer.subarray(0, n));
     }
   }
@@ -536,7 +902,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   // Accepts connections until the listener closes; each gets its own handler.
   async function acceptLoop(): Promise<void> {
     while (!closing) {
-      let conn: Deno.TcpConn;
+      let conn: Deno.Conn<Deno.NetAddr>;
       try {
         conn = await listener.accept();
       } catch (e) {
@@ -552,6 +918,19 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     }
   }
 
+  // Sends off clients that have said nothing for `idle` seconds.
+  const idleMs = (options.idle ?? 0) * 1000;
+  const idleSweep = idleMs > 0
+    ? setInterval(() => {
+      const now = Date.now();
+      for (const client of clients) {
+        if (now - client.lastInput >= idleMs) {
+          sendOff(client, `Closing: nothing from you for ${options.idle} seconds`, "idle");
+        }
+      }
+    }, Math.max(50, Math.min(1000, idleMs / 4)))
+    : undefined;
+
   const finished = acceptLoop().then(async () => {
     await Promise.all(handlers);
     await log.flushed();
@@ -560,6 +939,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   async function close(): Promise<void> {
     if (!closing) {
       closing = true;
+      clearInterval(idleSweep);
       listener.close();
       const notice = encoder.encode(SHUTDOWN_NOTICE);
       for (const client of clients) send(client, notice);
@@ -573,17 +953,46 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     await finished;
   }
 
-  return { addr: listener.addr as Deno.NetAddr, close, finished };
+  return { addr: listener.addr, close, finished };
 }
 
 /** Listens on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
-function listenDualStack(host: string | undefined, port: number): Deno.TcpListener {
-  if (host !== undefined) return Deno.listen({ hostname: host, port });
+function listenDualStack(
+  host: string | undefined,
+  port: number,
+  tls?: { cert: string; key: string },
+): Deno.Listener<Deno.Conn<Deno.NetAddr>, Deno.NetAddr> {
+  const listen = (hostname: string) =>
+    tls
+      ? Deno.listenTls({ hostname, port, tcpBacklog: TCP_BACKLOG, ...tls })
+      : Deno.listen({ hostname, port, tcpBacklog: TCP_BACKLOG });
+  if (host !== undefined) return listen(host);
   try {
-    return Deno.listen({ hostname: "::", port });
+    return listen("::");
   } catch (e) {
     if (e instanceof Deno.errors.AddrInUse || e instanceof Deno.errors.PermissionDenied) throw e;
-    return Deno.listen({ hostname: "0.0.0.0", port }); // a host without IPv6
+    return listen("0.0.0.0"); // a host without IPv6
+  }
+}
+
+/**
+ * Completes a TLS handshake before the client joins, so that a failed one (a plain-text client
+ * on the TLS port, a bad certificate) is one line in the log and never a join in the room.
+ */
+async function handshake(conn: Deno.TlsConn, address: string): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error("no handshake within 10 s")), 10_000);
+    });
+    await Promise.race([conn.handshake(), timeout]);
+    return true;
+  } catch (e) {
+    console.error(`TLS handshake with ${address} failed: ${e instanceof Error ? e.message : e}`);
+    conn.close();
+    return false;
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -615,23 +1024,103 @@ function isBlank(line: Uint8Array): boolean {
   return true;
 }
 
+/** Why `name` cannot be a nick or room name, or null if it can. */
+export function checkName(name: string, what: string): string | null {
+  const length = [...name].length;
+  if (length < 1 || length > MAX_NAME) return `A ${what} has 1 to ${MAX_NAME} characters`;
+  // Spaces would split commands; ':' and brackets would let a name pass for an address.
+  if (/[\s:[\]\p{Cc}]/u.test(name)) return `A ${what} has no spaces, ':' or brackets`;
+  return null;
+}
+
+/** An IPv4-mapped IPv6 address as plain IPv4; anything else as it is. */
+function plainHost(hostname: string): string {
+  return hostname.startsWith("::ffff:") && hostname.includes(".") ? hostname.slice(7) : hostname;
+}
+
+// --- CIDR blocks, for --allow and --deny
+
+/** A network: its address bytes (4 for IPv4, 16 for IPv6) and how many leading bits count. */
+interface Cidr {
+  bytes: Uint8Array;
+  bits: number;
+}
+
+/** Parses `a.b.c.d/n`, `v6addr/n`, or a bare address (a block of one). */
+export function parseCidr(text: string): Cidr {
+  const [address, bitsText] = text.split("/");
+  const bytes = parseIp(address);
+  const max = bytes ? bytes.length * 8 : 0;
+  const bits = bitsText === undefined ? max : Number(bitsText);
+  if (!bytes || !/^\d*$/.test(bitsText ?? "") || !(bits >= 0 && bits <= max)) {
+    throw new RangeError(`"${text}" is not an address or a CIDR block like 192.168.0.0/16 or fd00::/8`);
+  }
+  return { bytes, bits };
+}
+
+/** True if `ip` is inside the block. IPv4 and IPv6 never match each other. */
+export function cidrContains(cidr: Cidr, ip: string): boolean {
+  const bytes = parseIp(ip);
+  if (!bytes || bytes.length !== cidr.bytes.length) return false;
+  for (let bit = 0; bit < cidr.bits; bit += 8) {
+    const mask = cidr.bits - bit >= 8 ? 0xff : (0xff << (8 - (cidr.bits - bit))) & 0xff;
+    if ((bytes[bit / 8] & mask) !== (cidr.bytes[bit / 8] & mask)) return false;
+  }
+  return true;
+}
+
+/** The bytes of an IPv4 or IPv6 address, or null if it is neither. */
+function parseIp(text: string): Uint8Array | null {
+  const v4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(text);
+  if (v4) {
+    const parts = v4.slice(1).map(Number);
+    return parts.every((p) => p <= 255) ? new Uint8Array(parts) : null;
+  }
+  if (!text.includes(":") || !/^[0-9a-fA-F:]+$/.test(text)) return null;
+  const halves = text.split("::");
+  if (halves.length > 2) return null;
+  const words = (half: string) => half ? half.split(":") : [];
+  const head = words(halves[0]), tail = halves.length === 2 ? words(halves[1]) : [];
+  const fill = 8 - head.length - tail.length;
+  if ((halves.length === 2 ? fill < 1 : fill !== 0)) return null;
+  const all = [...head, ...Array(halves.length === 2 ? fill : 0).fill("0"), ...tail];
+  if (all.some((w) => !/^[0-9a-fA-F]{1,4}$/.test(w))) return null;
+  const out = new Uint8Array(16);
+  all.forEach((w, i) => {
+    const n = parseInt(w, 16);
+    out[2 * i] = n >> 8;
+    out[2 * i + 1] = n & 0xff;
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Command line
 
-const USAGE =
-  "usage: chat_server.ts [PORT] [--port PORT] [--host HOST] [--max-line BYTES] [--sendq BYTES] [--max-clients N]";
+const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
+  "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE] [--log text|json] [--help]";
 
 const HELP = `${USAGE}
 
-The tutorial's chat server: every line a client sends goes to every other client.
+The tutorial's chat server: every line a client sends goes to everyone else in its room.
 
-  PORT, --port PORT   port to listen on (default ${DEFAULT_PORT}; 0 picks a free one)
-  --host HOST         interface to bind (default: all, IPv6 and IPv4)
-  --max-line BYTES    longest line relayed (default ${DEFAULT_MAX_LINE})
-  --sendq BYTES       send queue per client before it is cut off (default ${DEFAULT_SENDQ}; K and M suffixes work)
-  --max-clients N     clients served at once (default ${DEFAULT_MAX_CLIENTS})
-  -h, --help          show this help
+  PORT, --port PORT    port to listen on (default ${DEFAULT_PORT}; 0 picks a free one)
+  --host HOST          interface to bind (default: all, IPv6 and IPv4)
+  --max-line BYTES     longest line relayed (default ${DEFAULT_MAX_LINE})
+  --sendq BYTES        send queue per client before it is cut off (default ${DEFAULT_SENDQ}; K and M work)
+  --max-clients N      clients at once (default ${DEFAULT_MAX_CLIENTS})
+  --max-per-ip N       clients at once from one address (default ${DEFAULT_MAX_PER_IP}: no limit)
+  --idle SECONDS       close clients silent this long (default 0: never)
+  --rate N             lines per 10 s per client, bursts of twice that; 0 is off (default ${DEFAULT_RATE})
+  --announce-limit N   rooms bigger than this stop announcing joins and leaves (default ${DEFAULT_ANNOUNCE_LIMIT})
+  --allow CIDR         only these addresses may connect (repeatable; e.g. 192.168.0.0/16, fd00::/8)
+  --deny CIDR          these addresses may not connect (repeatable; wins over --allow)
+  --tls-cert FILE      serve TLS with this PEM certificate chain...
+  --tls-key FILE       ...and this PEM private key
+  --log FORMAT         text (the tutorial's lines, default) or json (one object per event)
+  -h, --help           show this help
 
+Clients type /help for the commands: /nick, /who, /me, /msg, /join, /rooms, /quit.
 Try it: deno run -A chat_server.ts 2626, then telnet localhost 2626 in two other terminals.`;
 
 /** A bad command line: main() prints the message and the usage line and exits 2. */
@@ -647,8 +1136,14 @@ function parseCount(flag: string, text: string, min: number, max: number, sizes 
   return value;
 }
 
+/** The command line, parsed: server options, and the TLS files still to be read. */
+export interface ChatArgs {
+  options: ChatServerOptions;
+  tlsFiles?: { cert: string; key: string };
+}
+
 /** Turns the command line into server options. */
-export function parseChatArgs(args: string[]): ChatServerOptions | "help" {
+export function parseChatArgs(args: string[]): ChatArgs | "help" {
   let parsed;
   try {
     parsed = parseArgs({
@@ -660,6 +1155,15 @@ export function parseChatArgs(args: string[]): ChatServerOptions | "help" {
         "max-line": { type: "string" },
         sendq: { type: "string" },
         "max-clients": { type: "string" },
+        "max-per-ip": { type: "string" },
+        idle: { type: "string" },
+        rate: { type: "string" },
+        "announce-limit": { type: "string" },
+        allow: { type: "string", multiple: true },
+        deny: { type: "string", multiple: true },
+        "tls-cert": { type: "string" },
+        "tls-key": { type: "string" },
+        log: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -667,50 +1171,90 @@ export function parseChatArgs(args: string[]): ChatServerOptions | "help" {
     if (e instanceof TypeError && "code" in e) throw new UsageError(e.message);
     throw e;
   }
-  const { values, positionals } = parsed;
-  if (values.help) return "help";
+  const { values: v, positionals } = parsed;
+  if (v.help) return "help";
   if (positionals.length > 1) throw new UsageError(`unexpected argument "${positionals[1]}"`);
-  if (positionals.length === 1 && values.port !== undefined) {
+  if (positionals.length === 1 && v.port !== undefined) {
     throw new UsageError("give the port once, as PORT or as --port");
   }
-  const port = positionals[0] ?? values.port;
+  const count = (flag: string, text: string | undefined, min: number, max: number, sizes = false) =>
+    text === undefined ? undefined : parseCount(flag, text, min, max, sizes);
+  const port = positionals[0] ?? v.port;
+  if (v.log !== undefined && v.log !== "text" && v.log !== "json") {
+    throw new UsageError(`--log is text or json, not "${v.log}"`);
+  }
+  if ((v["tls-cert"] === undefined) !== (v["tls-key"] === undefined)) {
+    throw new UsageError("--tls-cert and --tls-key go together");
+  }
+  let idle: number | undefined;
+  if (v.idle !== undefined) {
+    idle = Number(v.idle);
+    if (v.idle.trim() === "" || !(idle >= 0 && idle <= 1e6)) {
+      throw new UsageError(`--idle wants seconds, not "${v.idle}"`);
+    }
+  }
+  for (const cidr of [...(v.allow ?? []), ...(v.deny ?? [])]) {
+    try {
+      parseCidr(cidr);
+    } catch (e) {
+      if (e instanceof RangeError) throw new UsageError(e.message);
+      throw e;
+    }
+  }
   return {
-    port: port === undefined ? DEFAULT_PORT : parseCount("port", port, 0, 65535),
-    host: values.host,
-    maxLine: values["max-line"] === undefined
-      ? undefined
-      : parseCount("--max-line", values["max-line"], 1, 1 << 20),
-    sendq: values.sendq === undefined ? undefined : parseCount("--sendq", values.sendq, 1, 2 ** 31, true),
-    maxClients: values["max-clients"] === undefined
-      ? undefined
-      : parseCount("--max-clients", values["max-clients"], 1, 1_000_000),
+    options: {
+      port: port === undefined ? DEFAULT_PORT : parseCount("port", port, 0, 65535),
+      host: v.host,
+      maxLine: count("--max-line", v["max-line"], 1, 1 << 20),
+      sendq: count("--sendq", v.sendq, 1, 2 ** 31, true),
+      maxClients: count("--max-clients", v["max-clients"], 1, 1_000_000),
+      maxPerIp: count("--max-per-ip", v["max-per-ip"], 0, 1_000_000),
+      idle,
+      rate: count("--rate", v.rate, 0, 1_000_000),
+      announceLimit: count("--announce-limit", v["announce-limit"], 0, 1_000_000),
+      allow: v.allow,
+      deny: v.deny,
+      logFormat: v.log as "text" | "json" | undefined,
+    },
+    tlsFiles: v["tls-cert"] === undefined ? undefined : { cert: v["tls-cert"], key: v["tls-key"]! },
   };
 }
 
 /** The command line: parse, listen, serve until SIGINT or SIGTERM. */
 async function main(): Promise<void> {
-  let options;
+  let args;
   try {
-    options = parseChatArgs(Deno.args);
+    args = parseChatArgs(Deno.args);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     console.error(`chat_server: ${e.message}\n${USAGE}`);
     Deno.exit(2);
   }
-  if (options === "help") {
+  if (args === "help") {
     console.log(HELP);
     return;
   }
+  const options = args.options;
   let server: ChatServer;
   try {
+    if (args.tlsFiles) {
+      options.tls = {
+        cert: Deno.readTextFileSync(args.tlsFiles.cert),
+        key: Deno.readTextFileSync(args.tlsFiles.key),
+      };
+    }
     server = await startChatServer(options);
   } catch (e) {
     const port = options.port;
     if (e instanceof Deno.errors.AddrInUse) console.error(`chat_server: port ${port} is already in use`);
     else if (e instanceof Deno.errors.PermissionDenied) {
       console.error(`chat_server: not allowed to listen on port ${port} (ports below 1024 need privileges)`);
+    } else if (e instanceof Deno.errors.NotFound && !options.tls) {
+      console.error(`chat_server: cannot read ${(e as Error).message.replace(/^.*?: /, "")}`);
     } else if (e instanceof Deno.errors.AddrNotAvailable || e instanceof Deno.errors.NotFound) {
       console.error(`chat_server: cannot listen on ${options.host}: ${(e as Error).message}`);
+    } else if (options.tls && e instanceof Error && !(e instanceof Deno.errors.AddrInUse)) {
+      console.error(`chat_server: cannot serve TLS with that certificate and key: ${e.message}`);
     } else throw e;
     Deno.exit(1);
   }

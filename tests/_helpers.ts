@@ -218,3 +218,26 @@ export function freePort(): number {
   using l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   return l.addr.port;
 }
+
+/** A writer that keeps what it is given and lets a test wait for text to appear. */
+export class Capture {
+  text = "";
+  #wake: (() => void) | null = null;
+
+  write(p: Uint8Array): Promise<number> {
+    this.text += decoder.decode(p);
+    this.#wake?.();
+    return Promise.resolve(p.length);
+  }
+
+  /** Waits until the captured text matches. */
+  async waitFor(pattern: string | RegExp, ms = WAIT_MS): Promise<void> {
+    const seen = () => typeof pattern === "string" ? this.text.includes(pattern) : pattern.test(this.text);
+    const deadline = Date.now() + ms;
+    while (!seen()) {
+      if (Date.now() > deadline) throw new Error(`never saw ${pattern} in ${JSON.stringify(this.text)}`);
+      await within(deadline - Date.now() + 1, new Promise<void>((r) => this.#wake = r), `${pattern}`)
+        .catch(() => {});
+    }
+  }
+}

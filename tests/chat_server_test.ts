@@ -178,7 +178,7 @@ async function sendNumberedLines(sender: TestClient, count: number, width: numbe
 
 Deno.test("chat_server.ts cuts off a client that never reads, and no one else misses a line", async () => {
   const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1"]);
+  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--rate", "0"]);
   await cli.readLine();
   const cliLines = (async () => {
     while (await cli.readLine() !== null); // keep the log flowing, as a terminal would
@@ -321,7 +321,7 @@ Deno.test("chat_server.ts says goodbye to every client on SIGTERM and exits 0", 
 
 Deno.test("chat_server.ts shuts down on SIGINT even when a client never reads", async () => {
   const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port)]);
+  const cli = new Cli("chat_server.ts", [String(port), "--rate", "0"]);
   await cli.readLine();
   using sleeper = await TestClient.connect(port);
   using sender = await join(port);

@@ -3,30 +3,7 @@ import { parseEndpoint, runMultiplex, showText } from "../multiplex.ts";
 import { startChatServer } from "../chat_server.ts";
 import { startEchoServer } from "../echo_tcp.ts";
 import { startUdpEchoServer } from "../echo_udp.ts";
-import { decoder, encoder, freePort, runScript, TestClient, WAIT_MS, within } from "./_helpers.ts";
-
-/** A writer that keeps what it is given and lets a test wait for text to appear. */
-class Capture {
-  text = "";
-  #wake: (() => void) | null = null;
-
-  write(p: Uint8Array): Promise<number> {
-    this.text += decoder.decode(p);
-    this.#wake?.();
-    return Promise.resolve(p.length);
-  }
-
-  /** Waits until the captured text matches. */
-  async waitFor(pattern: string | RegExp, ms = WAIT_MS): Promise<void> {
-    const seen = () => typeof pattern === "string" ? this.text.includes(pattern) : pattern.test(this.text);
-    const deadline = Date.now() + ms;
-    while (!seen()) {
-      if (Date.now() > deadline) throw new Error(`never saw ${pattern} in ${JSON.stringify(this.text)}`);
-      await within(deadline - Date.now() + 1, new Promise<void>((r) => this.#wake = r), `${pattern}`)
-        .catch(() => {});
-    }
-  }
-}
+import { Capture, encoder, freePort, runScript, TestClient, WAIT_MS, within } from "./_helpers.ts";
 
 /** A stdin the test types into. */
 function typedInput(): {

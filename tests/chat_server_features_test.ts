@@ -1,0 +1,370 @@
+// chat_server.ts beyond the tutorial: commands, rooms, limits, TLS and the JSON log.
+import assert from "node:assert/strict";
+import {
+  type ChatServerOptions,
+  checkName,
+  cidrContains,
+  parseCidr,
+  startChatServer,
+} from "../chat_server.ts";
+import { Capture, Cli, freePort, hasProgram, needs, TestClient, WAIT_MS, within } from "./_helpers.ts";
+
+const GREETING = "You're connected to the Deno chatserver\r\n";
+
+/** Starts a server with `options` on a free port, runs `body`, and closes everything afterwards. */
+async function withServer(
+  options: ChatServerOptions,
+  body: (port: number, log: Capture) => Promise<void>,
+): Promise<void> {
+  const log = new Capture();
+  const server = await startChatServer({ port: 0, log, ...options });
+  try {
+    await body(server.addr.port, log);
+  } finally {
+    await server.close();
+  }
+}
+
+/** Connects a client and reads past its greeting. */
+async function join(port: number, hostname = "127.0.0.1"): Promise<TestClient> {
+  const client = await TestClient.connect(port, hostname);
+  assert.equal(await client.readLine(), GREETING);
+  return client;
+}
+
+/** Sends a line and expects these lines back, in order. */
+async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
+  await client.write(line + "\r\n");
+  for (const want of expected) assert.equal(await client.readLine(), want + "\r\n");
+}
+
+Deno.test("/nick renames a client, once per name whatever the case, and its lines carry the nick", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    await ask(b, "/nick Alice", "You are now known as Alice");
+    assert.equal(await a.readLine(), `${b.name} is now known as Alice\r\n`);
+    await ask(a, "/nick alice", `The nick alice is taken; you are still ${a.name}`);
+    await ask(a, "/nick ALICE", `The nick ALICE is taken; you are still ${a.name}`);
+    await ask(a, "/nick two words", `A nick has no spaces, ':' or brackets; you are still ${a.name}`);
+    await ask(a, "/nick 1.2.3.4:5", `A nick has no spaces, ':' or brackets; you are still ${a.name}`);
+    await ask(a, `/nick ${"x".repeat(33)}`, `A nick has 1 to 32 characters; you are still ${a.name}`);
+    await b.write("hi\r\n");
+    assert.equal(await a.readLine(), "[Alice] hi\r\n");
+    await ask(b, "/nick alice", "You are now known as alice"); // a change of case is yours to make
+    assert.equal(await a.readLine(), "Alice is now known as alice\r\n");
+    b.close();
+    assert.equal(await a.readLine(), "Client left alice\r\n");
+    await ask(a, "/nick Alice", "You are now known as Alice"); // free again once she left
+  });
+});
+
+Deno.test("/who, /me, /help, //text and unknown commands answer as documented", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    await ask(b, "/nick bob", "You are now known as bob");
+    await a.readLine();
+    await ask(a, "/who", "In lobby (2):", `  ${a.name} (you)`, `  bob (${b.name})`);
+    await b.write("/me waves\r\n");
+    assert.equal(await a.readLine(), "* bob waves\r\n");
+    await b.write("//etc/passwd is a file\r\n");
+    assert.equal(await a.readLine(), "[bob] /etc/passwd is a file\r\n");
+    await ask(b, "/frobnicate now", "Unknown command /frobnicate; try /help");
+    await b.write("/help\r\n");
+    assert.equal(await b.readLine(), "Commands:\r\n");
+    const help = [];
+    for (let i = 0; i < 9; i++) help.push(await b.readLine());
+    assert.ok(help.some((l) => l!.startsWith("  /msg NAME TEXT")), help.join(""));
+    await b.write("after\r\n");
+    assert.equal(await a.readLine(), "[bob] after\r\n"); // nothing of the above reached a
+  });
+});
+
+Deno.test("/msg reaches only its addressee, by nick or address, and a third client never sees it", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    using c = await join(port);
+    await a.readLine(), await a.readLine(), await b.readLine();
+    await ask(b, "/nick bob", "You are now known as bob");
+    await a.readLine(), await c.readLine();
+    await ask(a, "/msg BOB meet me at noon", "(private to bob) meet me at noon");
+    assert.equal(await b.readLine(), `(private) [${a.name}] meet me at noon\r\n`);
+    await ask(b, `/msg ${a.name} ok`, `(private to ${a.name}) ok`);
+    assert.equal(await a.readLine(), "(private) [bob] ok\r\n");
+    await ask(a, "/msg nobody hello", "No such user: nobody");
+    await ask(a, "/msg bob", "Usage: /msg NAME TEXT");
+    await a.write("public\r\n");
+    assert.equal(await c.readLine(), `[${a.name}] public\r\n`); // c's first line since the joins
+  });
+});
+
+Deno.test("/join keeps lines, joins and leaves inside a room, both ways; /rooms counts members", async () => {
+  await withServer({}, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    await ask(b, "/join Dev", "You are now in Dev (1); /who lists who is here");
+    assert.equal(await a.readLine(), `${b.name} has left lobby for Dev\r\n`);
+    using c = await join(port); // joins the lobby: b must not hear of it
+    assert.equal(await a.readLine(), `Client joined ${c.name}\r\n`);
+    await a.write("lobby talk\r\n");
+    assert.equal(await c.readLine(), `[${a.name}] lobby talk\r\n`);
+    await b.write("dev talk\r\n");
+    await ask(c, "/join dev", "You are now in Dev (2); /who lists who is here");
+    assert.equal(await b.readLine(), `${c.name} has joined Dev\r\n`); // not "lobby talk", not c's join
+    assert.equal(await a.readLine(), `${c.name} has left lobby for Dev\r\n`); // not "dev talk"
+    await ask(a, "/rooms", "Rooms (2):", "  Dev 2", "  lobby 1 (you are here)");
+    await ask(b, "/who", "In Dev (2):", `  ${b.name} (you)`, `  ${c.name}`);
+    await ask(b, "/join lobby", "You are now in lobby (2); /who lists who is here");
+    await ask(b, "/join LOBBY", "You are already in lobby");
+    await ask(b, "/join", "A room name has 1 to 32 characters; you are still in lobby");
+  });
+});
+
+Deno.test("/quit closes the connection and the room hears the reason, with the nick", async () => {
+  await withServer({}, async (port, log) => {
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    await ask(b, "/nick bob", "You are now known as bob");
+    await a.readLine();
+    await b.write("/quit gone fishing\r\nthis line is never sent\r\n");
+    assert.equal(await b.readToEnd(), "Goodbye\r\n");
+    assert.equal(await a.readLine(), "Client left bob (gone fishing)\r\n");
+    await log.waitFor("Client left bob (gone fishing)\n");
+    assert.ok(!log.text.includes("never sent"));
+  });
+});
+
+Deno.test("--rate drops a flood's extra lines with a warning, and repeated floods disconnect", async () => {
+  await withServer({ rate: 10 }, async (port) => { // 1 line a second, bursts of 20
+    using a = await join(port);
+    using b = await join(port);
+    await a.readLine();
+    const lines = (n: number, from: number) =>
+      Array.from({ length: n }, (_, i) => `line ${from + i}\r\n`).join("");
+    await b.write(lines(25, 1));
+    for (let i = 1; i <= 20; i++) assert.equal(await a.readLine(), `[${b.name}] line ${i}\r\n`);
+    assert.match(
+      (await b.readLine())!,
+      /^You are sending more than 10 lines in 10 seconds; .*\(warning 1 of 2\)\r\n$/,
+    );
+    for (const strike of [2, 3]) {
+      await new Promise((r) => setTimeout(r, 1100)); // one token back
+      await b.write(lines(5, 100 * strike));
+      assert.equal(await a.readLine(), `[${b.name}] line ${100 * strike}\r\n`);
+    }
+    assert.match((await b.readLine())!, /\(warning 2 of 2\)\r\n$/);
+    assert.equal(await b.readToEnd(), "Disconnected for flooding\r\n");
+    assert.equal(await a.readLine(), `Client left ${b.name} (flooding)\r\n`);
+  });
+});
+
+Deno.test("--idle closes a silent client with a notice; the room hears why", async () => {
+  await withServer({ idle: 0.3 }, async (port) => {
+    using a = await join(port);
+    const talk = setInterval(() => a.write("/who\r\n").catch(() => {}), 100); // a keeps talking
+    try {
+      using b = await join(port);
+      assert.equal(await b.readToEnd(), "Closing: nothing from you for 0.3 seconds\r\n");
+      for (
+        let line = await a.readLine();
+        line !== `Client left ${b.name} (idle)\r\n`;
+        line = await a.readLine()
+      ) {
+        assert.ok(line !== null, "a was closed too");
+      }
+    } finally {
+      clearInterval(talk);
+    }
+  });
+});
+
+Deno.test("--max-per-ip refuses one connection too many from an address, not from another", async () => {
+  await withServer({ maxPerIp: 2 }, async (port) => {
+    using a = await join(port);
+    using b = await join(port);
+    using c = await TestClient.connect(port);
+    assert.equal(await c.readToEnd(), "Sorry, too many connections from 127.0.0.1 (at most 2)\r\n");
+    using d = await join(port, "::1");
+    assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`);
+    assert.equal(await a.readLine(), `Client joined ${d.name}\r\n`);
+  });
+});
+
+Deno.test("--allow and --deny are checked at accept; deny wins", async () => {
+  await withServer({ allow: ["127.0.0.0/8"] }, async (port) => {
+    using a = await join(port);
+    using v6 = await TestClient.connect(port, "::1");
+    assert.equal(await v6.readToEnd(), "Sorry, connections from ::1 are not allowed\r\n");
+    await a.write("/who\r\n");
+    assert.equal(await a.readLine(), "In lobby (1):\r\n");
+  });
+  await withServer({ allow: ["127.0.0.0/8", "::1"], deny: ["127.0.0.1/32"] }, async (port) => {
+    using denied = await TestClient.connect(port);
+    assert.equal(await denied.readToEnd(), "Sorry, connections from 127.0.0.1 are not allowed\r\n");
+    using v6 = await join(port, "::1");
+    await v6.write("/who\r\n");
+    assert.equal(await v6.readLine(), "In lobby (1):\r\n");
+  });
+});
+
+Deno.test("parseCidr() and cidrContains() handle IPv4, IPv6 and bare addresses", () => {
+  const inside = (cidr: string, ip: string) => cidrContains(parseCidr(cidr), ip);
+  assert.ok(inside("192.168.0.0/16", "192.168.44.3"));
+  assert.ok(!inside("192.168.0.0/16", "192.169.0.1"));
+  assert.ok(inside("10.0.0.0/9", "10.127.255.255") && !inside("10.0.0.0/9", "10.128.0.0"));
+  assert.ok(inside("0.0.0.0/0", "8.8.8.8") && !inside("0.0.0.0/0", "::1"));
+  assert.ok(inside("fd00::/8", "fd12:3456::1") && !inside("fd00::/8", "fe80::1"));
+  assert.ok(inside("::1", "::1") && inside("2001:db8::/32", "2001:db8:0:0:0:0:0:42"));
+  for (const bad of ["10.0.0.0/33", "300.1.1.1", "fd00::/129", "hello", "1::2::3", "10.0.0.0/x"]) {
+    assert.throws(() => parseCidr(bad), RangeError, bad);
+  }
+  assert.equal(checkName("ok-name_1", "nick"), null);
+  assert.equal(checkName("δοκιμή", "nick"), null); // any printable characters
+  assert.notEqual(checkName("tab\there", "nick"), null);
+});
+
+Deno.test("--announce-limit quiets a big room's joins and leaves, and logs the crossing", async () => {
+  await withServer({ announceLimit: 2 }, async (port, log) => {
+    using a = await join(port);
+    const b = await join(port);
+    assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`); // two: announced
+    const c = await join(port); // three: over the limit, not announced
+    await log.waitFor("Room lobby has over 2 members: joins and leaves are no longer announced\n");
+    await a.write("/who\r\n");
+    assert.equal(await a.readLine(), "In lobby (3):\r\n"); // /who still lists everyone
+    for (let i = 0; i < 3; i++) await a.readLine();
+    b.close(); // leaves a room of three: not announced
+    await log.waitFor("Room lobby has 2 members again: joins and leaves are announced\n");
+    const cName = c.name;
+    c.close(); // leaves a room of two: announced
+    assert.equal(await a.readLine(), `Client left ${cName}\r\n`);
+  });
+});
+
+// --- TLS ---------------------------------------------------------------------------------------
+
+/** Makes a CA and a leaf certificate for localhost with openssl, in `dir`. */
+async function makeCertificates(dir: string): Promise<void> {
+  const script = `
+    set -e
+    cd "${dir}"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj "/CN=Test CA" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf 2>/dev/null
+  `;
+  const out = await new Deno.Command("sh", { args: ["-c", script], stderr: "piped" }).output();
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+}
+
+Deno.test({
+  ...needs("--tls-cert/--tls-key serve TLS: Deno and ncat --ssl clients chat through it", ["openssl"]),
+  async fn() {
+    const dir = await Deno.makeTempDir();
+    try {
+      await makeCertificates(dir);
+      const tls = {
+        cert: Deno.readTextFileSync(`${dir}/server.crt`),
+        key: Deno.readTextFileSync(`${dir}/server.key`),
+      };
+      const caCerts = [Deno.readTextFileSync(`${dir}/ca.crt`)];
+      await withServer({ tls, host: "127.0.0.1" }, async (port) => {
+        const conn = await Deno.connectTls({ hostname: "localhost", port, caCerts });
+        const a = new TestClient(conn as unknown as Deno.TcpConn);
+        try {
+          assert.equal(await a.readLine(), GREETING);
+          if (hasProgram("ncat")) {
+            const ncat = new Deno.Command("ncat", {
+              args: ["--ssl", "--ssl-trustfile", `${dir}/ca.crt`, "--ssl-verify", "localhost", String(port)],
+              stdin: "piped",
+              stdout: "piped",
+              stderr: "piped",
+            }).spawn();
+            const joined = (await a.readLine())!;
+            const ncatName = /^Client joined (\S+)\r\n$/.exec(joined)![1];
+            const w = ncat.stdin.getWriter();
+            await w.write(new TextEncoder().encode("over TLS\n"));
+            assert.equal(await a.readLine(), `[${ncatName}] over TLS\r\n`);
+            await w.close();
+            const out = await within(WAIT_MS, ncat.output(), "ncat");
+            assert.match(
+              new TextDecoder().decode(out.stdout),
+              /^You're connected to the Deno chatserver\r\n/,
+            );
+            assert.equal(await a.readLine(), `Client left ${ncatName}\r\n`);
+          }
+          // A plain-TCP client gets no greeting: the handshake fails and only that connection ends.
+          using plain = await TestClient.connect(port);
+          await plain.write("hello?\r\n");
+          assert.ok(!(await plain.readToEnd()).includes("connected"));
+          await a.write("/who\r\n");
+          assert.equal(await a.readLine(), "In lobby (1):\r\n");
+        } finally {
+          a.close();
+        }
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+// --- The JSON log ----------------------------------------------------------------------------------
+
+Deno.test("chat_server.ts --log json prints one JSON object per event", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", [String(port), "--log", "json"]);
+  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  using a = await join(port);
+  await cli.readLine();
+  await ask(a, "/nick ann", "You are now known as ann");
+  await a.write("hello\r\n/join dev\r\n");
+  await a.readLine();
+  a.close();
+  const events = [];
+  for (let i = 0; i < 5; i++) {
+    const { time, ...event } = JSON.parse((await cli.readLine())!);
+    assert.ok(!Number.isNaN(Date.parse(time)));
+    events.push(event);
+  }
+  assert.deepEqual(events, [
+    { event: "nick", peer: a.name, from: a.name, to: "ann" },
+    { event: "line", room: "lobby", from: "ann", text: "hello" },
+    { event: "part", room: "lobby", peer: a.name, nick: "ann" },
+    { event: "enter", room: "dev", peer: a.name, nick: "ann" },
+    { event: "leave", room: "dev", peer: a.name, nick: "ann", reason: null },
+  ]);
+  cli.kill();
+  assert.equal((await cli.finish()).code, 0);
+});
+
+Deno.test("chat_server.ts rejects bad feature options with one line and exit code 2", async () => {
+  for (
+    const [args, problem] of [
+      [["--log", "xml"], '--log is text or json, not "xml"'],
+      [["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"],
+      [["--allow", "10.0.0.0/40"], '"10.0.0.0/40" is not an address or a CIDR block'],
+      [["--idle", "soon"], '--idle wants seconds, not "soon"'],
+      [["--rate=-5"], "--rate wants a whole number"],
+    ] as const
+  ) {
+    const { code, stderr } = await new Cli("chat_server.ts", [...args]).finish();
+    assert.equal(code, 2, args.join(" "));
+    assert.ok(stderr.startsWith(`chat_server: ${problem}`), stderr);
+  }
+  const missing = await new Cli("chat_server.ts", [
+    "--tls-cert",
+    "/nonexistent.pem",
+    "--tls-key",
+    "/nonexistent.key",
+  ])
+    .finish();
+  assert.equal(missing.code, 1);
+  assert.equal(missing.stderr.split("\n").length, 2, missing.stderr); // one line
+});
