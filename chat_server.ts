@@ -61,12 +61,20 @@ const MAX_NAME = 32;
 const TCP_BACKLOG = 4096;
 /** How long a client's writes may stand still before it stops pacing the senders. */
 const STALL_MS = 250;
-/** Bytes read per `read()` call. Small, because every idle client holds one buffer. */
-const READ_SIZE = 2048;
+/** Bytes read per `read()` call: a client starts with the first size and grows to the second. */
+const FIRST_READ_SIZE = 256;
+const READ_SIZE = 16 * 1024;
 /** Most bytes copied together into one write. */
 const WRITE_SIZE = 64 * 1024;
 /** A batch of output this small gets a scratch buffer of its own size rather than a pooled one. */
 const SMALL_BATCH = 4096;
+/**
+ * Clients with output waiting, above which a flush first waits GATHER_MS to gather more lines.
+ * Measured at 1,000 clients and 150 lines/s: p99 fell from 60-95 ms to 46-53 ms, as each write
+ * op then carries more lines; below the threshold nobody waits.
+ */
+const GATHER_FANOUT = 256;
+const GATHER_MS = 10;
 /** Pooled write buffers kept for reuse when no flush needs them. */
 const SPARE_BUFFERS = 32;
 /** stdout lines that may wait for a slow terminal or pipe before the log starts dropping. */
@@ -154,8 +162,14 @@ interface Client {
   queued: number;
   /** When a write to this client last completed, or its flush began (ms since the epoch). */
   lastWrite: number;
-  /** The running flush, if any. */
-  flushing: Promise<void> | null;
+  /** A write is under way; `inflight` is what it still has to write. */
+  flushing: boolean;
+  inflight: Uint8Array | null;
+  /** The write op's callbacks, made once per client rather than once per write. */
+  wrote: (n: number) => void;
+  failed: (e: unknown) => void;
+  /** Who waits for the queue to empty (a goodbye before closing); usually nobody. */
+  drainWaiters: (() => void)[] | null;
   /** Waiting in the list of clients to flush at the end of this turn. */
   dirty: boolean;
   closed: boolean;
@@ -203,7 +217,8 @@ const enum Telnet {
  * ```
  */
 export class LineFramer {
-  #line: Uint8Array;
+  #line = new Uint8Array(0); // grown on demand up to #maxLine: an idle client holds nothing
+  #maxLine: number;
   #length = 0;
   #state = Telnet.Data;
   #afterCR = false;
@@ -211,7 +226,7 @@ export class LineFramer {
   #onLine: (line: Uint8Array, truncated: boolean) => void;
 
   constructor(maxLine: number, onLine: (line: Uint8Array, truncated: boolean) => void) {
-    this.#line = new Uint8Array(maxLine);
+    this.#maxLine = maxLine;
     this.#onLine = onLine;
   }
 
@@ -257,6 +272,13 @@ export class LineFramer {
       this.#line[this.#length++] = b;
       return;
     }
+    if (this.#length < this.#maxLine) {
+      const grown = new Uint8Array(Math.min(this.#maxLine, Math.max(64, 2 * this.#length)));
+      grown.set(this.#line);
+      this.#line = grown;
+      this.#line[this.#length++] = b;
+      return;
+    }
     // Full: hand over what fits, cut back to the start of a UTF-8 character, and skip the rest.
     let end = this.#length;
     if ((b & 0xc0) === 0x80) {
@@ -281,6 +303,17 @@ export function formatPeer(addr: Deno.NetAddr): string {
     ? addr.hostname.slice(7)
     : addr.hostname;
   return host.includes(":") ? `[${host}]:${addr.port}` : `${host}:${addr.port}`;
+}
+
+/** Joins byte arrays into one new array of `total` bytes. */
+function concatBytes(parts: Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
 }
 
 /** Writes all of `bytes`, however many calls it takes: `write()` may take only part. */
@@ -424,6 +457,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   const perIp = new Map<string, number>();
   const handlers = new Set<Promise<void>>();
   let dirty: Client[] = [];
+  let gathering: ReturnType<typeof setTimeout> | undefined;
   let closing = false;
   // Sender pacing: clients more than paceBytes behind, and the wait of senders paused for them.
   const paceBytes = Math.max(1, Math.floor(sendq / 4));
@@ -448,10 +482,13 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     client.queue.push(bytes);
     client.queued += bytes.length;
     if (client.queued > paceBytes) congested.add(client);
-    if (!client.dirty && !client.flushing) {
-      client.dirty = true;
-      if (dirty.push(client) === 1) queueMicrotask(flushDirtyClients);
-    }
+    if (!client.dirty && !client.flushing) markDirty(client);
+  }
+
+  // Puts a client on the list to flush at the end of this turn (or of the gathering window).
+  function markDirty(client: Client): void {
+    client.dirty = true;
+    if (dirty.push(client) === 1 && gathering === undefined) queueMicrotask(flushDirtyClients);
   }
 
   // Sends one line of text to one client.
@@ -483,47 +520,90 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     else log.text(text);
   }
 
-  // Starts a flush for every client that had bytes queued during this turn.
+  // Starts a flush for every client that had bytes queued during this turn. When that is a
+  // great many clients, it first waits GATHER_MS for more lines, so that each client gets them
+  // in one write: at 1,000 clients a line is 1,000 writes, and the writes are what cost.
   function flushDirtyClients(): void {
+    if (gathering === undefined && dirty.length >= GATHER_FANOUT && !closing) {
+      gathering = setTimeout(flushDirtyClients, GATHER_MS);
+      return;
+    }
+    clearTimeout(gathering);
+    gathering = undefined;
     const batch = dirty;
     dirty = [];
+    const now = Date.now();
     for (const client of batch) {
       client.dirty = false;
       if (!client.closed && !client.flushing) {
-        client.lastWrite = Date.now();
-        client.flushing = flushQueue(client);
+        client.lastWrite = now;
+        startWrite(client);
       }
     }
   }
 
-  // Writes a client's queue until it is empty. A batch of several parts is copied into a
-  // scratch buffer per write: a small batch into one made to measure, a big one through a
-  // buffer from a shared pool, so that a busy client makes no garbage and an idle one holds none.
-  async function flushQueue(client: Client): Promise<void> {
-    const written = (n: number) => noteWritten(client, n);
+  // Starts one write of everything queued for a client; what is queued meanwhile waits for the
+  // next round. The common case (one line, or a few) is one write op and two callbacks made
+  // once per client: at 150,000 deliveries a second, every promise saved shows.
+  function startWrite(client: Client): void {
+    const parts = client.queue;
+    client.queue = [];
+    client.flushing = true;
+    if (parts.length > 1 && client.queued > SMALL_BATCH) {
+      writeBigBatch(client, parts);
+      return;
+    }
+    const bytes = parts.length === 1 ? parts[0] : concatBytes(parts, client.queued);
+    client.inflight = bytes;
+    client.conn.write(bytes).then(client.wrote, client.failed);
+  }
+
+  // The end of one write op: finish a partial write, or end this flush.
+  function afterWrite(client: Client, n: number): void {
+    const bytes = client.inflight!;
+    noteWritten(client, n);
+    if (n < bytes.length && !client.closed) {
+      client.inflight = bytes.subarray(n);
+      client.conn.write(client.inflight).then(client.wrote, client.failed);
+      return;
+    }
+    client.inflight = null;
+    endFlush(client);
+  }
+
+  function writeFailed(client: Client, e: unknown): void {
+    client.inflight = null;
+    dropClient(client, isDisconnect(e) ? null : `write failed: ${e}`);
+    endFlush(client);
+  }
+
+  // A flush is over: queue the client for the next round if more came, or wake who waits.
+  function endFlush(client: Client): void {
+    client.flushing = false;
+    if (client.queue.length > 0 && !client.closed) markDirty(client);
+    else if (client.drainWaiters) {
+      for (const resolve of client.drainWaiters.splice(0)) resolve();
+    }
+  }
+
+  // Writes a big batch (a slow reader catching up) through a pooled 64 KiB buffer, so that a
+  // busy client makes no garbage and an idle one holds none.
+  async function writeBigBatch(client: Client, parts: Uint8Array[]): Promise<void> {
+    const scratch = spareBuffers.pop() ?? new Uint8Array(WRITE_SIZE);
     try {
-      while (client.queue.length > 0 && !client.closed) {
-        const parts = client.queue;
-        client.queue = [];
-        if (parts.length === 1) {
-          await writeAll(client.conn, parts[0]);
-          written(parts[0].length);
-        } else if (client.queued <= SMALL_BATCH) {
-          await writeCoalesced(client.conn, parts, new Uint8Array(client.queued), written);
-        } else {
-          const scratch = spareBuffers.pop() ?? new Uint8Array(WRITE_SIZE);
-          try {
-            await writeCoalesced(client.conn, parts, scratch, written);
-          } finally {
-            if (spareBuffers.length < SPARE_BUFFERS) spareBuffers.push(scratch);
-          }
-        }
-      }
+      await writeCoalesced(client.conn, parts, scratch, (n) => noteWritten(client, n));
     } catch (e) {
       dropClient(client, isDisconnect(e) ? null : `write failed: ${e}`);
     } finally {
-      client.flushing = null;
+      if (spareBuffers.length < SPARE_BUFFERS) spareBuffers.push(scratch);
+      endFlush(client);
     }
+  }
+
+  // Resolves when everything queued for a client has been written, or it has gone.
+  function drained(client: Client): Promise<void> {
+    if (!client.flushing && (client.queue.length === 0 || client.closed)) return Promise.resolve();
+    return new Promise((resolve) => (client.drainWaiters ??= []).push(resolve));
   }
 
   // Counts bytes written to a client, and lets paused senders go on if it has caught up.
@@ -586,7 +666,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     // it, so close that one here, once the notice is out (the flush starts this same turn).
     if (reason === "idle") {
       queueMicrotask(async () => {
-        await settleWithin(SHUTDOWN_GRACE_MS, client.flushing ? [client.flushing] : []);
+        await settleWithin(SHUTDOWN_GRACE_MS, [drained(client)]);
         dropClient(client, null);
       });
     }
@@ -841,7 +921,11 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       queue: [],
       queued: 0,
       lastWrite: 0,
-      flushing: null,
+      flushing: false,
+      inflight: null,
+      wrote: (n) => afterWrite(client, n),
+      failed: (e) => writeFailed(client, e),
+      drainWaiters: null,
       dirty: false,
       closed: false,
       lastInput: now,
@@ -879,8 +963,8 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
           reason: client.leaving || null,
         }, room.members.size + 1);
       }
-      if (client.leaving !== null && client.flushing) {
-        await settleWithin(SHUTDOWN_GRACE_MS, [client.flushing]);
+      if (client.leaving !== null) {
+        await settleWithin(SHUTDOWN_GRACE_MS, [drained(client)]);
       }
       dropClient(client, null);
     }
@@ -889,13 +973,16 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   // Reads a client's bytes until it goes or is sent off, handling each line.
   async function relayLines(client: Client): Promise<void> {
     const framer = new LineFramer(maxLine, (line, truncated) => onLine(client, line, truncated));
-    const buffer = new Uint8Array(READ_SIZE);
+    // Start small: most clients send a line now and then, and each holds its buffer while it
+    // waits. One that fills it gets a bigger one, up to READ_SIZE.
+    let buffer = new Uint8Array(FIRST_READ_SIZE);
     while (!client.closed && client.leaving === null) {
       if (congested.size > 0) await waitForRoom();
       const n = await client.conn.read(buffer);
       if (n === null) return;
       client.lastInput = Date.now();
       framer.push(buffer.subarray(0, n));
+      if (n === buffer.length && n < READ_SIZE) buffer = new Uint8Array(2 * n);
     }
   }
 
@@ -946,7 +1033,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       flushDirtyClients();
       await settleWithin(
         SHUTDOWN_GRACE_MS,
-        [...clients].map((c) => c.flushing).filter((p) => p !== null),
+        [...clients].map(drained),
       );
       for (const client of clients) dropClient(client, null);
     }
