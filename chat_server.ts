@@ -112,6 +112,9 @@ export interface ChatServerOptions {
   allow?: string[];
   /** CIDR blocks that may not connect. */
   deny?: string[];
+  /** Also serve the web page and its WebSocket: `port` (0 picks one), `host` (default: as `host`),
+   * and the `origins` allowed to open the WebSocket from other sites (`*` for any). */
+  http?: { port: number; host?: string; origins?: string[] };
   /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
   tls?: { cert: string; key: string };
   /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
@@ -124,6 +127,8 @@ export interface ChatServerOptions {
 export interface ChatServer {
   /** The address actually bound. */
   readonly addr: Deno.NetAddr;
+  /** Where the web page is served, with `http`; else null. */
+  readonly httpAddr: Deno.NetAddr | null;
   /** Tells every client goodbye, closes every socket, and resolves when all is closed. */
   close(): Promise<void>;
   /** Settles when the server has stopped, after `close()` or a fatal listener error. */
@@ -138,6 +143,12 @@ const decoder = new TextDecoder();
 const CRLF = encoder.encode("\r\n");
 const LF = encoder.encode("\n");
 
+/** What the server needs of a client's connection: TCP, TLS and WebSocket clients all have it. */
+interface Link {
+  write(p: Uint8Array): Promise<number>;
+  close(): void;
+}
+
 /** A room: a name and the clients in it. */
 interface Room {
   readonly name: string;
@@ -146,7 +157,7 @@ interface Room {
 
 /** One connected client: its socket, its names, its room, and its queue of bytes to send. */
 interface Client {
-  readonly conn: Deno.Conn<Deno.NetAddr>;
+  readonly conn: Link;
   /** `host:port` as the tutorial prints it (`[v6addr]:port` for IPv6). */
   readonly address: string;
   /** The remote address alone, for the per-address limit. */
@@ -897,7 +908,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     return null;
   }
 
-  // Owns one connection: greets it, relays its lines, and announces its leave.
+  // Owns one TCP or TLS connection: admits it, relays its lines, and releases it.
   async function serveClient(conn: Deno.Conn<Deno.NetAddr>): Promise<void> {
     const address = formatPeer(conn.remoteAddr);
     const ip = plainHost(conn.remoteAddr.hostname);
@@ -909,6 +920,18 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     }
     if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
     if ("handshake" in conn && !await handshake(conn as Deno.TlsConn, address)) return;
+    const client = admit(conn, address, ip);
+    try {
+      await relayLines(client, conn);
+    } catch (e) {
+      if (!isDisconnect(e)) console.error(`Error on ${address}: ${e instanceof Error ? e.stack : e}`);
+    } finally {
+      await release(client);
+    }
+  }
+
+  // Makes a connection a client: counts it, greets it, and puts it in the lobby.
+  function admit(conn: Link, address: string, ip: string): Client {
     const now = Date.now();
     const client: Client = {
       conn,
@@ -941,44 +964,41 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     enterRoom(client, lobby);
     send(client, greeting);
     announce(lobby, client, `Client joined ${address}`, { event: "join", room: lobby.name, peer: address });
-    try {
-      await relayLines(client);
-    } catch (e) {
-      if (!isDisconnect(e)) console.error(`Error on ${address}: ${e instanceof Error ? e.stack : e}`);
-    } finally {
-      clients.delete(client);
-      const left = (perIp.get(ip) ?? 1) - 1;
-      if (left > 0) perIp.set(ip, left);
-      else perIp.delete(ip);
-      const room = client.room;
-      leaveRoom(client);
-      if (client.nick !== null) nicks.delete(client.nick.toLowerCase());
-      if (!closing) {
-        const why = client.leaving ? ` (${client.leaving})` : "";
-        announce(room, client, `Client left ${client.label}${why}`, {
-          event: "leave",
-          room: room.name,
-          peer: address,
-          nick: client.nick,
-          reason: client.leaving || null,
-        }, room.members.size + 1);
-      }
-      if (client.leaving !== null) {
-        await settleWithin(SHUTDOWN_GRACE_MS, [drained(client)]);
-      }
-      dropClient(client, null);
+    return client;
+  }
+
+  // Undoes admit(): the room hears the leave, a goodbye is written out, the connection closes.
+  async function release(client: Client): Promise<void> {
+    clients.delete(client);
+    const left = (perIp.get(client.ip) ?? 1) - 1;
+    if (left > 0) perIp.set(client.ip, left);
+    else perIp.delete(client.ip);
+    const room = client.room;
+    leaveRoom(client);
+    if (client.nick !== null) nicks.delete(client.nick.toLowerCase());
+    if (!closing) {
+      const why = client.leaving ? ` (${client.leaving})` : "";
+      announce(room, client, `Client left ${client.label}${why}`, {
+        event: "leave",
+        room: room.name,
+        peer: client.address,
+        nick: client.nick,
+        reason: client.leaving || null,
+      }, room.members.size + 1);
     }
+    if (client.leaving !== null) await settleWithin(SHUTDOWN_GRACE_MS, [drained(client)]);
+    dropClient(client, null);
   }
 
   // Reads a client's bytes until it goes or is sent off, handling each line.
-  async function relayLines(client: Client): Promise<void> {
+  async function relayLines(client: Client, conn: Deno.Conn): Promise<void> {
     const framer = new LineFramer(maxLine, (line, truncated) => onLine(client, line, truncated));
     // Start small: most clients send a line now and then, and each holds its buffer while it
     // waits. One that fills it gets a bigger one, up to READ_SIZE.
     let buffer = new Uint8Array(FIRST_READ_SIZE);
     while (!client.closed && client.leaving === null) {
       if (congested.size > 0) await waitForRoom();
-      const n = await client.conn.read(buffer);
+      const n = await conn.read(buffer);
       if (n === null) return;
       client.lastInput = Date.now();
       framer.push(buffer.subarray(0, n));
@@ -1005,6 +1025,94 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     }
   }
 
+  // --- The web page and its WebSocket --------------------------------------------------------------
+
+  // Serves GET / (the page) and GET /ws (a WebSocket client, admitted like any other).
+  function handleHttp(request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>): Response {
+    const url = new URL(request.url);
+    if (url.pathname === "/" && (request.method === "GET" || request.method === "HEAD")) {
+      return new Response(PAGE, {
+        headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" },
+      });
+    }
+    if (url.pathname !== "/ws") return new Response("Not found\n", { status: 404 });
+    if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
+      return new Response("This is the chat's WebSocket: open / in a browser\n", { status: 426 });
+    }
+    const address = formatPeer(info.remoteAddr); // before the upgrade: afterwards it throws
+    const origin = request.headers.get("origin");
+    if (origin !== null && !originAllowed(origin, request.headers.get("host"))) {
+      console.error(`Refused ${address}: WebSocket from another site (${origin})`);
+      return new Response("Cross-origin WebSocket refused\n", { status: 403 });
+    }
+    const ip = plainHost(info.remoteAddr.hostname);
+    const refused = refusal(ip);
+    if (refused) {
+      console.error(`Refused ${address}: ${refused}`);
+      return new Response(refused + "\n", { status: 403 });
+    }
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    const handler = serveWebSocket(socket, address, ip);
+    handlers.add(handler);
+    handler.finally(() => handlers.delete(handler));
+    return response;
+  }
+
+  // Same-origin pages may always connect; others only if --http-origin names them.
+  function originAllowed(origin: string, host: string | null): boolean {
+    const allowed = options.http?.origins ?? [];
+    if (allowed.includes("*") || allowed.includes(origin)) return true;
+    try {
+      return new URL(origin).host === host;
+    } catch {
+      return false; // "null" or garbage
+    }
+  }
+
+  // Owns one WebSocket client: each text message is one or more lines, as if typed in telnet.
+  function serveWebSocket(ws: WebSocket, address: string, ip: string): Promise<void> {
+    return new Promise((resolve) => {
+      let client: Client | null = null, released = false;
+      let framer: LineFramer | null = null;
+      const finish = () => {
+        if (released) return;
+        released = true;
+        if (client) release(client).finally(resolve);
+        else resolve();
+      };
+      ws.onopen = () => {
+        const c = client = admit(webSocketLink(ws, sendq), address, ip);
+        framer = new LineFramer(maxLine, (line, truncated) => onLine(c, line, truncated));
+      };
+      ws.onmessage = (event) => {
+        if (!client || !framer || client.leaving !== null) return;
+        client.lastInput = Date.now();
+        const data = typeof event.data === "string" ? encoder.encode(event.data) : new Uint8Array(event.data);
+        framer.push(data);
+        framer.push(LF); // a message is a line, whether or not it ends in one
+        if (client.leaving !== null) finish(); // /quit or a flood: say goodbye and close
+      };
+      ws.onclose = finish;
+      ws.onerror = () => {}; // onclose follows
+    });
+  }
+
+  let httpServer: Deno.HttpServer<Deno.NetAddr> | null = null;
+  if (options.http) {
+    const serve = (hostname: string) =>
+      Deno.serve({ hostname, port: options.http!.port, onListen() {} }, handleHttp);
+    const httpHost = options.http.host ?? options.host;
+    try {
+      httpServer = serve(httpHost ?? "::");
+    } catch (e) {
+      if (httpHost !== undefined || e instanceof Deno.errors.AddrInUse) {
+        listener.close();
+        throw e;
+      }
+      httpServer = serve("0.0.0.0"); // a host without IPv6
+    }
+  }
+
   // Sends off clients that have said nothing for `idle` seconds.
   const idleMs = (options.idle ?? 0) * 1000;
   const idleSweep = idleMs > 0
@@ -1020,6 +1128,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
 
   const finished = acceptLoop().then(async () => {
     await Promise.all(handlers);
+    await httpServer?.finished;
     await log.flushed();
   });
 
@@ -1028,6 +1137,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       closing = true;
       clearInterval(idleSweep);
       listener.close();
+      const stopping = httpServer?.shutdown(); // stops taking requests; WebSockets close below
       const notice = encoder.encode(SHUTDOWN_NOTICE);
       for (const client of clients) send(client, notice);
       flushDirtyClients();
@@ -1036,11 +1146,33 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
         [...clients].map(drained),
       );
       for (const client of clients) dropClient(client, null);
+      await stopping;
     }
     await finished;
   }
 
-  return { addr: listener.addr, close, finished };
+  return { addr: listener.addr, httpAddr: httpServer?.addr ?? null, close, finished };
+}
+
+/**
+ * A WebSocket as a client connection: each line written becomes one text message, without its
+ * CRLF. The browser's own buffer stands in for the send queue: past `sendq` bytes, the client is
+ * as stuck as a telnet user who stopped reading, and is cut off the same way.
+ */
+function webSocketLink(ws: WebSocket, sendq: number): Link {
+  return {
+    write(bytes) {
+      if (ws.readyState !== WebSocket.OPEN) {
+        return Promise.reject(new Deno.errors.BrokenPipe("WebSocket closed"));
+      }
+      if (ws.bufferedAmount > sendq) return Promise.reject(new Error(`WebSocket buffer over ${sendq} bytes`));
+      for (const line of decoder.decode(bytes).split("\r\n")) if (line) ws.send(line);
+      return Promise.resolve(bytes.length);
+    },
+    close() {
+      if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close();
+    },
+  };
 }
 
 /** Listens on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
@@ -1182,10 +1314,136 @@ function parseIp(text: string): Uint8Array | null {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The web page (--http): one self-contained HTML file, its CSS and JS inline. It speaks the same
+// lines as telnet over a WebSocket; it asks /who quietly to keep its member list, and it puts
+// everything that came from other people into the page as text, never as HTML.
+
+const PAGE = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Deno chat</title>
+<style>
+  :root { color-scheme: light dark; --bg: #fdfdfc; --fg: #1b1b1b; --muted: #6b6b6b; --line: #8883; --me: #0b6e4f; }
+  @media (prefers-color-scheme: dark) { :root { --bg: #151515; --fg: #e8e8e8; --muted: #9a9a9a; --me: #5fd3a5; } }
+  * { box-sizing: border-box; }
+  body { margin: 0; height: 100dvh; display: flex; flex-direction: column; background: var(--bg); color: var(--fg);
+         font: 16px/1.4 system-ui, sans-serif; }
+  header { display: flex; gap: 1rem; align-items: baseline; padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
+  header h1 { font-size: 1rem; margin: 0; }
+  #status { margin-left: auto; color: var(--muted); font-size: .85rem; }
+  main { flex: 1; display: flex; min-height: 0; }
+  #log { flex: 1; overflow-y: auto; margin: 0; padding: .5rem 1rem; list-style: none; word-wrap: break-word; }
+  #log li { margin: .1rem 0; }
+  #members { width: 13rem; overflow-y: auto; border-left: 1px solid var(--line); padding: .5rem 1rem; }
+  #members ul { list-style: none; padding: 0; margin: .25rem 0; }
+  @media (max-width: 640px) { #members { display: none; } }
+  time { color: var(--muted); font-size: .8rem; margin-right: .5rem; font-variant-numeric: tabular-nums; }
+  .from { font-weight: 600; margin-right: .4rem; }
+  .mine .from { color: var(--me); }
+  .notice { color: var(--muted); font-style: italic; }
+  .private { background: #fc03; }
+  form { display: flex; border-top: 1px solid var(--line); }
+  input { flex: 1; font: inherit; padding: .8rem 1rem; border: 0; background: transparent; color: inherit; }
+  input:focus { outline: 2px solid var(--me); outline-offset: -2px; }
+</style>
+</head>
+<body>
+<header><h1>Deno chat</h1><span>room <strong id="room">lobby</strong></span><span id="status">connecting…</span></header>
+<main>
+  <ul id="log" aria-live="polite"></ul>
+  <aside id="members"><strong>In this room</strong><ul id="memberlist"></ul></aside>
+</main>
+<form id="form"><input id="input" autocomplete="off" enterkeyhint="send" placeholder="Say something, or /help" autofocus></form>
+<script>
+"use strict";
+const log = document.getElementById("log"), input = document.getElementById("input");
+const roomEl = document.getElementById("room"), statusEl = document.getElementById("status");
+const memberList = document.getElementById("memberlist");
+let ws = null, backoff = 500, quietWho = 0, whoLeft = 0, members = [];
+
+function show(kind, from, text) {
+  const li = document.createElement("li");
+  li.className = kind;
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  li.append(time);
+  if (from !== null) {
+    const who = document.createElement("span");
+    who.className = "from";
+    who.textContent = from;
+    li.append(who);
+  }
+  li.append(document.createTextNode(text));
+  const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
+  log.append(li);
+  if (atEnd) log.scrollTop = log.scrollHeight;
+}
+
+function askWho() {
+  if (ws && ws.readyState === WebSocket.OPEN) { quietWho++; ws.send("/who"); }
+}
+
+function showMembers() {
+  memberList.replaceChildren(...members.map((m) => {
+    const li = document.createElement("li");
+    li.textContent = m;
+    return li;
+  }));
+}
+
+function receive(line) {
+  let m;
+  if (quietWho > 0 && (m = /^In (\\S+) \\((\\d+)\\):$/.exec(line))) {
+    quietWho--; whoLeft = Number(m[2]); members = []; roomEl.textContent = m[1];
+    if (whoLeft === 0) showMembers();
+    return;
+  }
+  if (whoLeft > 0) {
+    members.push(line.trim().replace(/ \\(you\\)$/, " (you)"));
+    if (--whoLeft === 0) showMembers();
+    return;
+  }
+  if ((m = /^You are now in (\\S+) /.exec(line))) roomEl.textContent = m[1];
+  if (/^(Client joined|Client left|You are now)|( has joined | has left | is now known as )/.test(line)) askWho();
+  if ((m = /^\\[([^\\]]+)\\] (.*)$/.exec(line))) return show("line", m[1], m[2]);
+  if ((m = /^\\(private\\) \\[([^\\]]+)\\] (.*)$/.exec(line))) return show("line private", m[1] + " (private)", m[2]);
+  show("notice", null, line);
+}
+
+function connect() {
+  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+  ws = new WebSocket(url);
+  ws.onopen = () => { statusEl.textContent = "connected"; backoff = 500; quietWho = 0; whoLeft = 0; askWho(); };
+  ws.onmessage = (event) => receive(String(event.data));
+  ws.onclose = () => {
+    statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s…";
+    setTimeout(connect, backoff);
+    backoff = Math.min(backoff * 2, 10000);
+  };
+}
+
+document.getElementById("form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = input.value;
+  if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN) return;
+  ws.send(text);
+  if (!text.startsWith("/") || text.startsWith("//")) show("line mine", "you", text.replace(/^\\//, ""));
+  input.value = "";
+});
+connect();
+</script>
+</body>
+</html>
+`;
+
+// ---------------------------------------------------------------------------------------------
 // Command line
 
 const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
-  "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE] [--log text|json] [--help]";
+  "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE] [--log text|json] " +
+  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]...] [--help]";
 
 const HELP = `${USAGE}
 
@@ -1205,6 +1463,9 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --tls-cert FILE      serve TLS with this PEM certificate chain...
   --tls-key FILE       ...and this PEM private key
   --log FORMAT         text (the tutorial's lines, default) or json (one object per event)
+  --http PORT          also serve the chat as a web page, and its WebSocket at /ws
+  --http-host HOST     interface for the web page (default: as --host)
+  --http-origin URL    another site whose pages may use the WebSocket (repeatable; * for any)
   -h, --help           show this help
 
 Clients type /help for the commands: /nick, /who, /me, /msg, /join, /rooms, /quit.
@@ -1251,6 +1512,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
         "tls-cert": { type: "string" },
         "tls-key": { type: "string" },
         log: { type: "string" },
+        http: { type: "string" },
+        "http-host": { type: "string" },
+        "http-origin": { type: "string", multiple: true },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -1280,6 +1544,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       throw new UsageError(`--idle wants seconds, not "${v.idle}"`);
     }
   }
+  if (v.http === undefined && (v["http-host"] !== undefined || v["http-origin"] !== undefined)) {
+    throw new UsageError("--http-host and --http-origin go with --http PORT");
+  }
   for (const cidr of [...(v.allow ?? []), ...(v.deny ?? [])]) {
     try {
       parseCidr(cidr);
@@ -1302,6 +1569,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       allow: v.allow,
       deny: v.deny,
       logFormat: v.log as "text" | "json" | undefined,
+      http: v.http === undefined
+        ? undefined
+        : { port: parseCount("--http", v.http, 0, 65535), host: v["http-host"], origins: v["http-origin"] },
     },
     tlsFiles: v["tls-cert"] === undefined ? undefined : { cert: v["tls-cert"], key: v["tls-key"]! },
   };
@@ -1346,6 +1616,13 @@ async function main(): Promise<void> {
     Deno.exit(1);
   }
   console.log(`ChatServer started on port ${server.addr.port}`);
+  if (server.httpAddr) {
+    const { hostname, port } = server.httpAddr;
+    const shown = hostname === "::" || hostname === "0.0.0.0"
+      ? "localhost"
+      : formatPeer(server.httpAddr).replace(/:\d+$/, "");
+    console.log(`Web page at http://${shown}:${port}/`);
+  }
 
   const stop = () => server.close();
   for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
