@@ -115,6 +115,8 @@ export interface ChatServerOptions {
   /** Also serve the web page and its WebSocket: `port` (0 picks one), `host` (default: as `host`),
    * and the `origins` allowed to open the WebSocket from other sites (`*` for any). */
   http?: { port: number; host?: string; origins?: string[] };
+  /** Share rooms with other instances through Redis. Default: this instance alone. */
+  redis?: RedisOptions;
   /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
   tls?: { cert: string; key: string };
   /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
@@ -129,6 +131,8 @@ export interface ChatServer {
   readonly addr: Deno.NetAddr;
   /** Where the web page is served, with `http`; else null. */
   readonly httpAddr: Deno.NetAddr | null;
+  /** With `redis`: settles when Redis first answers (the server serves local clients meanwhile). */
+  readonly redisReady: Promise<void> | null;
   /** Tells every client goodbye, closes every socket, and resolves when all is closed. */
   close(): Promise<void>;
   /** Settles when the server has stopped, after `close()` or a fatal listener error. */
@@ -194,6 +198,8 @@ interface Client {
   lastFlood: number;
   /** Set when the client is on its way out: why (`/quit` text, "idle", "flooding"). */
   leaving: string | null;
+  /** A command waiting on Redis; the client's next lines wait their turn behind it. */
+  busy: Promise<void> | null;
 }
 
 /** The telnet protocol bytes that matter when removing negotiation (RFC 854). */
@@ -448,7 +454,6 @@ class EventLog {
  * await server.close();
  * ```
  */
-// deno-lint-ignore require-await -- async so that a listen error rejects rather than throws
 export async function startChatServer(options: ChatServerOptions = {}): Promise<ChatServer> {
   const maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
   const sendq = options.sendq ?? DEFAULT_SENDQ;
@@ -476,7 +481,22 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   const spareBuffers: Uint8Array[] = [];
   let roomFreed: Promise<void> | null = null;
   let releaseSenders: (() => void) | null = null;
+  const bus = options.redis
+    ? await startBus(options.redis, {
+      onRoomLine(room, text) {
+        const local = rooms.get(room.toLowerCase());
+        if (local) broadcastExcept(local, null, encoder.encode(text + "\r\n"));
+      },
+      onWhisper(nick, text) {
+        const to = nicks.get(nick.toLowerCase());
+        if (to) tell(to, text);
+      },
+      locals: () => [...clients].map(presenceOf),
+      say: (text) => record(text, { event: "redis", text }),
+    })
+    : null;
   const lobby = openRoom(LOBBY);
+  bus?.watch(LOBBY); // always: then a lobby line from another instance never beats the subscription
 
   const greeting = encoder.encode(GREETING);
   const tooLong = encoder.encode(`Your line was over ${maxLine} bytes; the rest of it was discarded\r\n`);
@@ -522,6 +542,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     size = room.members.size,
   ): void {
     if (size <= announceLimit) broadcastExcept(room, sender, encoder.encode(text + "\r\n"));
+    bus?.publish(room.name, text);
     record(text, event);
   }
 
@@ -696,6 +717,10 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   function enterRoom(client: Client, room: Room): void {
     client.room = room;
     room.members.add(client);
+    if (bus) {
+      if (room.members.size === 1) bus.watch(room.name);
+      bus.present(presenceOf(client));
+    }
     if (room.members.size === announceLimit + 1) {
       record(
         `Room ${room.name} has over ${announceLimit} members: joins and leaves are no longer announced`,
@@ -712,6 +737,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   function leaveRoom(client: Client): void {
     const room = client.room;
     room.members.delete(client);
+    if (bus && room.members.size === 0 && room !== lobby) bus.unwatch(room.name);
     if (room.members.size === announceLimit) {
       record(`Room ${room.name} has ${announceLimit} members again: joins and leaves are announced`, {
         event: "loud",
@@ -723,11 +749,19 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   }
 
   function rename(client: Client, nick: string | null): void {
-    if (client.nick !== null) nicks.delete(client.nick.toLowerCase());
+    if (client.nick !== null) {
+      nicks.delete(client.nick.toLowerCase());
+      if (nick === null || nick.toLowerCase() !== client.nick.toLowerCase()) bus?.releaseNick(client.nick);
+    }
     client.nick = nick;
     if (nick !== null) nicks.set(nick.toLowerCase(), client);
     client.label = nick ?? client.address;
     client.prefix = encoder.encode(`[${client.label}] `);
+    bus?.present(presenceOf(client));
+  }
+
+  function presenceOf(client: Client): Presence {
+    return { address: client.address, nick: client.nick, room: client.room.name };
   }
 
   // --- Lines and commands ------------------------------------------------------------------------
@@ -739,6 +773,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     message.set(line, client.prefix.length);
     message.set(CRLF, message.length - 2);
     broadcastExcept(client.room, client, message);
+    bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)));
     if (json) {
       record("", { event: "line", room: client.room.name, from: client.label, text: decoder.decode(line) });
     } else log.bytes(message.subarray(0, message.length - 2));
@@ -771,10 +806,28 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     return false;
   }
 
-  // Handles a line: a command, or chat for the room.
+  // Takes a line from a client, in order: behind a command still waiting on Redis, if any.
   function onLine(client: Client, line: Uint8Array, truncated: boolean): void {
+    if (client.busy === null) {
+      const pending = handleLine(client, line, truncated);
+      if (pending) waitBehind(client, pending);
+    } else {
+      const copy = line.slice(); // the read buffer is reused
+      waitBehind(client, client.busy.then(() => handleLine(client, copy, truncated)));
+    }
+  }
+
+  function waitBehind(client: Client, pending: Promise<void>): void {
+    const mine = client.busy = pending.catch((e) => console.error(`Error on ${client.address}: ${e}`));
+    mine.finally(() => {
+      if (client.busy === mine) client.busy = null;
+    });
+  }
+
+  // Handles a line: a command, or chat for the room. A command that asks Redis returns a promise.
+  function handleLine(client: Client, line: Uint8Array, truncated: boolean): void | Promise<void> {
     if (truncated) send(client, tooLong);
-    if (client.leaving !== null || isBlank(line)) return;
+    if (client.leaving !== null || client.closed || isBlank(line)) return;
     if (rate > 0 && !withinRate(client)) return;
     if (line[0] === SLASH) {
       if (line[1] !== SLASH) return runCommand(client, decoder.decode(line));
@@ -797,23 +850,18 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   ];
 
   // Runs a /command for a client.
-  function runCommand(client: Client, line: string): void {
+  function runCommand(client: Client, line: string): void | Promise<void> {
     const match = /^\/(\S*)\s*(.*)$/.exec(line)!;
     const [command, rest] = [match[1].toLowerCase(), match[2].trim()];
     switch (command) {
       case "nick":
         return changeNick(client, rest);
-      case "who": {
-        const room = client.room;
-        tell(client, `In ${room.name} (${room.members.size}):`);
-        for (const m of room.members) {
-          tell(client, `  ${m.nick ? `${m.nick} (${m.address})` : m.address}${m === client ? " (you)" : ""}`);
-        }
-        return;
-      }
+      case "who":
+        return bus ? listWhoEverywhere(client) : listWho(client, []);
       case "me":
         if (!rest) return tell(client, "Usage: /me ACTION");
         broadcastExcept(client.room, client, encoder.encode(`* ${client.label} ${rest}\r\n`));
+        bus?.publish(client.room.name, `* ${client.label} ${rest}`);
         return record(`* ${client.label} ${rest}`, {
           event: "me",
           room: client.room.name,
@@ -824,6 +872,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
         const m = /^(\S+)\s+(.+)$/.exec(rest);
         if (!m) return tell(client, "Usage: /msg NAME TEXT");
         const to = nicks.get(m[1].toLowerCase()) ?? [...clients].find((c) => c.address === m[1]);
+        if ((!to || to.leaving !== null) && bus) return whisperAcross(client, m[1], m[2]);
         if (!to || to.leaving !== null) return tell(client, `No such user: ${m[1]}`);
         tell(to, `(private) [${client.label}] ${m[2]}`);
         tell(client, `(private to ${to.label}) ${m[2]}`);
@@ -836,14 +885,8 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       }
       case "join":
         return joinRoom(client, rest);
-      case "rooms": {
-        const list = [...rooms.values()].filter((r) => r.members.size > 0 || r === lobby);
-        tell(client, `Rooms (${list.length}):`);
-        for (const r of list.sort((a, b) => a.name.localeCompare(b.name))) {
-          tell(client, `  ${r.name} ${r.members.size}${r === client.room ? " (you are here)" : ""}`);
-        }
-        return;
-      }
+      case "rooms":
+        return bus ? listRoomsEverywhere(client) : listRooms(client, []);
       case "quit":
         return sendOff(client, "Goodbye", rest);
       case "help":
@@ -854,17 +897,85 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     }
   }
 
-  function changeNick(client: Client, nick: string): void {
+  // /who: the members of the client's room, here and (`others`) on other instances.
+  function listWho(client: Client, others: Presence[]): void {
+    const room = client.room;
+    const remote = others.filter((p) => p.room.toLowerCase() === room.name.toLowerCase());
+    tell(client, `In ${room.name} (${room.members.size + remote.length}):`);
+    const show = (p: { nick: string | null; address: string }) =>
+      p.nick ? `${p.nick} (${p.address})` : p.address;
+    for (const m of room.members) tell(client, `  ${show(m)}${m === client ? " (you)" : ""}`);
+    for (const p of remote) tell(client, `  ${show(p)}`);
+  }
+
+  // /rooms: every room with members, here and (`others`) on other instances.
+  function listRooms(client: Client, others: Presence[]): void {
+    const counts = new Map<string, [string, number]>([[LOBBY, [LOBBY, 0]]]);
+    const count = (name: string, n: number) => {
+      const entry = counts.get(name.toLowerCase()) ?? [name, 0];
+      counts.set(name.toLowerCase(), [entry[0], entry[1] + n]);
+    };
+    for (const r of rooms.values()) count(r.name, r.members.size);
+    for (const p of others) count(p.room, 1);
+    const list = [...counts.values()].filter(([name, n]) => n > 0 || name === LOBBY);
+    tell(client, `Rooms (${list.length}):`);
+    for (const [name, n] of list.sort((a, b) => a[0].localeCompare(b[0]))) {
+      const here = name.toLowerCase() === client.room.name.toLowerCase() ? " (you are here)" : "";
+      tell(client, `  ${name} ${n}${here}`);
+    }
+  }
+
+  async function listWhoEverywhere(client: Client): Promise<void> {
+    const others = await bus!.others();
+    listWho(client, others ?? []);
+    if (others === null) tell(client, "(other servers cannot be asked right now)");
+  }
+
+  async function listRoomsEverywhere(client: Client): Promise<void> {
+    const others = await bus!.others();
+    listRooms(client, others ?? []);
+    if (others === null) tell(client, "(other servers cannot be asked right now)");
+  }
+
+  // /msg to someone on another instance.
+  async function whisperAcross(client: Client, name: string, text: string): Promise<void> {
+    if (!await bus!.whisper(name, `(private) [${client.label}] ${text}`)) {
+      return tell(client, `No such user: ${name}`);
+    }
+    tell(client, `(private to ${name}) ${text}`);
+    record(`${client.label} sent a private message to ${name}`, {
+      event: "msg",
+      from: client.label,
+      to: name,
+    });
+  }
+
+  function changeNick(client: Client, nick: string): void | Promise<void> {
     const problem = checkName(nick, "nick");
     if (problem) return tell(client, `${problem}; you are still ${client.label}`);
     const holder = nicks.get(nick.toLowerCase());
     if (holder && holder !== client) {
       return tell(client, `The nick ${nick} is taken; you are still ${client.label}`);
     }
+    if (bus && !holder) {
+      return bus.claimNick(nick).then((mine) => {
+        if (client.closed || client.leaving !== null) return bus.releaseNick(nick);
+        // Another of ours may have taken it while Redis answered.
+        if (!mine || (nicks.get(nick.toLowerCase()) ?? client) !== client) {
+          return tell(client, `The nick ${nick} is taken; you are still ${client.label}`);
+        }
+        takeNick(client, nick);
+      });
+    }
+    takeNick(client, nick);
+  }
+
+  function takeNick(client: Client, nick: string): void {
     const old = client.label;
     rename(client, nick);
     tell(client, `You are now known as ${nick}`);
     broadcastExcept(client.room, client, encoder.encode(`${old} is now known as ${nick}\r\n`));
+    bus?.publish(client.room.name, `${old} is now known as ${nick}`);
     record(`${old} is now known as ${nick}`, { event: "nick", peer: client.address, from: old, to: nick });
   }
 
@@ -958,6 +1069,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       floods: 0,
       lastFlood: 0,
       leaving: null,
+      busy: null,
     };
     clients.add(client);
     perIp.set(ip, (perIp.get(ip) ?? 0) + 1);
@@ -975,7 +1087,11 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     else perIp.delete(client.ip);
     const room = client.room;
     leaveRoom(client);
-    if (client.nick !== null) nicks.delete(client.nick.toLowerCase());
+    if (client.nick !== null) {
+      nicks.delete(client.nick.toLowerCase());
+      bus?.releaseNick(client.nick);
+    }
+    bus?.absent(client.address);
     if (!closing) {
       const why = client.leaving ? ` (${client.leaving})` : "";
       announce(room, client, `Client left ${client.label}${why}`, {
@@ -1147,11 +1263,18 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       );
       for (const client of clients) dropClient(client, null);
       await stopping;
+      await bus?.close();
     }
     await finished;
   }
 
-  return { addr: listener.addr, httpAddr: httpServer?.addr ?? null, close, finished };
+  return {
+    addr: listener.addr,
+    httpAddr: httpServer?.addr ?? null,
+    redisReady: bus?.ready ?? null,
+    close,
+    finished,
+  };
 }
 
 /**
@@ -1224,6 +1347,11 @@ async function refuse(conn: Deno.Conn, message: Uint8Array): Promise<void> {
   } finally {
     conn.close();
   }
+}
+
+/** Resolves after `ms` milliseconds, without holding the process open. */
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => Deno.unrefTimer(setTimeout(resolve, ms)));
 }
 
 /** Waits for the promises, or for `ms` milliseconds, whichever is first. */
@@ -1311,6 +1439,237 @@ function parseIp(text: string): Uint8Array | null {
     out[2 * i + 1] = n & 0xff;
   });
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bus between instances (--redis)
+//
+// Several chat_server.ts instances behind one TCP load balancer share their rooms through Redis,
+// as Socket.IO's Redis adapter and Phoenix.PubSub do. Each room is a channel; each instance
+// subscribes only to the rooms it has members in, and ignores its own messages (they carry its
+// id). Who is where lives in Redis too: a hash per instance, and a key per nick, all with an
+// expiry that a heartbeat renews, so that the members of a crashed instance vanish by themselves.
+// If Redis goes away, local chat goes on; the client reconnects with backoff, and the instance
+// writes its presence and nicks back when Redis returns.
+
+/** One member, as the directory knows it. */
+interface Presence {
+  address: string;
+  nick: string | null;
+  room: string;
+}
+
+/** The bus, as the server uses it. Calls made while Redis is away are dropped, not queued. */
+interface Bus {
+  readonly instance: string;
+  /** Sends a line (without CRLF) to the other instances' members of a room. */
+  publish(room: string, text: string): void;
+  /** Delivers a private line to a nick on another instance; false if nobody has that nick. */
+  whisper(nick: string, text: string): Promise<boolean>;
+  /** Takes a nick across all instances; false if another instance's client has it. */
+  claimNick(nick: string): Promise<boolean>;
+  releaseNick(nick: string): void;
+  /** Records where a local client is, or that it is gone. */
+  present(who: Presence): void;
+  absent(address: string): void;
+  /** Subscribes to a room's channel while it has local members. */
+  watch(room: string): void;
+  unwatch(room: string): void;
+  /** Every member on the other instances; null while Redis is away. */
+  others(): Promise<Presence[] | null>;
+  close(): Promise<void>;
+}
+
+/** What the bus needs from the server. */
+interface BusHandlers {
+  /** A line for a room, from another instance. */
+  onRoomLine(room: string, text: string): void;
+  /** A private line for a local nick, from another instance. */
+  onWhisper(nick: string, text: string): void;
+  /** Everyone local, to write back to Redis after it returns. */
+  locals(): Presence[];
+  /** A line for the operator's log. */
+  say(text: string): void;
+}
+
+/** Options for the bus. */
+export interface RedisOptions {
+  /** `redis://HOST:PORT[/DB]`. */
+  url: string;
+  /** Prefix of every key and channel. Default `chat`. */
+  prefix?: string;
+  /** Seconds after which a crashed instance's members leave the directory. Default 30. */
+  expiry?: number;
+}
+
+/**
+ * Connects the bus. Resolves at once: `ready` settles when Redis first answers, and until then
+ * (and whenever Redis is away) the server runs on its own.
+ */
+async function startBus(
+  options: RedisOptions,
+  handlers: BusHandlers,
+): Promise<Bus & { ready: Promise<void> }> {
+  const { createClient } = await import("redis"); // loaded only with --redis: no network needed without
+  const prefix = options.prefix ?? "chat";
+  const expiry = options.expiry ?? 30;
+  const instance = crypto.randomUUID().slice(0, 12);
+  const roomChannel = (room: string) => `${prefix}:room:${room.toLowerCase()}`;
+  const instanceChannel = `${prefix}:instance:${instance}`;
+  const presenceKey = (id: string) => `${prefix}:presence:${id}`;
+  const nickKey = (nick: string) => `${prefix}:nick:${nick.toLowerCase()}`;
+  const instancesKey = `${prefix}:instances`;
+  const socket = {
+    reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
+    connectTimeout: 2000,
+  };
+  const pub = createClient({ url: options.url, disableOfflineQueue: true, socket });
+  const sub = pub.duplicate();
+  const watched = new Set<string>();
+  const myNicks = new Set<string>(); // lower-case
+  let up = false, everUp = false, closed = false;
+
+  // Errors come once per failed attempt; the operator hears of a loss once, and of the recovery.
+  // (Before Redis has ever answered, the caller reports that, once.)
+  pub.on("error", (e: Error) => {
+    if (up) handlers.say(`Redis unavailable (${e.message}): local chat goes on; reconnecting`);
+    up = false;
+  });
+  sub.on("error", () => {}); // reported through pub, which shares its fate
+  pub.on("ready", () => {
+    up = true;
+    if (everUp) handlers.say("Redis is back: rooms are shared again");
+    everUp = true;
+    restore().catch(() => {});
+  });
+
+  // Each message is JSON: the sending instance, and a line for a room or a nick.
+  const onMessage = (raw: string) => {
+    let m: { i: string; room?: string; nick?: string; text: string };
+    try {
+      m = JSON.parse(raw);
+    } catch {
+      return; // not ours
+    }
+    if (m.i === instance || typeof m.text !== "string") return;
+    if (m.room !== undefined) handlers.onRoomLine(m.room, m.text);
+    else if (m.nick !== undefined) handlers.onWhisper(m.nick, m.text);
+  };
+
+  // Writes this instance's presence and nicks back, and renews their expiry (the heartbeat).
+  async function restore(): Promise<void> {
+    if (!up || closed) return;
+    const multi = pub.multi();
+    multi.del(presenceKey(instance));
+    for (const p of handlers.locals()) multi.hSet(presenceKey(instance), p.address, JSON.stringify(p));
+    multi.expire(presenceKey(instance), expiry);
+    multi.zAdd(instancesKey, { score: Date.now(), value: instance });
+    for (const nick of myNicks) multi.set(nickKey(nick), instance, { EX: expiry });
+    await multi.exec();
+  }
+
+  const ignore = () => {};
+  const heartbeat = setInterval(() => {
+    if (!up) return;
+    const multi = pub.multi();
+    multi.expire(presenceKey(instance), expiry);
+    multi.zAdd(instancesKey, { score: Date.now(), value: instance });
+    for (const nick of myNicks) multi.expire(nickKey(nick), expiry);
+    multi.exec().catch(ignore);
+  }, Math.max(200, expiry * 1000 / 3));
+
+  const connecting = Promise.all([pub.connect(), sub.connect()]);
+  connecting.catch(ignore);
+  const ready = connecting.then(async () => {
+    await sub.subscribe(instanceChannel, onMessage);
+    for (const room of watched) await sub.subscribe(roomChannel(room), onMessage);
+  });
+  ready.catch(ignore);
+
+  return {
+    instance,
+    ready,
+    publish(room, text) {
+      if (up) pub.publish(roomChannel(room), JSON.stringify({ i: instance, room, text })).catch(ignore);
+    },
+    async whisper(nick, text) {
+      if (!up) return false;
+      const owner = await pub.get(nickKey(nick)).catch(() => null);
+      if (!owner || owner === instance) return false;
+      const heard = await pub.publish(
+        `${prefix}:instance:${owner}`,
+        JSON.stringify({ i: instance, nick, text }),
+      )
+        .catch(() => 0);
+      return heard > 0;
+    },
+    async claimNick(nick) {
+      const lower = nick.toLowerCase();
+      if (!up) {
+        myNicks.add(lower); // written to Redis when it returns; a clash then is resolved by its owner
+        return true;
+      }
+      try {
+        const got = await pub.set(nickKey(nick), instance, { NX: true, EX: expiry });
+        if (got === null && await pub.get(nickKey(nick)) !== instance) return false;
+      } catch {
+        // Redis went away mid-claim: local uniqueness still holds
+      }
+      myNicks.add(lower);
+      return true;
+    },
+    releaseNick(nick) {
+      const lower = nick.toLowerCase();
+      if (!myNicks.delete(lower) || !up) return;
+      // Delete only our own claim: a key that expired and was taken by another instance stays.
+      pub.get(nickKey(nick)).then((owner) => owner === instance ? pub.del(nickKey(nick)) : 0).catch(ignore);
+    },
+    present(who) {
+      if (up) pub.hSet(presenceKey(instance), who.address, JSON.stringify(who)).catch(ignore);
+    },
+    absent(address) {
+      if (up) pub.hDel(presenceKey(instance), address).catch(ignore);
+    },
+    watch(room) {
+      const key = room.toLowerCase();
+      if (watched.has(key)) return;
+      watched.add(key);
+      if (sub.isReady) sub.subscribe(roomChannel(key), onMessage).catch(ignore);
+    },
+    unwatch(room) {
+      const key = room.toLowerCase();
+      if (!watched.delete(key)) return;
+      if (sub.isReady) sub.unsubscribe(roomChannel(key)).catch(ignore);
+    },
+    async others() {
+      if (!up) return null;
+      try {
+        const alive = await pub.zRangeByScore(instancesKey, Date.now() - expiry * 1000, "+inf");
+        const found: Presence[] = [];
+        for (const id of alive) {
+          if (id === instance) continue;
+          for (const value of Object.values(await pub.hGetAll(presenceKey(id)))) {
+            found.push(JSON.parse(value));
+          }
+        }
+        return found;
+      } catch {
+        return null;
+      }
+    },
+    async close() {
+      closed = true;
+      clearInterval(heartbeat);
+      if (up) {
+        const multi = pub.multi();
+        multi.del(presenceKey(instance));
+        multi.zRem(instancesKey, instance);
+        for (const nick of myNicks) multi.del(nickKey(nick));
+        await multi.exec().catch(ignore);
+      }
+      for (const client of [sub, pub]) client.destroy();
+    },
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1443,7 +1802,8 @@ connect();
 
 const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
   "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE] [--log text|json] " +
-  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]...] [--help]";
+  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]...] [--redis URL [--redis-prefix P] [--redis-expiry S]] " +
+  "[--help]";
 
 const HELP = `${USAGE}
 
@@ -1466,6 +1826,9 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --http PORT          also serve the chat as a web page, and its WebSocket at /ws
   --http-host HOST     interface for the web page (default: as --host)
   --http-origin URL    another site whose pages may use the WebSocket (repeatable; * for any)
+  --redis URL          share rooms with other instances through Redis (redis://HOST:PORT[/DB])
+  --redis-prefix P     prefix of Redis keys and channels (default chat)
+  --redis-expiry S     seconds before a crashed instance's members leave the directory (default 30)
   -h, --help           show this help
 
 Clients type /help for the commands: /nick, /who, /me, /msg, /join, /rooms, /quit.
@@ -1515,6 +1878,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
         http: { type: "string" },
         "http-host": { type: "string" },
         "http-origin": { type: "string", multiple: true },
+        redis: { type: "string" },
+        "redis-prefix": { type: "string" },
+        "redis-expiry": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -1547,6 +1913,12 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   if (v.http === undefined && (v["http-host"] !== undefined || v["http-origin"] !== undefined)) {
     throw new UsageError("--http-host and --http-origin go with --http PORT");
   }
+  if (v.redis === undefined && (v["redis-prefix"] !== undefined || v["redis-expiry"] !== undefined)) {
+    throw new UsageError("--redis-prefix and --redis-expiry go with --redis URL");
+  }
+  if (v.redis !== undefined && !/^rediss?:\/\/[^/\s]+(\/\d+)?$/.test(v.redis)) {
+    throw new UsageError(`--redis wants redis://HOST:PORT[/DB], not "${v.redis}"`);
+  }
   for (const cidr of [...(v.allow ?? []), ...(v.deny ?? [])]) {
     try {
       parseCidr(cidr);
@@ -1569,6 +1941,11 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       allow: v.allow,
       deny: v.deny,
       logFormat: v.log as "text" | "json" | undefined,
+      redis: v.redis === undefined ? undefined : {
+        url: v.redis,
+        prefix: v["redis-prefix"],
+        expiry: count("--redis-expiry", v["redis-expiry"], 1, 86_400),
+      },
       http: v.http === undefined
         ? undefined
         : { port: parseCount("--http", v.http, 0, 65535), host: v["http-host"], origins: v["http-origin"] },
@@ -1616,6 +1993,8 @@ async function main(): Promise<void> {
     Deno.exit(1);
   }
   console.log(`ChatServer started on port ${server.addr.port}`);
+  const stop = () => server.close();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
   if (server.httpAddr) {
     const { hostname, port } = server.httpAddr;
     const shown = hostname === "::" || hostname === "0.0.0.0"
@@ -1623,9 +2002,19 @@ async function main(): Promise<void> {
       : formatPeer(server.httpAddr).replace(/:\d+$/, "");
     console.log(`Web page at http://${shown}:${port}/`);
   }
+  if (server.redisReady && options.redis) {
+    const url = options.redis.url;
+    const ready = server.redisReady.then(() => true, () => false);
+    const early = await Promise.race([ready, delay(1000).then(() => false)]);
+    if (early) console.log(`Sharing rooms through Redis at ${url}`);
+    else {
+      ready.then((reached) => reached && console.log(`Sharing rooms through Redis at ${url}`));
+      console.error(
+        `chat_server: Redis at ${url} is unreachable: serving local clients only while retrying`,
+      );
+    }
+  }
 
-  const stop = () => server.close();
-  for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
   await server.finished;
   for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.removeSignalListener(signal, stop);
   console.log("ChatServer shutdown complete");

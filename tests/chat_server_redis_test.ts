@@ -1,0 +1,262 @@
+// chat_server.ts --redis: several instances share rooms through a real redis-server.
+import assert from "node:assert/strict";
+import { type ChatServer, startChatServer } from "../chat_server.ts";
+import { Capture, Cli, freePort, needs, TestClient, WAIT_MS, within } from "./_helpers.ts";
+
+const GREETING = "You're connected to the Deno chatserver\r\n";
+
+/** A redis-server of our own on a free port, that a test can kill and start again. */
+class Redis {
+  readonly port = freePort();
+  #child: Deno.ChildProcess | null = null;
+
+  get url(): string {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  async start(): Promise<void> {
+    this.#child = new Deno.Command("redis-server", {
+      args: ["--port", String(this.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    const deadline = Date.now() + WAIT_MS;
+    for (;;) { // until it answers PING
+      try {
+        using c = await TestClient.connect(this.port);
+        await c.write("PING\r\n");
+        if (await c.readLine() === "+PONG\r\n") return;
+      } catch (e) {
+        if (!(e instanceof Deno.errors.ConnectionRefused) || Date.now() > deadline) throw e;
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  async kill(): Promise<void> {
+    this.#child?.kill("SIGKILL");
+    await this.#child?.status;
+    this.#child = null;
+  }
+}
+
+/** Starts `n` instances sharing `redis`, each with its own captured log. */
+async function instances(
+  redis: Redis,
+  n: number,
+  expiry = 30,
+): Promise<{ servers: ChatServer[]; logs: Capture[] }> {
+  const logs = Array.from({ length: n }, () => new Capture());
+  const servers = await Promise.all(
+    logs.map((log) =>
+      startChatServer({ port: 0, host: "127.0.0.1", log, redis: { url: redis.url, expiry } })
+    ),
+  );
+  await within(WAIT_MS, Promise.all(servers.map((s) => s.redisReady)), "the instances to reach Redis");
+  return { servers, logs };
+}
+
+async function join(port: number): Promise<TestClient> {
+  const client = await TestClient.connect(port);
+  assert.equal(await client.readLine(), GREETING);
+  return client;
+}
+
+async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
+  await client.write(line + "\r\n");
+  for (const want of expected) assert.equal(await client.readLine(), want + "\r\n");
+}
+
+let syncs = 0;
+
+/**
+ * Makes sure that everything `from`'s instance published has reached `to`'s: `from` says a fresh
+ * line and `to` reads up to it. One instance's messages cross Redis in order, so what came
+ * before has arrived (a join announced late, say) and was skipped.
+ */
+async function sync(from: TestClient, to: TestClient): Promise<void> {
+  const word = `sync-${++syncs}`;
+  await from.write(word + "\r\n");
+  await readUntil(to, (l) => l.endsWith(`] ${word}\r\n`));
+}
+
+/** Asks /who and returns the members listed, skipping lines that arrive before the answer. */
+async function who(client: TestClient): Promise<string[]> {
+  await client.write("/who\r\n");
+  const header = await readUntil(client, (l) => /^In \S+ \(\d+\):\r\n$/.test(l));
+  const members = [];
+  for (let n = Number(/\((\d+)\)/.exec(header)![1]); n > 0; n--) {
+    members.push((await client.readLine())!.trim());
+  }
+  return members;
+}
+
+/** Reads lines until one satisfies `test`; fails after WAIT_MS. */
+async function readUntil(client: TestClient, test: (line: string) => boolean): Promise<string> {
+  for (;;) {
+    const line = await client.readLine();
+    if (line === null) throw new Error("closed while waiting");
+    if (test(line)) return line;
+  }
+}
+
+// npm:redis keeps sockets and timers between calls: the instances and Redis are closed in each test.
+const redisTest = (name: string, fn: () => Promise<void>) =>
+  Deno.test({ ...needs(name, ["redis-server"]), sanitizeOps: false, sanitizeResources: false, fn });
+
+redisTest("two instances relay lines, joins and leaves both ways, once each", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers } = await instances(redis, 2);
+  try {
+    using a = await join(servers[0].addr.port);
+    using b = await join(servers[1].addr.port);
+    assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`); // through Redis
+    await sync(a, b); // b may or may not have heard of a, who joined a moment before it
+    using c = await join(servers[0].addr.port);
+    assert.equal(await a.readLine(), `Client joined ${c.name}\r\n`); // locally
+    assert.equal(await b.readLine(), `Client joined ${c.name}\r\n`); // through Redis
+    await a.write("from one\r\n");
+    assert.equal(await b.readLine(), `[${a.name}] from one\r\n`);
+    assert.equal(await c.readLine(), `[${a.name}] from one\r\n`);
+    await b.write("from two\r\n");
+    assert.equal(await a.readLine(), `[${b.name}] from two\r\n`);
+    assert.equal(await c.readLine(), `[${b.name}] from two\r\n`); // once: no echo of a's own line before it
+    await ask(b, "/me waves");
+    assert.equal(await a.readLine(), `* ${b.name} waves\r\n`);
+    const bName = b.name;
+    b.close();
+    assert.equal(await a.readLine(), `Client left ${bName}\r\n`);
+    await a.write("still here\r\n");
+    assert.equal(await c.readLine(), `* ${bName} waves\r\n`);
+    assert.equal(await c.readLine(), `Client left ${bName}\r\n`);
+    assert.equal(await c.readLine(), `[${a.name}] still here\r\n`);
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});
+
+redisTest("nicks are unique across instances, /msg crosses, /who and /rooms list everyone", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers } = await instances(redis, 2);
+  try {
+    using a = await join(servers[0].addr.port);
+    using b = await join(servers[1].addr.port);
+    await a.readLine();
+    await sync(a, b);
+    await ask(a, "/nick Ann", "You are now known as Ann");
+    assert.equal(await b.readLine(), `${a.name} is now known as Ann\r\n`);
+    await ask(b, "/nick ann", `The nick ann is taken; you are still ${b.name}`);
+    await ask(b, "/nick bob", "You are now known as bob");
+    assert.equal(await a.readLine(), `${b.name} is now known as bob\r\n`);
+    await ask(b, "/msg ANN psst", "(private to ANN) psst");
+    assert.equal(await a.readLine(), "(private) [bob] psst\r\n");
+    assert.deepEqual(await who(a), [`Ann (${a.name}) (you)`, `bob (${b.name})`]);
+    await ask(b, "/join dev", "You are now in dev (1); /who lists who is here");
+    assert.equal(await a.readLine(), `bob has left lobby for dev\r\n`);
+    await ask(a, "/rooms", "Rooms (2):", "  dev 1", "  lobby 1 (you are here)");
+    b.close();
+    let free = false; // once the other instance has seen bob leave
+    for (let i = 0; i < 50 && !free; i++) {
+      await a.write("/nick Bob\r\n");
+      free = await a.readLine() === "You are now known as Bob\r\n";
+      if (!free) await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.ok(free, "bob's nick was never freed");
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});
+
+redisTest("local chat goes on while Redis is down, and the instances rejoin when it is back", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers, logs } = await instances(redis, 2);
+  try {
+    using a = await join(servers[0].addr.port);
+    using b = await join(servers[1].addr.port);
+    await a.readLine();
+    await sync(a, b);
+    using c = await join(servers[0].addr.port);
+    await a.readLine(), await b.readLine();
+    await redis.kill();
+    await logs[0].waitFor("Redis unavailable");
+    await a.write("local only\r\n");
+    assert.equal(await c.readLine(), `[${a.name}] local only\r\n`);
+    await redis.start();
+    await logs[0].waitFor("Redis is back: rooms are shared again");
+    await logs[1].waitFor("Redis is back: rooms are shared again");
+    // Lines sent while Redis was away are not replayed; fresh ones cross again within moments.
+    let crossed = false;
+    for (let i = 0; i < 50 && !crossed; i++) {
+      await b.write(`probe ${i}\r\n`);
+      const line = await within(WAIT_MS, a.readLine(), "a probe");
+      crossed = line!.startsWith(`[${b.name}] probe`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(crossed, "lines never crossed again");
+    assert.equal(logs[0].text.split("Redis unavailable").length, 2, "the loss is logged once");
+    assert.deepEqual(await who(c), [a.name, `${c.name} (you)`, b.name]);
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});
+
+redisTest("a killed instance's members leave the directory within the expiry", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers } = await instances(redis, 1, 2);
+  const port = freePort();
+  const doomed = new Cli("chat_server.ts", [
+    String(port),
+    "--host",
+    "127.0.0.1",
+    "--redis",
+    redis.url,
+    "--redis-expiry",
+    "2",
+  ]);
+  try {
+    assert.equal(await doomed.readLine(), `ChatServer started on port ${port}`);
+    assert.equal(await doomed.readLine(), `Sharing rooms through Redis at ${redis.url}`);
+    using a = await join(servers[0].addr.port);
+    using d = await join(port);
+    await readUntil(a, (l) => l === `Client joined ${d.name}\r\n`);
+    await sync(a, d);
+    await ask(d, "/nick dora", "You are now known as dora");
+    assert.deepEqual(await who(a), [`${a.name} (you)`, `dora (${d.name})`]);
+    doomed.kill("SIGKILL");
+    await doomed.finish();
+    let gone = false;
+    for (let i = 0; i < 40 && !gone; i++) { // expiry 2 s, heartbeat every 0.67 s
+      await new Promise((r) => setTimeout(r, 200));
+      gone = (await who(a)).length === 1;
+    }
+    assert.ok(gone, "dora is still listed");
+    await ask(a, "/nick Dora", "You are now known as Dora"); // her nick expired with her
+  } finally {
+    doomed.kill("SIGKILL");
+    await servers[0].close();
+    await redis.kill();
+  }
+});
+
+Deno.test("chat_server.ts starts local-only, in one line, when Redis is unreachable", async () => {
+  const port = freePort(), dead = freePort();
+  const cli = new Cli("chat_server.ts", [String(port), "--redis", `redis://127.0.0.1:${dead}`]);
+  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  using a = await join(port);
+  await a.write("/who\r\n");
+  assert.equal(await a.readLine(), "In lobby (1):\r\n");
+  cli.kill();
+  const { code, stderr } = await cli.finish();
+  assert.equal(code, 0);
+  assert.equal(
+    stderr.split("\n")[0],
+    `chat_server: Redis at redis://127.0.0.1:${dead} is unreachable: serving local clients only while retrying`,
+  );
+});
