@@ -320,9 +320,143 @@ function describe(e: unknown): string {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Load mode (--load): many chat clients at once, for measuring a chat server
+
+/** Options for {@linkcode runChatLoad}. */
+export interface ChatLoadOptions {
+  /** Servers to spread the clients over, round-robin (two instances sharing Redis, say). */
+  endpoints: Endpoint[];
+  /** Clients in all. */
+  clients: number;
+  /** How many of them send. */
+  senders: number;
+  /** Lines each sender sends. */
+  messages: number;
+  /** Bytes per line, newline included (at least 32). */
+  size: number;
+  /** Lines per second from all senders together; 0 is as fast as the server takes them. */
+  rate: number;
+  /** Called once a second with the deliveries of that second. */
+  onSecond?: (second: number, deliveries: number) => void;
+}
+
+/** What {@linkcode runChatLoad} measured. */
+export interface ChatLoadResult {
+  clients: number;
+  senders: number;
+  messages: number;
+  rate: number;
+  seconds: number;
+  delivered: number;
+  expected: number;
+  deliveriesPerSecond: number;
+  p50Ms: number;
+  p99Ms: number;
+}
+
+/**
+ * Connects `clients` clients, lets the join notices settle, then has `senders` of them send
+ * `messages` lines each, and times every delivery to every other client from a timestamp inside
+ * the line (`~L<sender>.<n>:<ms>`): whatever prefix the server adds is fine.
+ */
+export async function runChatLoad(options: ChatLoadOptions): Promise<ChatLoadResult> {
+  const conns: Deno.TcpConn[] = [];
+  for (let i = 0; i < options.clients; i++) {
+    const e = options.endpoints[i % options.endpoints.length];
+    const conn = await Deno.connect({ hostname: e.host, port: e.port });
+    conn.setNoDelay(true);
+    conns.push(conn);
+  }
+  const latencies: number[] = [];
+  let delivered = 0, lastData = performance.now(), second = 0, lastDelivered = 0;
+  const expected = options.senders * options.messages * (options.clients - 1);
+  let allIn: () => void = () => {};
+  const done = new Promise<void>((resolve) => allIn = resolve);
+
+  // Each client reads lines and times the marked ones.
+  const readers = conns.map(async (conn) => {
+    const buffer = new Uint8Array(64 * 1024);
+    let partial = "";
+    try {
+      for (let n = await conn.read(buffer); n !== null; n = await conn.read(buffer)) {
+        const now = performance.now();
+        lastData = now;
+        const lines = (partial + decoder.decode(buffer.subarray(0, n), { stream: true })).split("\n");
+        partial = lines.pop()!;
+        for (const line of lines) {
+          const at = line.indexOf("~L");
+          if (at < 0) continue;
+          const sent = Number(line.slice(line.indexOf(":", at) + 1, line.indexOf(" ", at)));
+          latencies.push(now - sent);
+          if (++delivered === expected) allIn();
+        }
+      }
+    } catch (e) {
+      if (!isDisconnect(e)) throw e;
+    }
+  });
+
+  while (performance.now() - lastData < 500) await sleep(100); // greetings and join notices first
+
+  const start = performance.now();
+  const ticker = setInterval(() => {
+    options.onSecond?.(++second, delivered - lastDelivered);
+    lastDelivered = delivered;
+  }, 1000);
+  const pad = "x".repeat(Math.max(0, options.size - 40));
+  const sending = (async () => {
+    let sent = 0;
+    const total = options.senders * options.messages;
+    for (let round = 0; round < options.messages; round++) {
+      await Promise.all(
+        conns.slice(0, options.senders).map((conn, s) => {
+          const line = `~L${s}.${round}:${performance.now().toFixed(3)} ${pad}\n`;
+          return writeAll(conn, encoder.encode(line));
+        }),
+      );
+      sent += options.senders;
+      if (options.rate > 0) { // keep to the rate: wait until this many lines are due
+        const due = start + (sent / options.rate) * 1000;
+        if (due > performance.now()) await sleep(due - performance.now());
+      }
+    }
+    return total;
+  })();
+  await sending;
+  // Wait for the last deliveries; lines that have not come after 2 s of silence never will.
+  let settled = false;
+  done.then(() => settled = true);
+  while (!settled && performance.now() - lastData < 2000) await sleep(50);
+  const seconds = (performance.now() - start) / 1000;
+  clearInterval(ticker);
+  for (const conn of conns) conn.close();
+  await Promise.allSettled(readers);
+  latencies.sort((a, b) => a - b);
+  const pct = (p: number) =>
+    latencies.length ? Number(latencies[Math.floor(p * (latencies.length - 1))].toFixed(2)) : 0;
+  return {
+    clients: options.clients,
+    senders: options.senders,
+    messages: options.messages,
+    rate: options.rate,
+    seconds: Number(seconds.toFixed(3)),
+    delivered,
+    expected,
+    deliveriesPerSecond: Math.round(delivered / seconds),
+    p50Ms: pct(0.5),
+    p99Ms: pct(0.99),
+  };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Command line
 
-const USAGE = "usage: multiplex.ts HOST:PORT [HOST:PORT...] [--timeout S] [--udp] [--to all|N]";
+const USAGE = "usage: multiplex.ts HOST:PORT [HOST:PORT...] [--timeout S] [--udp] [--to all|N]\n" +
+  "       multiplex.ts HOST:PORT [HOST:PORT...] --load CLIENTS [--senders S] [--messages M] [--size B] [--rate R] [--json]";
 
 const HELP = `${USAGE}
 
@@ -333,15 +467,39 @@ line of stdin to every peer, and says "${DEFAULT_TIMEOUT} seconds elapsed." when
   --udp         talk UDP datagrams instead of TCP
   --to all|N    send stdin to every peer (default) or to the Nth endpoint only
 
+With --load, it is a load generator for a chat server: CLIENTS clients (spread over the endpoints), of which
+--senders (default all) send --messages lines each (default 100) of --size bytes (default 64), --rate lines/s
+in all (default 0: flat out). It reports deliveries/s and delivery latency (p50, p99); --json for scripts.
+
 Try it: deno run -A multiplex.ts localhost:2626, with chat_server.ts running.`;
 
 /** A bad command line: main() prints it with the usage and exits 2. */
 class UsageError extends Error {}
 
-/** Turns the command line into options, less the streams. */
-export function parseMultiplexArgs(
-  args: string[],
-): Omit<MultiplexOptions, "input" | "output" | "errors"> | "help" {
+/** The parsed command line: a multiplexer (less its streams), a load run, or help. */
+type Command =
+  | { kind: "multiplex"; options: Omit<MultiplexOptions, "input" | "output" | "errors"> }
+  | { kind: "load"; options: ChatLoadOptions; json: boolean }
+  | { kind: "help" };
+
+/** A whole number from the command line, or `fallback` when absent. */
+function wholeNumber(
+  flag: string,
+  text: string | undefined,
+  fallback: number,
+  min: number,
+  max: number,
+): number {
+  if (text === undefined) return fallback;
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || value < min || value > max) {
+    throw new UsageError(`${flag} wants a whole number from ${min} to ${max}, not "${text}"`);
+  }
+  return value;
+}
+
+/** Turns the command line into a command. */
+export function parseMultiplexArgs(args: string[]): Command {
   let parsed;
   try {
     parsed = parseArgs({
@@ -351,6 +509,12 @@ export function parseMultiplexArgs(
         timeout: { type: "string" },
         udp: { type: "boolean" },
         to: { type: "string" },
+        load: { type: "string" },
+        senders: { type: "string" },
+        messages: { type: "string" },
+        size: { type: "string" },
+        rate: { type: "string" },
+        json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -359,9 +523,30 @@ export function parseMultiplexArgs(
     throw e;
   }
   const { values: v, positionals } = parsed;
-  if (v.help) return "help";
+  if (v.help) return { kind: "help" };
   if (positionals.length === 0) throw new UsageError("give at least one HOST:PORT");
   const endpoints = positionals.map(parseEndpoint);
+  if (v.load !== undefined) {
+    if (v.udp || v.to !== undefined || v.timeout !== undefined) {
+      throw new UsageError("--load does not go with --udp, --to or --timeout");
+    }
+    const clients = wholeNumber("--load", v.load, 0, 2, 100_000);
+    return {
+      kind: "load",
+      json: v.json ?? false,
+      options: {
+        endpoints,
+        clients,
+        senders: wholeNumber("--senders", v.senders, clients, 1, clients),
+        messages: wholeNumber("--messages", v.messages, 100, 1, 1_000_000),
+        size: wholeNumber("--size", v.size, 64, 32, 65536),
+        rate: wholeNumber("--rate", v.rate, 0, 0, 10_000_000),
+      },
+    };
+  }
+  for (const flag of ["senders", "messages", "size", "rate", "json"] as const) {
+    if (v[flag] !== undefined) throw new UsageError(`--${flag} goes with --load`);
+  }
   const timeout = v.timeout === undefined ? DEFAULT_TIMEOUT : Number(v.timeout);
   if (!(timeout > 0 && timeout <= 86_400)) {
     throw new UsageError(`--timeout wants seconds, not "${v.timeout}"`);
@@ -375,25 +560,47 @@ export function parseMultiplexArgs(
       );
     }
   }
-  return { endpoints, timeout, udp: v.udp ?? false, to };
+  return { kind: "multiplex", options: { endpoints, timeout, udp: v.udp ?? false, to } };
 }
 
 /** The command line. */
 async function main(): Promise<void> {
-  let options;
+  let command;
   try {
-    options = parseMultiplexArgs(Deno.args);
+    command = parseMultiplexArgs(Deno.args);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     console.error(`multiplex: ${e.message}\n${USAGE}`);
     Deno.exit(2);
   }
-  if (options === "help") {
-    console.log(HELP);
-    return;
+  if (command.kind === "help") return console.log(HELP);
+  if (command.kind === "load") {
+    const o = command.options;
+    if (!command.json) {
+      console.log(
+        `load: ${o.clients} clients, ${o.senders} senders x ${o.messages} lines of ${o.size} B, ` +
+          `rate ${o.rate || "flat out"}`,
+      );
+      o.onSecond = (s, n) => console.log(`${String(s).padStart(4)} s  ${n} deliveries/s`);
+    }
+    let r: ChatLoadResult;
+    try {
+      r = await runChatLoad(o);
+    } catch (e) {
+      console.error(`multiplex: ${describe(e)}`);
+      Deno.exit(1);
+    }
+    if (command.json) console.log(JSON.stringify(r));
+    else {
+      console.log(
+        `- - - - -\n${r.seconds.toFixed(2)} s  ${r.deliveriesPerSecond} deliveries/s  ` +
+          `latency p50 ${r.p50Ms} ms  p99 ${r.p99Ms} ms  delivered ${r.delivered} of ${r.expected}`,
+      );
+    }
+    Deno.exit(r.delivered === r.expected ? 0 : 1);
   }
   const code = await runMultiplex({
-    ...options,
+    ...command.options,
     input: Deno.stdin.readable,
     output: Deno.stdout,
     errors: Deno.stderr,

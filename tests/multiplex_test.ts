@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { parseEndpoint, runMultiplex, showText } from "../multiplex.ts";
+import { parseEndpoint, runChatLoad, runMultiplex, showText } from "../multiplex.ts";
 import { startChatServer } from "../chat_server.ts";
 import { startEchoServer } from "../echo_tcp.ts";
 import { startUdpEchoServer } from "../echo_udp.ts";
@@ -217,5 +217,51 @@ Deno.test("multiplex.ts exits 1 when no endpoint can be reached, 2 on bad argume
     assert.equal(bad.code, 2, args.join(" "));
     assert.equal(bad.stderr.split("\n")[0], `multiplex: ${problem}`);
     assert.match(bad.stderr.split("\n")[1], /^usage: multiplex\.ts HOST:PORT/);
+  }
+});
+
+// --- Load mode ---------------------------------------------------------------------------------------
+
+Deno.test("runChatLoad() times every delivery to every other client of a chat server", async () => {
+  const chat = await startChatServer({ port: 0, host: "127.0.0.1", log: null, rate: 0 });
+  try {
+    const r = await runChatLoad({
+      endpoints: [{ host: "127.0.0.1", port: chat.addr.port }],
+      clients: 20,
+      senders: 5,
+      messages: 10,
+      size: 64,
+      rate: 500,
+    });
+    assert.equal(r.expected, 5 * 10 * 19);
+    assert.equal(r.delivered, r.expected);
+    assert.ok(r.p50Ms > 0 && r.p50Ms <= r.p99Ms, JSON.stringify(r));
+    assert.ok(r.seconds >= 0.09, `50 lines at 500/s took ${r.seconds} s`); // the rate was kept
+  } finally {
+    await chat.close();
+  }
+});
+
+Deno.test("multiplex.ts --load --json reports every line delivered, and exits 1 when lines go missing", async () => {
+  const chat = await startChatServer({ port: 0, host: "127.0.0.1", log: null, rate: 0 });
+  try {
+    const args = [`127.0.0.1:${chat.addr.port}`, "--load", "10", "--messages", "5", "--json"];
+    const r = await runScript("multiplex.ts", args);
+    assert.equal(r.code, 0, r.stderr);
+    const result = JSON.parse(r.stdout);
+    assert.equal(result.delivered, 10 * 5 * 9);
+    assert.equal(result.delivered, result.expected);
+  } finally {
+    await chat.close();
+  }
+  // A server that drops lines: --rate 50 lets a burst of 100 through per client, not 150.
+  const strict = await startChatServer({ port: 0, host: "127.0.0.1", log: null, rate: 50 });
+  try {
+    const args = [`127.0.0.1:${strict.addr.port}`, "--load", "2", "--messages", "150", "--json"];
+    const r = await runScript("multiplex.ts", args);
+    assert.equal(r.code, 1);
+    assert.ok(JSON.parse(r.stdout).delivered < 300);
+  } finally {
+    await strict.close();
   }
 });
