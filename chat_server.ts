@@ -1709,7 +1709,7 @@ const PAGE = `<!doctype html>
 </style>
 </head>
 <body>
-<header><h1>Deno chat</h1><span>room <strong id="room">lobby</strong></span><span id="status">connecting…</span></header>
+<header><h1>Deno chat</h1><span>room <strong id="room">lobby</strong> <span id="count"></span></span><span id="status">connecting…</span></header>
 <main>
   <ul id="log" aria-live="polite"></ul>
   <aside id="members"><strong>In this room</strong><ul id="memberlist"></ul></aside>
@@ -1719,7 +1719,7 @@ const PAGE = `<!doctype html>
 "use strict";
 const log = document.getElementById("log"), input = document.getElementById("input");
 const roomEl = document.getElementById("room"), statusEl = document.getElementById("status");
-const memberList = document.getElementById("memberlist");
+const memberList = document.getElementById("memberlist"), countEl = document.getElementById("count");
 let ws = null, backoff = 500, quietWho = 0, whoLeft = 0, members = [];
 
 function show(kind, from, text) {
@@ -1745,6 +1745,8 @@ function askWho() {
 }
 
 function showMembers() {
+  countEl.textContent = "(" + members.length + " here)"; // the list itself is hidden on a phone
+  countEl.title = members.join(", ");
   memberList.replaceChildren(...members.map((m) => {
     const li = document.createElement("li");
     li.textContent = m;
