@@ -101,6 +101,17 @@ export class TestClient {
   }
 }
 
+/** What chat_server.ts says to each newcomer. */
+export const GREETING = "You're connected to the Deno chatserver\r\n";
+
+/** Connects a client to a chat server and reads past its greeting. */
+export async function joinChat(port: number, hostname = "127.0.0.1"): Promise<TestClient> {
+  const client = await TestClient.connect(port, hostname);
+  const greeting = await client.readLine();
+  if (greeting !== GREETING) throw new Error(`expected the greeting, got ${JSON.stringify(greeting)}`);
+  return client;
+}
+
 /** A spawned `deno run` of one of our scripts, with its stdout read line by line. */
 export class Cli {
   readonly child: Deno.ChildProcess;

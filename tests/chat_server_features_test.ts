@@ -7,9 +7,18 @@ import {
   parseCidr,
   startChatServer,
 } from "../chat_server.ts";
-import { Capture, Cli, freePort, hasProgram, needs, TestClient, WAIT_MS, within } from "./_helpers.ts";
-
-const GREETING = "You're connected to the Deno chatserver\r\n";
+import {
+  Capture,
+  Cli,
+  freePort,
+  GREETING,
+  hasProgram,
+  joinChat,
+  needs,
+  TestClient,
+  WAIT_MS,
+  within,
+} from "./_helpers.ts";
 
 /** Starts a server with `options` on a free port, runs `body`, and closes everything afterwards. */
 async function withServer(
@@ -25,13 +34,6 @@ async function withServer(
   }
 }
 
-/** Connects a client and reads past its greeting. */
-async function join(port: number, hostname = "127.0.0.1"): Promise<TestClient> {
-  const client = await TestClient.connect(port, hostname);
-  assert.equal(await client.readLine(), GREETING);
-  return client;
-}
-
 /** Sends a line and expects these lines back, in order. */
 async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
   await client.write(line + "\r\n");
@@ -40,8 +42,8 @@ async function ask(client: TestClient, line: string, ...expected: string[]): Pro
 
 Deno.test("/nick renames a client, once per name whatever the case, and its lines carry the nick", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     await ask(b, "/nick Alice", "You are now known as Alice");
     assert.equal(await a.readLine(), `${b.name} is now known as Alice\r\n`);
@@ -62,8 +64,8 @@ Deno.test("/nick renames a client, once per name whatever the case, and its line
 
 Deno.test("/who, /me, /help, //text and unknown commands answer as documented", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     await ask(b, "/nick bob", "You are now known as bob");
     await a.readLine();
@@ -85,9 +87,9 @@ Deno.test("/who, /me, /help, //text and unknown commands answer as documented", 
 
 Deno.test("/msg reaches only its addressee, by nick or address, and a third client never sees it", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
-    using c = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
+    using c = await joinChat(port);
     await a.readLine(), await a.readLine(), await b.readLine();
     await ask(b, "/nick bob", "You are now known as bob");
     await a.readLine(), await c.readLine();
@@ -104,12 +106,12 @@ Deno.test("/msg reaches only its addressee, by nick or address, and a third clie
 
 Deno.test("/join keeps lines, joins and leaves inside a room, both ways; /rooms counts members", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     await ask(b, "/join Dev", "You are now in Dev (1); /who lists who is here");
     assert.equal(await a.readLine(), `${b.name} has left lobby for Dev\r\n`);
-    using c = await join(port); // joins the lobby: b must not hear of it
+    using c = await joinChat(port); // joins the lobby: b must not hear of it
     assert.equal(await a.readLine(), `Client joined ${c.name}\r\n`);
     await a.write("lobby talk\r\n");
     assert.equal(await c.readLine(), `[${a.name}] lobby talk\r\n`);
@@ -127,8 +129,8 @@ Deno.test("/join keeps lines, joins and leaves inside a room, both ways; /rooms 
 
 Deno.test("/quit closes the connection and the room hears the reason, with the nick", async () => {
   await withServer({}, async (port, log) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     await ask(b, "/nick bob", "You are now known as bob");
     await a.readLine();
@@ -142,8 +144,8 @@ Deno.test("/quit closes the connection and the room hears the reason, with the n
 
 Deno.test("--rate drops a flood's extra lines with a warning, and repeated floods disconnect", async () => {
   await withServer({ rate: 10 }, async (port) => { // 1 line a second, bursts of 20
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     const lines = (n: number, from: number) =>
       Array.from({ length: n }, (_, i) => `line ${from + i}\r\n`).join("");
@@ -166,10 +168,10 @@ Deno.test("--rate drops a flood's extra lines with a warning, and repeated flood
 
 Deno.test("--idle closes a silent client with a notice; the room hears why", async () => {
   await withServer({ idle: 0.3 }, async (port) => {
-    using a = await join(port);
+    using a = await joinChat(port);
     const talk = setInterval(() => a.write("/who\r\n").catch(() => {}), 100); // a keeps talking
     try {
-      using b = await join(port);
+      using b = await joinChat(port);
       assert.equal(await b.readToEnd(), "Closing: nothing from you for 0.3 seconds\r\n");
       for (
         let line = await a.readLine();
@@ -186,11 +188,11 @@ Deno.test("--idle closes a silent client with a notice; the room hears why", asy
 
 Deno.test("--max-per-ip refuses one connection too many from an address, not from another", async () => {
   await withServer({ maxPerIp: 2 }, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     using c = await TestClient.connect(port);
     assert.equal(await c.readToEnd(), "Sorry, too many connections from 127.0.0.1 (at most 2)\r\n");
-    using d = await join(port, "::1");
+    using d = await joinChat(port, "::1");
     assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`);
     assert.equal(await a.readLine(), `Client joined ${d.name}\r\n`);
   });
@@ -198,7 +200,7 @@ Deno.test("--max-per-ip refuses one connection too many from an address, not fro
 
 Deno.test("--allow and --deny are checked at accept; deny wins", async () => {
   await withServer({ allow: ["127.0.0.0/8"] }, async (port) => {
-    using a = await join(port);
+    using a = await joinChat(port);
     using v6 = await TestClient.connect(port, "::1");
     assert.equal(await v6.readToEnd(), "Sorry, connections from ::1 are not allowed\r\n");
     await a.write("/who\r\n");
@@ -207,7 +209,7 @@ Deno.test("--allow and --deny are checked at accept; deny wins", async () => {
   await withServer({ allow: ["127.0.0.0/8", "::1"], deny: ["127.0.0.1/32"] }, async (port) => {
     using denied = await TestClient.connect(port);
     assert.equal(await denied.readToEnd(), "Sorry, connections from 127.0.0.1 are not allowed\r\n");
-    using v6 = await join(port, "::1");
+    using v6 = await joinChat(port, "::1");
     await v6.write("/who\r\n");
     assert.equal(await v6.readLine(), "In lobby (1):\r\n");
   });
@@ -231,10 +233,10 @@ Deno.test("parseCidr() and cidrContains() handle IPv4, IPv6 and bare addresses",
 
 Deno.test("--announce-limit quiets a big room's joins and leaves, and logs the crossing", async () => {
   await withServer({ announceLimit: 2 }, async (port, log) => {
-    using a = await join(port);
-    const b = await join(port);
+    using a = await joinChat(port);
+    const b = await joinChat(port);
     assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`); // two: announced
-    const c = await join(port); // three: over the limit, not announced
+    const c = await joinChat(port); // three: over the limit, not announced
     await log.waitFor("Room lobby has over 2 members: joins and leaves are no longer announced\n");
     await a.write("/who\r\n");
     assert.equal(await a.readLine(), "In lobby (3):\r\n"); // /who still lists everyone
@@ -321,7 +323,7 @@ Deno.test("chat_server.ts --log json prints one JSON object per event", async ()
   const port = freePort();
   const cli = new Cli("chat_server.ts", [String(port), "--log", "json"]);
   assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
-  using a = await join(port);
+  using a = await joinChat(port);
   await cli.readLine();
   await ask(a, "/nick ann", "You are now known as ann");
   await a.write("hello\r\n/join dev\r\n");

@@ -1,9 +1,7 @@
 // chat_server.ts --redis: several instances share rooms through a real redis-server.
 import assert from "node:assert/strict";
 import { type ChatServer, startChatServer } from "../chat_server.ts";
-import { Capture, Cli, freePort, needs, TestClient, WAIT_MS, within } from "./_helpers.ts";
-
-const GREETING = "You're connected to the Deno chatserver\r\n";
+import { Capture, Cli, freePort, joinChat, needs, TestClient, WAIT_MS, within } from "./_helpers.ts";
 
 /** A redis-server of our own on a free port, that a test can kill and start again. */
 class Redis {
@@ -56,12 +54,6 @@ async function instances(
   return { servers, logs };
 }
 
-async function join(port: number): Promise<TestClient> {
-  const client = await TestClient.connect(port);
-  assert.equal(await client.readLine(), GREETING);
-  return client;
-}
-
 async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
   await client.write(line + "\r\n");
   for (const want of expected) assert.equal(await client.readLine(), want + "\r\n");
@@ -109,11 +101,11 @@ redisTest("two instances relay lines, joins and leaves both ways, once each", as
   await redis.start();
   const { servers } = await instances(redis, 2);
   try {
-    using a = await join(servers[0].addr.port);
-    using b = await join(servers[1].addr.port);
+    using a = await joinChat(servers[0].addr.port);
+    using b = await joinChat(servers[1].addr.port);
     assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`); // through Redis
     await sync(a, b); // b may or may not have heard of a, who joined a moment before it
-    using c = await join(servers[0].addr.port);
+    using c = await joinChat(servers[0].addr.port);
     assert.equal(await a.readLine(), `Client joined ${c.name}\r\n`); // locally
     assert.equal(await b.readLine(), `Client joined ${c.name}\r\n`); // through Redis
     await a.write("from one\r\n");
@@ -142,8 +134,8 @@ redisTest("nicks are unique across instances, /msg crosses, /who and /rooms list
   await redis.start();
   const { servers } = await instances(redis, 2);
   try {
-    using a = await join(servers[0].addr.port);
-    using b = await join(servers[1].addr.port);
+    using a = await joinChat(servers[0].addr.port);
+    using b = await joinChat(servers[1].addr.port);
     await a.readLine();
     await sync(a, b);
     await ask(a, "/nick Ann", "You are now known as Ann");
@@ -176,11 +168,11 @@ redisTest("local chat goes on while Redis is down, and the instances rejoin when
   await redis.start();
   const { servers, logs } = await instances(redis, 2);
   try {
-    using a = await join(servers[0].addr.port);
-    using b = await join(servers[1].addr.port);
+    using a = await joinChat(servers[0].addr.port);
+    using b = await joinChat(servers[1].addr.port);
     await a.readLine();
     await sync(a, b);
-    using c = await join(servers[0].addr.port);
+    using c = await joinChat(servers[0].addr.port);
     await a.readLine(), await b.readLine();
     await redis.kill();
     await logs[0].waitFor("Redis unavailable");
@@ -223,8 +215,8 @@ redisTest("a killed instance's members leave the directory within the expiry", a
   try {
     assert.equal(await doomed.readLine(), `ChatServer started on port ${port}`);
     assert.equal(await doomed.readLine(), `Sharing rooms through Redis at ${redis.url}`);
-    using a = await join(servers[0].addr.port);
-    using d = await join(port);
+    using a = await joinChat(servers[0].addr.port);
+    using d = await joinChat(port);
     await readUntil(a, (l) => l === `Client joined ${d.name}\r\n`);
     await sync(a, d);
     await ask(d, "/nick dora", "You are now known as dora");
@@ -249,7 +241,7 @@ Deno.test("chat_server.ts starts local-only, in one line, when Redis is unreacha
   const port = freePort(), dead = freePort();
   const cli = new Cli("chat_server.ts", [String(port), "--redis", `redis://127.0.0.1:${dead}`]);
   assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
-  using a = await join(port);
+  using a = await joinChat(port);
   await a.write("/who\r\n");
   assert.equal(await a.readLine(), "In lobby (1):\r\n");
   cli.kill();

@@ -1,8 +1,18 @@
 import assert from "node:assert/strict";
 import { type ChatServerOptions, LineFramer, startChatServer } from "../chat_server.ts";
-import { Cli, decoder, encoder, freePort, needs, rssKiB, TestClient, WAIT_MS, within } from "./_helpers.ts";
-
-const GREETING = "You're connected to the Deno chatserver\r\n";
+import {
+  Cli,
+  decoder,
+  encoder,
+  freePort,
+  GREETING,
+  joinChat,
+  needs,
+  rssKiB,
+  TestClient,
+  WAIT_MS,
+  within,
+} from "./_helpers.ts";
 
 /** Starts a silent server on a free port, runs `body`, and closes everything afterwards. */
 async function withServer(
@@ -15,13 +25,6 @@ async function withServer(
   } finally {
     await server.close();
   }
-}
-
-/** Connects a client and reads past its greeting. */
-async function join(port: number, hostname = "127.0.0.1"): Promise<TestClient> {
-  const client = await TestClient.connect(port, hostname);
-  assert.equal(await client.readLine(), GREETING);
-  return client;
 }
 
 // --- The tutorial's transcript --------------------------------------------------------------
@@ -49,8 +52,8 @@ Deno.test("chat_server.ts prints the tutorial's server log on stdout", async () 
   const port = freePort();
   const cli = new Cli("chat_server.ts", [String(port)]);
   assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
-  const a = await join(port);
-  const b = await join(port);
+  const a = await joinChat(port);
+  const b = await joinChat(port);
   assert.equal(await cli.readLine(), `Client joined ${a.name}`);
   assert.equal(await cli.readLine(), `Client joined ${b.name}`);
   await b.write("Hello, is anyone there?\r\n");
@@ -113,8 +116,8 @@ Deno.test("LineFramer truncates an over-long line at a character boundary and sk
 
 Deno.test("startChatServer() relays a line split over three writes", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     const bytes = encoder.encode("Grüße, €uro!\r\n");
     // cut inside "ü" and inside "€"; a pause between writes makes them separate TCP reads
@@ -128,8 +131,8 @@ Deno.test("startChatServer() relays a line split over three writes", async () =>
 
 Deno.test("startChatServer() ends lines at CRLF, LF, CR and CR NUL and skips empty ones", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     await b.write("one\r\ntwo\nthree\rfour\r\0\r\n\n  \t\r\nfive\r\n");
     for (const word of ["one", "two", "three", "four", "five"]) {
@@ -140,8 +143,8 @@ Deno.test("startChatServer() ends lines at CRLF, LF, CR and CR NUL and skips emp
 
 Deno.test("startChatServer() strips telnet negotiation before relaying", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     await b.write(new Uint8Array([255, 253, 1, 255, 251, 31, 255, 250, 31, 0, 80, 0, 24, 255, 240]));
     await b.write("bell\x07 and \x1b[2Jclear\r\n");
@@ -151,8 +154,8 @@ Deno.test("startChatServer() strips telnet negotiation before relaying", async (
 
 Deno.test("startChatServer() truncates an over-long line and tells the sender", async () => {
   await withServer({ maxLine: 16 }, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     await b.write("0123456789abcdefTHE REST IS LOST\r\nshort\r\n");
     assert.equal(await a.readLine(), `[${b.name}] 0123456789abcdef\r\n`);
@@ -183,9 +186,9 @@ Deno.test("chat_server.ts cuts off a client that never reads, and no one else mi
   const cliLines = (async () => {
     while (await cli.readLine() !== null); // keep the log flowing, as a terminal would
   })();
-  using reader = await join(port);
+  using reader = await joinChat(port);
   using sleeper = await TestClient.connect(port); // never reads a byte
-  using sender = await join(port);
+  using sender = await joinChat(port);
   assert.equal(await reader.readLine(), `Client joined ${sleeper.name}\r\n`);
   assert.equal(await reader.readLine(), `Client joined ${sender.name}\r\n`);
   const rssBefore = rssKiB(cli.child.pid);
@@ -217,8 +220,8 @@ Deno.test("chat_server.ts keeps its memory when a client streams megabytes with 
   const port = freePort();
   const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1"]);
   await cli.readLine();
-  using a = await join(port);
-  using b = await join(port);
+  using a = await joinChat(port);
+  using b = await joinChat(port);
   await a.readLine();
   await cli.readLine();
   await cli.readLine();
@@ -241,14 +244,14 @@ Deno.test("chat_server.ts keeps its memory when a client streams megabytes with 
 
 Deno.test("startChatServer() refuses a client over --max-clients with one line", async () => {
   await withServer({ maxClients: 2 }, async (port) => {
-    using a = await join(port);
-    using b = await join(port);
+    using a = await joinChat(port);
+    using b = await joinChat(port);
     await a.readLine();
     using c = await TestClient.connect(port);
     assert.equal(await c.readToEnd(), "Sorry, the server is full (2 clients); try again later\r\n");
     b.close();
     assert.equal(await a.readLine(), `Client left ${b.name}\r\n`);
-    using d = await join(port); // room again once someone leaves
+    using d = await joinChat(port); // room again once someone leaves
     assert.equal(await a.readLine(), `Client joined ${d.name}\r\n`);
   });
 });
@@ -257,9 +260,9 @@ Deno.test("startChatServer() refuses a client over --max-clients with one line",
 
 Deno.test("startChatServer() survives resets and half-closes, and the others carry on", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
+    using a = await joinChat(port);
     // a reset: closing with unread bytes in the receive buffer makes the kernel send RST
-    const r = await join(port);
+    const r = await joinChat(port);
     assert.equal(await a.readLine(), `Client joined ${r.name}\r\n`);
     await a.write("unread by r\r\n");
     await new Promise((res) => setTimeout(res, 50));
@@ -267,13 +270,13 @@ Deno.test("startChatServer() survives resets and half-closes, and the others car
     r.close();
     assert.equal(await a.readLine(), `Client left ${rName}\r\n`);
     // a half-close: the line before it still goes out
-    using h = await join(port);
+    using h = await joinChat(port);
     assert.equal(await a.readLine(), `Client joined ${h.name}\r\n`);
     await h.write("last words\r\n");
     await h.conn.closeWrite();
     assert.equal(await a.readLine(), `[${h.name}] last words\r\n`);
     assert.equal(await a.readLine(), `Client left ${h.name}\r\n`);
-    using b = await join(port);
+    using b = await joinChat(port);
     assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`);
     await b.write("still here?\r\n");
     assert.equal(await a.readLine(), `[${b.name}] still here?\r\n`);
@@ -282,8 +285,8 @@ Deno.test("startChatServer() survives resets and half-closes, and the others car
 
 Deno.test("startChatServer() names IPv6 peers as [addr]:port", async () => {
   await withServer({}, async (port) => {
-    using a = await join(port);
-    using b = await join(port, "::1");
+    using a = await joinChat(port);
+    using b = await joinChat(port, "::1");
     assert.equal(await a.readLine(), `Client joined [::1]:${b.conn.localAddr.port}\r\n`);
     await b.write("from v6\r\n");
     assert.equal(await a.readLine(), `[[::1]:${b.conn.localAddr.port}] from v6\r\n`);
@@ -293,13 +296,13 @@ Deno.test("startChatServer() names IPv6 peers as [addr]:port", async () => {
 Deno.test("startChatServer() listens again at once on the port it just left", async () => {
   const first = await startChatServer({ port: 0, log: null });
   const port = first.addr.port;
-  const a = await join(port);
+  const a = await joinChat(port);
   const closing = first.close(); // the server closes first, so its side holds TIME_WAIT
   assert.equal(await a.readToEnd(), "Server shutting down, goodbye\r\n");
   a.close();
   await closing;
   const second = await startChatServer({ port, log: null });
-  using b = await join(port);
+  using b = await joinChat(port);
   b.close();
   await second.close();
 });
@@ -310,8 +313,8 @@ Deno.test("chat_server.ts says goodbye to every client on SIGTERM and exits 0", 
   const port = freePort();
   const cli = new Cli("chat_server.ts", ["--port", String(port)]);
   assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
-  using a = await join(port);
-  using b = await join(port);
+  using a = await joinChat(port);
+  using b = await joinChat(port);
   await a.readLine();
   const started = Date.now();
   cli.kill("SIGTERM");
@@ -328,7 +331,7 @@ Deno.test("chat_server.ts shuts down on SIGINT even when a client never reads", 
   const cli = new Cli("chat_server.ts", [String(port), "--rate", "0"]);
   await cli.readLine();
   using sleeper = await TestClient.connect(port);
-  using sender = await join(port);
+  using sender = await joinChat(port);
   await sendNumberedLines(sender, 5000, 1000); // fills the sleeper's socket buffers
   cli.kill("SIGINT");
   const { code, stdout } = await cli.finish();
@@ -404,7 +407,7 @@ Deno.test({
   ...needs("chat_server.ts talks to a real telnet on a terminal, as in the tutorial", ["telnet", "script"]),
   async fn() {
     await withServer({}, async (port) => {
-      using peer = await join(port);
+      using peer = await joinChat(port);
       const telnet = onPty(`telnet localhost ${port}`);
       const stdin = telnet.stdin.getWriter();
       const out = telnet.stdout.getReader();
@@ -436,7 +439,7 @@ Deno.test({
   ...needs("chat_server.ts relays between ncat and socat clients", ["ncat", "socat"]),
   async fn() {
     await withServer({}, async (port) => {
-      using watcher = await join(port);
+      using watcher = await joinChat(port);
       const ncat = new Deno.Command("ncat", {
         args: ["127.0.0.1", String(port)],
         stdin: "piped",
