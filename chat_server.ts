@@ -1256,7 +1256,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       const stopping = httpServer?.shutdown(); // stops taking requests; WebSockets close below
       const notice = encoder.encode(SHUTDOWN_NOTICE);
       for (const client of clients) send(client, notice);
-      flushDirtyClients();
+      flushDirtyClients(); // no gathering once closing
       await settleWithin(
         SHUTDOWN_GRACE_MS,
         [...clients].map(drained),

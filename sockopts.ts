@@ -256,26 +256,29 @@ export function inspectFreshSockets(settings: Record<string, number> = {}): Opti
 // Deno's own sockets
 
 /**
- * Finds the descriptor behind one of this process's TCP sockets by its local port: the inode in
- * /proc/net/tcp{,6}, then the /proc/self/fd link that names it. Linux only; null elsewhere.
+ * Finds the descriptor behind one of this process's sockets by its ports: its inode in
+ * /proc/net/tcp{,6} (or udp{,6}), then the /proc/self/fd link that names that inode. Linux only;
+ * null elsewhere, or when no such socket is open.
  */
-export function findSocketFd(localPort: number, remotePort = 0): number | null {
+export function findSocketFd(
+  localPort: number,
+  remotePort = 0,
+  transport: "tcp" | "udp" = "tcp",
+): number | null {
   if (Deno.build.os !== "linux") return null;
-  const hex = (n: number) => n.toString(16).toUpperCase().padStart(4, "0");
+  const hex = (n: number) => ":" + n.toString(16).toUpperCase().padStart(4, "0");
   const inodes = new Set<string>();
-  for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+  for (const table of [`/proc/net/${transport}`, `/proc/net/${transport}6`]) {
     for (const row of Deno.readTextFileSync(table).split("\n").slice(1)) {
       const cols = row.trim().split(/\s+/);
-      if (cols.length < 10) continue;
-      if (cols[1].endsWith(":" + hex(localPort)) && cols[2].endsWith(":" + hex(remotePort))) {
+      if (cols.length >= 10 && cols[1].endsWith(hex(localPort)) && cols[2].endsWith(hex(remotePort))) {
         inodes.add(cols[9]);
       }
     }
   }
   for (const entry of Deno.readDirSync("/proc/self/fd")) {
     try {
-      const link = Deno.readLinkSync(`/proc/self/fd/${entry.name}`);
-      const inode = /^socket:\[(\d+)\]$/.exec(link)?.[1];
+      const inode = /^socket:\[(\d+)\]$/.exec(Deno.readLinkSync(`/proc/self/fd/${entry.name}`))?.[1];
       if (inode && inodes.has(inode)) return Number(entry.name);
     } catch (e) {
       if (!(e instanceof Deno.errors.NotFound)) throw e; // closed while we looked
@@ -313,7 +316,8 @@ export async function inspectDenoSockets(): Promise<DenoKnobs | null> {
   const udp = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
   let datagramBroadcast: number | null;
   try {
-    datagramBroadcast = readUdpOption(lib, (udp.addr as Deno.NetAddr).port, "SO_BROADCAST");
+    const udpFd = findSocketFd((udp.addr as Deno.NetAddr).port, 0, "udp");
+    datagramBroadcast = udpFd === null ? null : lib.get(udpFd, "SO_BROADCAST");
   } finally {
     udp.close();
   }
@@ -323,25 +327,6 @@ export async function inspectDenoSockets(): Promise<DenoKnobs | null> {
     connKeepAlive: [keepAliveBefore, lib.get(connFd, "SO_KEEPALIVE")],
     datagramBroadcast,
   };
-}
-
-/** Reads an option of this process's UDP socket bound to `port`, found through /proc/net/udp. */
-function readUdpOption(lib: SocketOptions, port: number, name: string): number | null {
-  const hex = port.toString(16).toUpperCase().padStart(4, "0");
-  const inodes = new Set<string>();
-  for (const row of Deno.readTextFileSync("/proc/net/udp").split("\n").slice(1)) {
-    const cols = row.trim().split(/\s+/);
-    if (cols.length >= 10 && cols[1].endsWith(":" + hex)) inodes.add(cols[9]);
-  }
-  for (const entry of Deno.readDirSync("/proc/self/fd")) {
-    try {
-      const inode = /^socket:\[(\d+)\]$/.exec(Deno.readLinkSync(`/proc/self/fd/${entry.name}`))?.[1];
-      if (inode && inodes.has(inode)) return lib.get(Number(entry.name), name);
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-    }
-  }
-  return null;
 }
 
 // ---------------------------------------------------------------------------------------------
