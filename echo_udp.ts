@@ -546,7 +546,7 @@ async function main(): Promise<void> {
         await server.finished;
         Deno.removeSignalListener("SIGINT", stop);
         Deno.removeSignalListener("SIGTERM", stop);
-        console.log(`shutdown complete (${server.echoed} datagrams echoed)`);
+        console.log(`shutdown complete (${server.echoed} datagram${server.echoed === 1 ? "" : "s"} echoed)`);
         return;
       }
       case "client": {

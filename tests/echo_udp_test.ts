@@ -156,7 +156,7 @@ Deno.test("echo_udp.ts server prints its address and stops on SIGINT", async () 
   cli.kill("SIGINT");
   const { code, stdout } = await cli.finish();
   assert.equal(code, 0);
-  assert.deepEqual(stdout, ["shutdown complete (1 datagrams echoed)"]);
+  assert.deepEqual(stdout, ["shutdown complete (1 datagram echoed)"]);
 });
 
 Deno.test("echo_udp.ts bench --json against our server", async () => {
