@@ -1114,6 +1114,10 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     let buffer = new Uint8Array(FIRST_READ_SIZE);
     while (!client.closed && client.leaving === null) {
       if (congested.size > 0) await waitForRoom();
+      if (client.busy) { // a command waits on Redis: read no further meanwhile
+        await client.busy;
+        continue;
+      }
       const n = await conn.read(buffer);
       if (n === null) return;
       client.lastInput = Date.now();
