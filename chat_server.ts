@@ -926,20 +926,20 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   }
 
   async function listWhoEverywhere(client: Client): Promise<void> {
-    const others = await bus!.others();
+    const others = await answerWithin(bus!.others(), null);
     listWho(client, others ?? []);
     if (others === null) tell(client, "(other servers cannot be asked right now)");
   }
 
   async function listRoomsEverywhere(client: Client): Promise<void> {
-    const others = await bus!.others();
+    const others = await answerWithin(bus!.others(), null);
     listRooms(client, others ?? []);
     if (others === null) tell(client, "(other servers cannot be asked right now)");
   }
 
   // /msg to someone on another instance.
   async function whisperAcross(client: Client, name: string, text: string): Promise<void> {
-    if (!await bus!.whisper(name, `(private) [${client.label}] ${text}`)) {
+    if (!await answerWithin(bus!.whisper(name, `(private) [${client.label}] ${text}`), false)) {
       return tell(client, `No such user: ${name}`);
     }
     tell(client, `(private to ${name}) ${text}`);
@@ -958,7 +958,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       return tell(client, `The nick ${nick} is taken; you are still ${client.label}`);
     }
     if (bus && !holder) {
-      return bus.claimNick(nick).then((mine) => {
+      return answerWithin(bus.claimNick(nick), true).then((mine) => {
         if (client.closed || client.leaving !== null) return bus.releaseNick(nick);
         // Another of ours may have taken it while Redis answered.
         if (!mine || (nicks.get(nick.toLowerCase()) ?? client) !== client) {
@@ -1456,6 +1456,19 @@ function parseIp(text: string): Uint8Array | null {
 // If Redis goes away, local chat goes on; the client reconnects with backoff, and the instance
 // writes its presence and nicks back when Redis returns.
 
+/** How long a command waits for Redis before it goes on without it. */
+const REDIS_ANSWER_MS = 2000;
+
+/**
+ * Redis's answer, or `fallback` if it has not come within REDIS_ANSWER_MS: a Redis that is up
+ * but stuck must not leave a client waiting on its command for ever.
+ */
+function answerWithin<T>(answer: Promise<T>, fallback: T): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<T>((resolve) => timer = setTimeout(() => resolve(fallback), REDIS_ANSWER_MS));
+  return Promise.race([answer, late]).finally(() => clearTimeout(timer));
+}
+
 /** One member, as the directory knows it. */
 interface Presence {
   address: string;
@@ -1669,7 +1682,7 @@ async function startBus(
         multi.del(presenceKey(instance));
         multi.zRem(instancesKey, instance);
         for (const nick of myNicks) multi.del(nickKey(nick));
-        await multi.exec().catch(ignore);
+        await answerWithin(multi.exec().then(ignore, ignore), undefined); // a stuck Redis must not stall shutdown
       }
       for (const client of [sub, pub]) client.destroy();
     },

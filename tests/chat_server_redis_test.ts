@@ -31,6 +31,11 @@ class Redis {
     }
   }
 
+  /** Freezes or thaws the server: up, but answering nothing. */
+  signal(signal: "SIGSTOP" | "SIGCONT"): void {
+    this.#child?.kill(signal);
+  }
+
   async kill(): Promise<void> {
     this.#child?.kill("SIGKILL");
     await this.#child?.status;
@@ -194,6 +199,26 @@ redisTest("local chat goes on while Redis is down, and the instances rejoin when
     assert.deepEqual(await who(c), [a.name, `${c.name} (you)`, b.name]);
   } finally {
     await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});
+
+redisTest("a frozen Redis costs a command two seconds at most, never the client", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers } = await instances(redis, 1);
+  try {
+    using a = await joinChat(servers[0].addr.port);
+    redis.signal("SIGSTOP");
+    const started = Date.now();
+    await ask(a, "/who", "In lobby (1):", `  ${a.name} (you)`, "(other servers cannot be asked right now)");
+    await ask(a, "/nick frozen", "You are now known as frozen"); // local uniqueness still holds
+    assert.ok(Date.now() - started < 6000, `took ${Date.now() - started} ms`);
+    await a.write("/rooms\r\nafter\r\n"); // the next lines wait their turn, in order
+    assert.equal(await a.readLine(), "Rooms (1):\r\n");
+  } finally {
+    redis.signal("SIGCONT");
+    await servers[0].close();
     await redis.kill();
   }
 });
