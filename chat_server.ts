@@ -10,6 +10,11 @@
  * Beyond the tutorial, a plain telnet user gets what chat users expect: `/nick`, `/who`, `/me`,
  * `/msg`, rooms (`/join`, `/rooms`), `/quit` and `/help`; and the operator gets limits (clients,
  * clients per address, idle time, flood rate, allow/deny lists), TLS and a JSON event log.
+ * `--http PORT` puts browser users in the same rooms (a page and a WebSocket, both in this file),
+ * and `--redis URL` lets several instances share their rooms.
+ *
+ * The file reads top to bottom: options; data structures and line framing; the server (sending,
+ * rooms, commands, connections); the bus between instances; the web page; the command line.
  *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
  * - The accept loop only dispatches; `serveClient()` owns one connection from greeting to
