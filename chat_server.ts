@@ -991,13 +991,14 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     if (room === client.room) return tell(client, `You are already in ${room.name}`);
     const old = client.room;
     leaveRoom(client);
+    // Into the new room (and the directory) first: whoever hears of the move can then /who it.
+    enterRoom(client, room);
     announce(old, client, `${client.label} has left ${old.name} for ${room.name}`, {
       event: "part",
       room: old.name,
       peer: client.address,
       nick: client.nick,
     }, old.members.size + 1);
-    enterRoom(client, room);
     tell(client, `You are now in ${room.name} (${room.members.size}); /who lists who is here`);
     announce(room, client, `${client.label} has joined ${room.name}`, {
       event: "enter",

@@ -245,6 +245,8 @@ redisTest("a killed instance's members leave the directory within the expiry", a
     await readUntil(a, (l) => l === `Client joined ${d.name}\r\n`);
     await sync(a, d);
     await ask(d, "/nick dora", "You are now known as dora");
+    // Its instance writes the directory before it publishes the change: once a hears of it, /who knows.
+    await readUntil(a, (l) => l === `${d.name} is now known as dora\r\n`);
     assert.deepEqual(await who(a), [`${a.name} (you)`, `dora (${d.name})`]);
     doomed.kill("SIGKILL");
     await doomed.finish();
