@@ -1233,7 +1233,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     } catch (e) {
       if (httpHost !== undefined || e instanceof Deno.errors.AddrInUse) {
         listener.close();
-        throw e;
+        throw new WebListenError(options.http.port, httpHost, e);
       }
       httpServer = serve("0.0.0.0"); // a host without IPv6
     }
@@ -1285,6 +1285,17 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     close,
     finished,
   };
+}
+
+/** The web page's port could not be listened on (the chat port itself was fine). */
+export class WebListenError extends Error {
+  constructor(readonly port: number, readonly host: string | undefined, override readonly cause: unknown) {
+    super(
+      `cannot serve the web page on ${host ?? "all interfaces"}, port ${port}: ${
+        cause instanceof Deno.errors.AddrInUse ? "the port is already in use" : (cause as Error).message
+      }`,
+    );
+  }
 }
 
 /**
@@ -2005,7 +2016,8 @@ async function main(): Promise<void> {
     server = await startChatServer(options);
   } catch (e) {
     const port = options.port;
-    if (e instanceof Deno.errors.AddrInUse) console.error(`chat_server: port ${port} is already in use`);
+    if (e instanceof WebListenError) console.error(`chat_server: ${e.message}`);
+    else if (e instanceof Deno.errors.AddrInUse) console.error(`chat_server: port ${port} is already in use`);
     else if (e instanceof Deno.errors.PermissionDenied) {
       console.error(`chat_server: not allowed to listen on port ${port} (ports below 1024 need privileges)`);
     } else if (e instanceof Deno.errors.NotFound && !options.tls) {

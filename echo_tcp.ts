@@ -212,6 +212,10 @@ export async function connectTo(options: ClientOptions): Promise<Deno.TcpConn> {
     if (e instanceof Deno.errors.NotFound || e instanceof Deno.errors.AddrNotAvailable) {
       throw new ClientError(`cannot reach ${where}: ${(e as Error).message}`);
     }
+    // Deno reports a name that does not resolve as a plain Error, known only by its message.
+    if (e instanceof Error && e.message.startsWith("failed to lookup address")) {
+      throw new ClientError(`cannot resolve ${options.host}`);
+    }
     throw e;
   }
 }
@@ -684,6 +688,8 @@ async function main(): Promise<void> {
       console.error(`echo_tcp: port ${portOf(command)} is already in use`);
     } else if (e instanceof Deno.errors.PermissionDenied) {
       console.error(`echo_tcp: not allowed to listen on port ${portOf(command)}`);
+    } else if (e instanceof Deno.errors.AddrNotAvailable) {
+      console.error(`echo_tcp: cannot listen there: ${e.message}`);
     } else if (isDisconnect(e)) console.error(`echo_tcp: the connection was lost (${(e as Error).message})`);
     else throw e;
     Deno.exit(1);

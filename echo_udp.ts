@@ -593,6 +593,8 @@ async function main(): Promise<void> {
       console.error(
         `echo_udp: not allowed to listen on port ${"options" in command ? command.options.port : ""}`,
       );
+    } else if (e instanceof Deno.errors.AddrNotAvailable) {
+      console.error(`echo_udp: cannot listen there: ${e.message}`);
     } else throw e;
     Deno.exit(1);
   }

@@ -316,6 +316,8 @@ function describe(e: unknown): string {
   if (e instanceof Deno.errors.TimedOut) return "timed out";
   const code = (e as { code?: string }).code;
   if (code === "ENOTFOUND" || e instanceof Deno.errors.NotFound) return "no such host";
+  // Deno reports a name that does not resolve as a plain Error, known only by its message.
+  if (e instanceof Error && e.message.startsWith("failed to lookup address")) return "no such host";
   return e instanceof Error ? e.message : String(e);
 }
 

@@ -1,7 +1,7 @@
 // chat_server.ts --http: the web page and its WebSocket, beside telnet-style TCP clients.
 import assert from "node:assert/strict";
 import { type ChatServerOptions, startChatServer } from "../chat_server.ts";
-import { hasProgram, TestClient, WAIT_MS, within } from "./_helpers.ts";
+import { hasProgram, runScript, TestClient, WAIT_MS, within } from "./_helpers.ts";
 
 const GREETING = "You're connected to the Deno chatserver";
 
@@ -207,4 +207,20 @@ Deno.test({
       }
     });
   },
+});
+
+Deno.test("chat_server.ts names the web page's port in one line when it is taken", async () => {
+  using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const r = await runScript("chat_server.ts", [
+    "0",
+    "--host",
+    "127.0.0.1",
+    "--http",
+    String(taken.addr.port),
+  ]);
+  assert.equal(r.code, 1);
+  assert.equal(
+    r.stderr,
+    `chat_server: cannot serve the web page on 127.0.0.1, port ${taken.addr.port}: the port is already in use\n`,
+  );
 });

@@ -293,3 +293,12 @@ Deno.test({
     });
   },
 });
+
+Deno.test("echo_tcp.ts says in one line when a host does not resolve or an address cannot be bound", async () => {
+  const client = await runScript("echo_tcp.ts", ["client", "--host", "no-such-host.invalid", "hi"]);
+  assert.equal(client.code, 1);
+  assert.equal(client.stderr, "echo_tcp: cannot resolve no-such-host.invalid\n");
+  const server = await runScript("echo_tcp.ts", ["server", "--host", "203.0.113.1", "--port", "0"]); // TEST-NET-3: never ours
+  assert.equal(server.code, 1);
+  assert.match(server.stderr, /^echo_tcp: cannot listen there: .+\n$/);
+});

@@ -205,6 +205,9 @@ Deno.test("multiplex.ts exits 1 when no endpoint can be reached, 2 on bad argume
   const r = await runScript("multiplex.ts", [`127.0.0.1:${port}`]);
   assert.equal(r.code, 1);
   assert.equal(r.stderr, `multiplex: cannot reach 127.0.0.1:${port}: connection refused\n`);
+  const unknown = await runScript("multiplex.ts", ["no-such-host.invalid:80"]);
+  assert.equal(unknown.code, 1);
+  assert.equal(unknown.stderr, "multiplex: cannot reach no-such-host.invalid:80: no such host\n");
   for (
     const [args, problem] of [
       [[], "give at least one HOST:PORT"],
