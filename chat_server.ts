@@ -174,8 +174,8 @@ interface Client {
   nick: string | null;
   /** What others see: the nick, or else the address. */
   label: string;
-  /** Prefix for this client's lines, `[label] `, encoded once per name. */
-  prefix: Uint8Array;
+  /** Prefix for this client's lines, `[label] `, encoded once per name when first needed. */
+  prefix: Uint8Array | null;
   room: Room;
   queue: Uint8Array[];
   /** Bytes queued or being written: the figure the send queue limit applies to. */
@@ -477,6 +477,9 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   const nicks = new Map<string, Client>(); // by lower-case nick
   const perIp = new Map<string, number>();
   const handlers = new Set<Promise<void>>();
+  // TCP clients still being read or released, and who waits for the last of them to go.
+  let reading = 0;
+  let allRead: (() => void) | null = null;
   let dirty: Client[] = [];
   let gathering: ReturnType<typeof setTimeout> | undefined;
   let closing = false;
@@ -484,6 +487,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   const paceBytes = Math.max(1, Math.floor(sendq / 4));
   const congested = new Set<Client>();
   const spareBuffers: Uint8Array[] = [];
+  let lastJoin: { parts: Uint8Array[]; bytes: Uint8Array } = { parts: [], bytes: new Uint8Array(0) };
   let roomFreed: Promise<void> | null = null;
   let releaseSenders: (() => void) | null = null;
   const bus = options.redis
@@ -584,15 +588,26 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
   // once per client: at 150,000 deliveries a second, every promise saved shows.
   function startWrite(client: Client): void {
     const parts = client.queue;
-    client.queue = [];
     client.flushing = true;
     if (parts.length > 1 && client.queued > SMALL_BATCH) {
+      client.queue = [];
       writeBigBatch(client, parts);
       return;
     }
-    const bytes = parts.length === 1 ? parts[0] : concatBytes(parts, client.queued);
+    const bytes = parts.length === 1 ? parts[0] : joined(parts, client.queued);
+    parts.length = 0;
     client.inflight = bytes;
     client.conn.write(bytes).then(client.wrote, client.failed);
+  }
+
+  // Joins a client's queued lines into one buffer. The members of a room usually have the very
+  // same lines queued, so the last join is kept and shared: a round of 10,000 writes then costs
+  // one copy, not 10,000 (nothing writes into a buffer once it is queued).
+  function joined(parts: Uint8Array[], total: number): Uint8Array {
+    let same = parts.length === lastJoin.parts.length;
+    for (let i = 0; same && i < parts.length; i++) same = parts[i] === lastJoin.parts[i];
+    if (!same) lastJoin = { parts: parts.slice(), bytes: concatBytes(parts, total) };
+    return lastJoin.bytes;
   }
 
   // The end of one write op: finish a partial write, or end this flush.
@@ -761,7 +776,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     client.nick = nick;
     if (nick !== null) nicks.set(nick.toLowerCase(), client);
     client.label = nick ?? client.address;
-    client.prefix = encoder.encode(`[${client.label}] `);
+    client.prefix = null;
     bus?.present(presenceOf(client));
   }
 
@@ -773,9 +788,10 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
 
   // Relays one line to the client's room, prefixed with its name.
   function relay(client: Client, line: Uint8Array): void {
-    const message = new Uint8Array(client.prefix.length + line.length + 2);
-    message.set(client.prefix);
-    message.set(line, client.prefix.length);
+    const prefix = client.prefix ??= encoder.encode(`[${client.label}] `);
+    const message = new Uint8Array(prefix.length + line.length + 2);
+    message.set(prefix);
+    message.set(line, prefix.length);
     message.set(CRLF, message.length - 2);
     broadcastExcept(client.room, client, message);
     bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)));
@@ -1025,25 +1041,25 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     return null;
   }
 
-  // Owns one TCP or TLS connection: admits it, relays its lines, and releases it.
-  async function serveClient(conn: Deno.Conn<Deno.NetAddr>): Promise<void> {
+  // Takes one TCP or TLS connection: refuses it, or admits it and reads it (see readLines).
+  function serveClient(conn: Deno.Conn<Deno.NetAddr>): void {
     const address = formatPeer(conn.remoteAddr);
     const ip = plainHost(conn.remoteAddr.hostname);
     const refused = refusal(ip);
     if (refused) {
       console.error(`Refused ${address}: ${refused}`);
-      await refuse(conn, encoder.encode(refused + "\r\n"));
+      track(refuse(conn, encoder.encode(refused + "\r\n")));
       return;
     }
     if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
-    if ("handshake" in conn && !await handshake(conn as Deno.TlsConn, address)) return;
-    const client = admit(conn, address, ip);
-    try {
-      await relayLines(client, conn);
-    } catch (e) {
-      if (!isDisconnect(e)) console.error(`Error on ${address}: ${e instanceof Error ? e.stack : e}`);
-    } finally {
-      await release(client);
+    if ("handshake" in conn) {
+      track(
+        handshake(conn as Deno.TlsConn, address).then((ok) => {
+          if (ok) readLines(admit(conn, address, ip), conn);
+        }),
+      );
+    } else {
+      readLines(admit(conn, address, ip), conn);
     }
   }
 
@@ -1056,7 +1072,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       ip,
       nick: null,
       label: address,
-      prefix: encoder.encode(`[${address}] `),
+      prefix: null, // most clients only listen
       room: lobby,
       queue: [],
       queued: 0,
@@ -1112,27 +1128,53 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     dropClient(client, null);
   }
 
-  // Reads a client's bytes until it goes or is sent off, handling each line.
-  async function relayLines(client: Client, conn: Deno.Conn): Promise<void> {
+  // Reads a client's bytes until it goes or is sent off, handling each line, then releases it.
+  // It is a chain of callbacks rather than a loop in an async function: an idle client then
+  // holds one pending read and little else, and at 10,000 clients that is what they cost.
+  function readLines(client: Client, conn: Deno.Conn): void {
+    reading++;
     const framer = new LineFramer(maxLine, (line, truncated) => onLine(client, line, truncated));
     // Start small: most clients send a line now and then, and each holds its buffer while it
     // waits. One that fills it gets a bigger one, up to READ_SIZE.
     let buffer = new Uint8Array(FIRST_READ_SIZE);
-    while (!client.closed && client.leaving === null) {
-      if (congested.size > 0) await waitForRoom();
-      if (client.busy) { // a command waits on Redis: read no further meanwhile
-        await client.busy;
-        continue;
+    const next = (): void => {
+      if (client.closed || client.leaving !== null) finish(null);
+      else if (congested.size > 0) waitForRoom().then(read, finish);
+      else read();
+    };
+    const read = (): void => {
+      if (client.busy) client.busy.then(next, finish); // a command waits on Redis: read no further
+      else conn.read(buffer).then(got, finish);
+    };
+    const got = (n: number | null): void => {
+      if (n === null) return finish(null);
+      try {
+        client.lastInput = Date.now();
+        framer.push(buffer.subarray(0, n));
+        if (n === buffer.length && n < READ_SIZE) buffer = new Uint8Array(2 * n);
+      } catch (e) {
+        return finish(e);
       }
-      const n = await conn.read(buffer);
-      if (n === null) return;
-      client.lastInput = Date.now();
-      framer.push(buffer.subarray(0, n));
-      if (n === buffer.length && n < READ_SIZE) buffer = new Uint8Array(2 * n);
-    }
+      next();
+    };
+    const finish = (e: unknown): void => {
+      if (e !== null && !isDisconnect(e)) {
+        console.error(`Error on ${client.address}: ${e instanceof Error ? e.stack : e}`);
+      }
+      release(client).catch((e) => console.error(`Error on ${client.address}: ${e}`)).finally(() => {
+        if (--reading === 0) allRead?.();
+      });
+    };
+    next();
   }
 
-  // Accepts connections until the listener closes; each gets its own handler.
+  // Runs a task that outlives this turn (a refusal, a handshake, a WebSocket); close() waits for it.
+  function track(task: Promise<void>): void {
+    handlers.add(task);
+    task.finally(() => handlers.delete(task));
+  }
+
+  // Accepts connections until the listener closes.
   async function acceptLoop(): Promise<void> {
     while (!closing) {
       let conn: Deno.Conn<Deno.NetAddr>;
@@ -1145,9 +1187,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
         await new Promise((r) => setTimeout(r, 100));
         continue;
       }
-      const handler = serveClient(conn);
-      handlers.add(handler);
-      handler.finally(() => handlers.delete(handler));
+      serveClient(conn);
     }
   }
 
@@ -1178,9 +1218,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
       return new Response(refused + "\n", { status: 403 });
     }
     const { socket, response } = Deno.upgradeWebSocket(request);
-    const handler = serveWebSocket(socket, address, ip);
-    handlers.add(handler);
-    handler.finally(() => handlers.delete(handler));
+    track(serveWebSocket(socket, address, ip));
     return response;
   }
 
@@ -1254,6 +1292,7 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
 
   const finished = acceptLoop().then(async () => {
     await Promise.all(handlers);
+    if (reading > 0) await new Promise<void>((resolve) => allRead = resolve);
     await httpServer?.finished;
     await log.flushed();
   });
