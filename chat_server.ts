@@ -17,8 +17,9 @@
  * rooms, commands, connections); the bus between instances; the web page; the command line.
  *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
- * - The accept loop only dispatches; `serveClient()` owns one connection from greeting to
- *   goodbye, with `try/finally`, so a fault on one connection touches no one else.
+ * - The accept loop only dispatches; `serveClient()` admits one connection and `readLines()`
+ *   reads it from greeting to goodbye, so a fault on one connection touches no one else. It is
+ *   written as callbacks rather than an async loop, because an idle client should cost little.
  * - Input is framed by bytes, not by reads: a line may arrive in many TCP segments, may cut a
  *   UTF-8 character in half, and may end in CRLF, LF, CR or CR NUL. Telnet negotiation (IAC
  *   sequences) and control characters are removed before anything is relayed.
@@ -67,7 +68,7 @@ const TCP_BACKLOG = 4096;
 /** How long a client's writes may stand still before it stops pacing the senders. */
 const STALL_MS = 250;
 /** Bytes read per `read()` call: a client starts with the first size and grows to the second. */
-const FIRST_READ_SIZE = 256;
+const FIRST_READ_SIZE = 64;
 const READ_SIZE = 16 * 1024;
 /** Most bytes copied together into one write. */
 const WRITE_SIZE = 64 * 1024;
