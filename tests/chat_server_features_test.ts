@@ -45,6 +45,8 @@ Deno.test("/nick renames a client, once per name whatever the case, and its line
     using a = await joinChat(port);
     using b = await joinChat(port);
     await a.readLine();
+    await b.write("before\r\n");
+    assert.equal(await a.readLine(), `[${b.name}] before\r\n`);
     await ask(b, "/nick Alice", "You are now known as Alice");
     assert.equal(await a.readLine(), `${b.name} is now known as Alice\r\n`);
     await ask(a, "/nick alice", `The nick alice is taken; you are still ${a.name}`);
@@ -56,6 +58,8 @@ Deno.test("/nick renames a client, once per name whatever the case, and its line
     assert.equal(await a.readLine(), "[Alice] hi\r\n");
     await ask(b, "/nick alice", "You are now known as alice"); // a change of case is yours to make
     assert.equal(await a.readLine(), "Alice is now known as alice\r\n");
+    await b.write("again\r\n");
+    assert.equal(await a.readLine(), "[alice] again\r\n"); // the new name, though b has spoken before
     b.close();
     assert.equal(await a.readLine(), "Client left alice\r\n");
     await ask(a, "/nick Alice", "You are now known as Alice"); // free again once she left
