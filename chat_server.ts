@@ -1169,10 +1169,12 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
     next();
   }
 
-  // Runs a task that outlives this turn (a refusal, a handshake, a WebSocket); close() waits for it.
+  // Runs a task that outlives this turn (a refusal, a handshake, a WebSocket); close() waits for
+  // it. A fault in one is logged, and touches no other.
   function track(task: Promise<void>): void {
-    handlers.add(task);
-    task.finally(() => handlers.delete(task));
+    const settled = task.catch((e) => console.error(`Error: ${e instanceof Error ? e.stack : e}`));
+    handlers.add(settled);
+    settled.finally(() => handlers.delete(settled));
   }
 
   // Accepts connections until the listener closes.
