@@ -13,11 +13,21 @@
  * `--http PORT` puts browser users in the same rooms (a page and a WebSocket, both in this file),
  * and `--redis URL` lets several instances share their rooms.
  *
- * The file reads top to bottom: options; data structures and line framing; the server (sending,
- * rooms, commands, connections); the bus between instances; the web page; the command line.
+ * How to read it. Section 1 is the tutorial's whole program: accept, greet, read, frame,
+ * broadcast, leave. Each later section adds one thing and can be read alone; its banner says
+ * which line of section 1 calls it.
+ *
+ *   1. The tutorial's chat server: ChatServer (run, acceptNewConnection, handleLine, relay, leave,
+ *      close), Room (broadcastExcept), Client, LineFramer
+ *   2. Writing without blocking: the send queue's flusher, sender pacing, the event log
+ *   3. Rooms, names and commands: the directory, and one small handler per command
+ *   4. Limits: allow/deny, client counts, the idle sweep, flood control's token bucket
+ *   5. TLS and the web gate: the listener, handshakes, refusals, the page's WebSocket clients
+ *   6. Sharing rooms through Redis (--redis)
+ *   7. Options   8. Small helpers   9. The web page   10. The command line
  *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
- * - The accept loop only dispatches; `serveClient()` admits one connection and `readLines()`
+ * - The accept loop only dispatches; `acceptNewConnection()` admits one connection and `read()`
  *   reads it from greeting to goodbye, so a fault on one connection touches no one else. It is
  *   written as callbacks rather than an async loop, because an idle client should cost little.
  * - Input is framed by bytes, not by reads: a line may arrive in many TCP segments, may cut a
@@ -36,9 +46,13 @@
  */
 
 import { parseArgs } from "node:util";
+import { BlockList, isIP } from "node:net";
 
-// ---------------------------------------------------------------------------------------------
-// Constants and options
+// =============================================================================================
+// 1. The tutorial's chat server
+//
+// The tutorial's ChatServer class has four methods: __init__, run, accept_new_connection and
+// broadcast_string. Here they are, with the reading and leaving that its run loop does inline.
 
 /** The tutorial's port. */
 export const DEFAULT_PORT = 2626;
@@ -56,156 +70,427 @@ export const DEFAULT_RATE = 50;
 export const DEFAULT_ANNOUNCE_LIMIT = 200;
 /** The room everyone starts in. */
 export const LOBBY = "lobby";
-/** How long shutdown waits for goodbyes to be written before closing sockets anyway. */
+/** How long a goodbye (or shutdown) waits for the last lines to be written before closing anyway. */
 export const SHUTDOWN_GRACE_MS = 1000;
-/** Floods (runs of dropped lines) within FLOOD_MEMORY_MS that get a client disconnected. */
-const FLOOD_STRIKES = 3;
-const FLOOD_MEMORY_MS = 60_000;
-/** Longest nick or room name, in characters. */
-const MAX_NAME = 32;
-/** Pending connections the kernel may queue for us: a join storm should not meet SYN drops. */
-const TCP_BACKLOG = 4096;
-/** How long a client's writes may stand still before it stops pacing the senders. */
-const STALL_MS = 250;
 /** Bytes read per `read()` call: a client starts with the first size and grows to the second. */
 const FIRST_READ_SIZE = 64;
 const READ_SIZE = 16 * 1024;
-/** Most bytes copied together into one write. */
-const WRITE_SIZE = 64 * 1024;
-/** A batch of output this small gets a scratch buffer of its own size rather than a pooled one. */
-const SMALL_BATCH = 4096;
-/**
- * Clients with output waiting, above which a flush first waits GATHER_MS to gather more lines.
- * Measured at 1,000 clients and 150 lines/s: p99 fell from 60-95 ms to 46-53 ms, as each write
- * op then carries more lines; below the threshold nobody waits.
- */
-const GATHER_FANOUT = 256;
-const GATHER_MS = 10;
-/** Pooled write buffers kept for reuse when no flush needs them. */
-const SPARE_BUFFERS = 32;
-/** stdout lines that may wait for a slow terminal or pipe before the log starts dropping. */
-const LOG_BACKLOG_BYTES = 4 * 1024 * 1024;
 
+// The seed's own words.
 const GREETING = "You're connected to the Deno chatserver\r\n";
 const SHUTDOWN_NOTICE = "Server shutting down, goodbye\r\n";
-
-/** Something bytes can be written to, such as `Deno.stdout`. */
-export interface Writer {
-  write(p: Uint8Array): Promise<number>;
-}
-
-/** Options for {@linkcode startChatServer}. Every limit has a default. */
-export interface ChatServerOptions {
-  /** Port to listen on; 0 picks a free one. Default {@linkcode DEFAULT_PORT}. */
-  port?: number;
-  /** Interface to bind. Default: all interfaces, IPv6 and IPv4, or IPv4 alone without IPv6. */
-  host?: string;
-  /** Longest line relayed, in bytes. Default {@linkcode DEFAULT_MAX_LINE}. */
-  maxLine?: number;
-  /** Send queue per client, in bytes. Default {@linkcode DEFAULT_SENDQ}. */
-  sendq?: number;
-  /** Clients served at once. Default {@linkcode DEFAULT_MAX_CLIENTS}. */
-  maxClients?: number;
-  /** Clients per remote address; 0 is no limit. Default {@linkcode DEFAULT_MAX_PER_IP}. */
-  maxPerIp?: number;
-  /** Seconds of silence after which a client is told and closed; 0 is never. Default 0. */
-  idle?: number;
-  /** Lines per 10 seconds per client, with bursts of twice that; 0 is no limit. Default {@linkcode DEFAULT_RATE}. */
-  rate?: number;
-  /** Members above which a room stops announcing joins and leaves. Default {@linkcode DEFAULT_ANNOUNCE_LIMIT}. */
-  announceLimit?: number;
-  /** CIDR blocks that may connect (empty: everyone). Checked at accept, before `deny`. */
-  allow?: string[];
-  /** CIDR blocks that may not connect. */
-  deny?: string[];
-  /** Also serve the web page and its WebSocket: `port` (0 picks one), `host` (default: as `host`),
-   * and the `origins` allowed to open the WebSocket from other sites (`*` for any). */
-  http?: { port: number; host?: string; origins?: string[] };
-  /** Share rooms with other instances through Redis. Default: this instance alone. */
-  redis?: RedisOptions;
-  /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
-  tls?: { cert: string; key: string };
-  /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
-  log?: Writer | null;
-  /** `text`: the tutorial's lines; `json`: one JSON object per event. Default `text`. */
-  logFormat?: "text" | "json";
-}
-
-/** A running chat server. */
-export interface ChatServer {
-  /** The address actually bound. */
-  readonly addr: Deno.NetAddr;
-  /** Where the web page is served, with `http`; else null. */
-  readonly httpAddr: Deno.NetAddr | null;
-  /** With `redis`: settles when Redis first answers (the server serves local clients meanwhile). */
-  readonly redisReady: Promise<void> | null;
-  /** Tells every client goodbye, closes every socket, and resolves when all is closed. */
-  close(): Promise<void>;
-  /** Settles when the server has stopped, after `close()` or a fatal listener error. */
-  readonly finished: Promise<void>;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Data structures
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 const CRLF = encoder.encode("\r\n");
-const LF = encoder.encode("\n");
+
+/**
+ * Starts a chat server and returns once it is listening.
+ *
+ * @example
+ * ```ts
+ * import { startChatServer } from "./chat_server.ts";
+ * const server = await startChatServer({ port: 0, log: null });
+ * console.log(`try: telnet localhost ${server.addr.port}`);
+ * await server.close();
+ * ```
+ */
+export async function startChatServer(options: ChatServerOptions = {}): Promise<ChatServer> {
+  const server = new ChatServer(options);
+  await server.start();
+  return server;
+}
+
+/**
+ * The tutorial's ChatServer: it owns the listening socket, the clients, and the parts the
+ * later sections add (the flusher, the directory, the limits, the log, the web gate, the bus).
+ */
+export class ChatServer {
+  readonly options: ChatServerOptions;
+  listener: Deno.Listener<Deno.Conn<Deno.NetAddr>, Deno.NetAddr> | null = null;
+  readonly clients = new Set<Client>();
+  readonly flusher: Flusher; // section 2
+  readonly log: EventLog; // section 2
+  readonly directory = new Directory(); // section 3
+  readonly limits: Limits; // section 4
+  web: WebGate | null = null; // section 5
+  bus: RedisBus | null = null; // section 6
+  /** Refusals, handshakes, goodbyes and readers still under way: close() waits for them. */
+  readonly tasks = new TaskSet();
+  closing = false;
+  readonly maxLine: number;
+  readonly greeting = encoder.encode(GREETING);
+  readonly tooLong: Uint8Array;
+  /** Settles when the server has stopped, after `close()` or a fatal listener error. */
+  readonly finished: Promise<void>;
+  #stopped: () => void;
+
+  constructor(options: ChatServerOptions) {
+    this.options = options;
+    this.flusher = new Flusher(options.sendq ?? DEFAULT_SENDQ);
+    this.log = new EventLog(options.log === undefined ? Deno.stdout : options.log, options.logFormat);
+    this.limits = new Limits(options);
+    this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
+    this.tooLong = encoder.encode(
+      `Your line was over ${this.maxLine} bytes; the rest of it was discarded\r\n`,
+    );
+    const { promise, resolve } = Promise.withResolvers<void>();
+    this.finished = promise;
+    this.#stopped = resolve;
+  }
+
+  /** The address actually bound. */
+  get addr(): Deno.NetAddr {
+    return this.listener!.addr;
+  }
+
+  /** Where the web page is served, with `http`; else null. */
+  get httpAddr(): Deno.NetAddr | null {
+    return this.web?.addr ?? null;
+  }
+
+  /** With `redis`: settles when Redis first answers (the server serves local clients meanwhile). */
+  get redisReady(): Promise<void> | null {
+    return this.bus?.ready ?? null;
+  }
+
+  /** Starts the parts in order; if one fails, stops those already started, and throws. */
+  async start(): Promise<void> {
+    const o = this.options;
+    try {
+      this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT, o.tls);
+      if (o.redis) this.bus = await startBus(o.redis, busHandlersFor(this));
+      this.bus?.watch(LOBBY); // always: then a lobby line from another instance never beats the subscription
+      if (o.http) this.web = new WebGate(this, o.http);
+      this.limits.startIdleSweep(this);
+    } catch (e) {
+      await this.#stopParts();
+      throw e;
+    }
+    this.run().then(async () => {
+      await this.tasks.settled();
+      await this.web?.finished;
+      await this.log.flushed();
+    }).then(this.#stopped);
+  }
+
+  /** The tutorial's run(): accepts connections until the listener closes. */
+  async run(): Promise<void> {
+    while (!this.closing) {
+      let conn: Deno.Conn<Deno.NetAddr>;
+      try {
+        conn = await this.listener!.accept();
+      } catch (e) {
+        if (this.closing) return;
+        // Out of file descriptors and the like: say so, breathe, and keep serving who is here.
+        console.error(`accept failed: ${e instanceof Error ? e.message : e}`);
+        await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
+      this.acceptNewConnection(conn);
+    }
+  }
+
+  /** The tutorial's accept_new_connection(): refuses a connection, or admits it and reads it. */
+  acceptNewConnection(conn: Deno.Conn<Deno.NetAddr>): void {
+    const address = formatPeer(conn.remoteAddr);
+    const ip = plainHost(conn.remoteAddr.hostname);
+    const refused = this.limits.refusal(ip, this.clients.size); // section 4
+    if (refused) {
+      console.error(`Refused ${address}: ${refused}`);
+      this.tasks.track(refuse(conn, refused)); // section 5
+      return;
+    }
+    if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
+    if ("handshake" in conn) { // TLS: section 5
+      const handshaken = handshake(conn as Deno.TlsConn, address);
+      this.tasks.track(handshaken.then((ok) => ok && this.read(this.admit(conn, address, ip), conn)));
+    } else {
+      this.read(this.admit(conn, address, ip), conn);
+    }
+  }
+
+  /** Makes a connection a client: counts it, greets it, puts it in the lobby, and tells the room. */
+  admit(link: Link, address: string, ip: string): Client {
+    const client = new Client(link, address, ip, this.directory.lobby, this.flusher);
+    this.clients.add(client);
+    this.limits.count(client);
+    enterRoom(this, client, this.directory.lobby); // section 3
+    client.send(this.greeting);
+    const joined = PAGE_READS.joined(address);
+    announce(this, this.directory.lobby, client, joined, { event: "join", room: LOBBY, peer: address });
+    return client;
+  }
+
+  /**
+   * The tutorial's recv(): reads a client's bytes until it goes or is sent off, framing them into
+   * lines, then leaves. A chain of callbacks rather than a loop in an async function: an idle
+   * client then holds one pending read and little else, and at 10,000 clients that is what they
+   * cost. While a slow reader is behind, the flusher's gate holds further reads (section 2).
+   */
+  read(client: Client, conn: Deno.Conn): void {
+    this.tasks.hold();
+    const framer = new LineFramer(this.maxLine, (line, truncated) => this.onLine(client, line, truncated));
+    // Start small: most clients send a line now and then, and each holds its buffer while it
+    // waits. One that fills it gets a bigger one, up to READ_SIZE.
+    let buffer = new Uint8Array(FIRST_READ_SIZE);
+    const next = (): void => {
+      if (client.closed || client.leaving !== null) finish(null);
+      else if (this.flusher.congested.size > 0) this.flusher.waitForRoom().then(read, finish);
+      else read();
+    };
+    const read = (): void => {
+      if (client.busy) client.busy.then(next, finish); // a command waits on Redis: read no further
+      else conn.read(buffer).then(got, finish);
+    };
+    const got = (n: number | null): void => {
+      if (n === null) return finish(null);
+      try {
+        client.lastInput = Date.now();
+        framer.push(buffer.subarray(0, n));
+        if (n === buffer.length && n < READ_SIZE) buffer = new Uint8Array(2 * n);
+      } catch (e) {
+        return finish(e);
+      }
+      next();
+    };
+    const finish = (e: unknown): void => {
+      if (e !== null && !isDisconnect(e)) {
+        console.error(`Error on ${client.address}: ${e instanceof Error ? e.stack : e}`);
+      }
+      try {
+        this.leave(client);
+      } catch (e) {
+        console.error(`Error on ${client.address}: ${e}`);
+      } finally {
+        this.tasks.release();
+      }
+    };
+    next();
+  }
+
+  /** Takes a line from a client, in order: behind a command still waiting on Redis, if any. */
+  onLine(client: Client, line: Uint8Array, truncated: boolean): void {
+    if (client.busy === null) {
+      const pending = this.handleLine(client, line, truncated);
+      if (pending) client.waitBehind(pending);
+    } else {
+      const copy = line.slice(); // the read buffer is reused
+      client.waitBehind(client.busy.then(() => this.handleLine(client, copy, truncated)));
+    }
+  }
+
+  /**
+   * The tutorial's else-branch: a line arrived. Blank lines, and clients on their way out, are
+   * ignored; the bucket may drop it (section 4); it is a command (section 3), or chat for the room.
+   * A command that asks Redis returns a promise.
+   */
+  handleLine(client: Client, line: Uint8Array, truncated: boolean): void | Promise<void> {
+    if (truncated) client.send(this.tooLong);
+    if (client.leaving !== null || client.closed || isBlank(line)) return;
+    if (!this.limits.withinRate(this, client)) return;
+    if (line[0] === SLASH) {
+      if (line[1] !== SLASH) return runCommand(this, client, decoder.decode(line));
+      line = line.subarray(1); // "//text" says "/text"
+    }
+    this.relay(client, line);
+  }
+
+  /** Relays a line to the client's room as `[name] line`: built once, queued for everyone else. */
+  relay(client: Client, line: Uint8Array): void {
+    const message = client.framed(line);
+    client.room.broadcastExcept(client, message);
+    this.bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)));
+    this.log.line(client, line, message);
+  }
+
+  /**
+   * Sends a client off: tells it why, stops reading it, and closes it once the notice is out (or
+   * after the grace period). /quit, a flood and the idle sweep all end a client this way.
+   */
+  sendOff(client: Client, notice: string, reason: string): void {
+    if (client.leaving !== null || client.closed) return;
+    client.tell(notice);
+    client.leaving = reason;
+    const goodbye = settleWithin(SHUTDOWN_GRACE_MS, [this.flusher.drained(client)]);
+    this.tasks.track(goodbye.then(() => client.close()));
+  }
+
+  /**
+   * A client has gone (or been sent off): runs once per client, and tells the room, the
+   * directory, the limits and the bus. The tutorial's "Client left" branch of run().
+   */
+  leave(client: Client): void {
+    if (!this.clients.delete(client)) return;
+    this.limits.uncount(client);
+    const room = client.room;
+    leaveRoom(this, client); // section 3
+    this.directory.forget(client);
+    if (client.nick !== null) this.bus?.releaseNick(client.nick);
+    this.bus?.absent(client.address);
+    if (!this.closing) {
+      const why = client.leaving ? ` (${client.leaving})` : "";
+      announce(this, room, client, PAGE_READS.left(client.label, why), {
+        event: "leave",
+        room: room.name,
+        peer: client.address,
+        nick: client.nick,
+        reason: client.leaving || null,
+      }, room.members.size + 1);
+    }
+    if (client.leaving === null) client.close(); // one sent off closes once its goodbye is out
+  }
+
+  /** Tells every client goodbye, closes every socket, and resolves when all is closed. */
+  async close(): Promise<void> {
+    if (!this.closing) {
+      this.closing = true;
+      this.flusher.closing = true; // no gathering from now on
+      this.limits.stopIdleSweep();
+      this.listener?.close();
+      const stopping = this.web?.shutdown(); // stops taking requests; WebSockets close below
+      const notice = encoder.encode(SHUTDOWN_NOTICE);
+      for (const client of this.clients) client.send(notice);
+      this.flusher.flushRound();
+      await settleWithin(SHUTDOWN_GRACE_MS, [...this.clients].map((c) => this.flusher.drained(c)));
+      for (const client of this.clients) client.close();
+      await stopping;
+      await this.bus?.close();
+    }
+    await this.finished;
+  }
+
+  /** Undoes whatever start() got to, when a later part fails. */
+  async #stopParts(): Promise<void> {
+    this.closing = true;
+    this.limits.stopIdleSweep();
+    this.listener?.close();
+    await this.web?.shutdown();
+    await this.bus?.close();
+  }
+}
+
+/** A room: a name and the clients in it. */
+export class Room {
+  readonly name: string;
+  readonly members = new Set<Client>();
+
+  constructor(name: string) {
+    this.name = name;
+  }
+
+  /** The tutorial's broadcast_string(str, omit_sock): queues `message` for all but `sender`. */
+  broadcastExcept(sender: Client | null, message: Uint8Array): void {
+    for (const client of this.members) if (client !== sender) client.send(message);
+  }
+}
 
 /** What the server needs of a client's connection: TCP, TLS and WebSocket clients all have it. */
-interface Link {
+export interface Link {
   write(p: Uint8Array): Promise<number>;
   close(): void;
 }
 
-/** A room: a name and the clients in it. */
-interface Room {
-  readonly name: string;
-  readonly members: Set<Client>;
-}
-
-/** One connected client: its socket, its names, its room, and its queue of bytes to send. */
-interface Client {
-  readonly conn: Link;
+/**
+ * One connected client: its link, its names and room, its send queue, its flood bucket, and
+ * whether it is leaving. Every field is set here, in one order, so the hot path stays monomorphic.
+ */
+export class Client {
+  readonly link: Link;
   /** `host:port` as the tutorial prints it (`[v6addr]:port` for IPv6). */
   readonly address: string;
   /** The remote address alone, for the per-address limit. */
   readonly ip: string;
-  nick: string | null;
+  nick: string | null = null;
   /** What others see: the nick, or else the address. */
   label: string;
-  /** Prefix for this client's lines, `[label] `, encoded once per name when first needed. */
-  prefix: Uint8Array | null;
+  /** Prefix for this client's lines, `[label] `, encoded when it first speaks: most only listen. */
+  prefix: Uint8Array | null = null;
   room: Room;
-  queue: Uint8Array[];
+  // The send queue, which the flusher (section 2) writes out.
+  readonly flusher: Flusher;
+  queue: Uint8Array[] = [];
   /** Bytes queued or being written: the figure the send queue limit applies to. */
-  queued: number;
+  queued = 0;
   /** When a write to this client last completed, or its flush began (ms since the epoch). */
-  lastWrite: number;
+  lastWrite = 0;
+  /** The longest a write to this client has taken to complete: a draining reader's rhythm. */
+  writeGap = 0;
   /** A write is under way; `inflight` is what it still has to write. */
-  flushing: boolean;
-  inflight: Uint8Array | null;
-  /** The write op's callbacks, made once per client rather than once per write. */
-  wrote: (n: number) => void;
-  failed: (e: unknown) => void;
+  flushing = false;
+  inflight: Uint8Array | null = null;
+  /** Waiting in the flusher's list of clients to flush at the end of this turn. */
+  dirty = false;
   /** Who waits for the queue to empty (a goodbye before closing); usually nobody. */
-  drainWaiters: (() => void)[] | null;
-  /** Waiting in the list of clients to flush at the end of this turn. */
-  dirty: boolean;
-  closed: boolean;
+  drainWaiters: (() => void)[] | null = null;
+  /** The write op's callbacks, made once per client rather than once per write. */
+  readonly wrote: (n: number) => void;
+  readonly failed: (e: unknown) => void;
+  // Input.
   /** When the client last sent anything (ms since the epoch). */
   lastInput: number;
-  /** Flood control: a token bucket, and the floods it has caused lately. */
-  tokens: number;
-  tokensAt: number;
-  flooding: boolean;
-  floods: number;
-  lastFlood: number;
-  /** Set when the client is on its way out: why (`/quit` text, "idle", "flooding"). */
-  leaving: string | null;
+  /** Flood control (section 4), made when the client first speaks. */
+  bucket: TokenBucket | null = null;
   /** A command waiting on Redis; the client's next lines wait their turn behind it. */
-  busy: Promise<void> | null;
+  busy: Promise<void> | null = null;
+  // Leaving.
+  /** Set when the client is sent off: why (`/quit` text, "idle", "flooding"). */
+  leaving: string | null = null;
+  closed = false;
+
+  constructor(link: Link, address: string, ip: string, room: Room, flusher: Flusher) {
+    this.link = link;
+    this.address = address;
+    this.ip = ip;
+    this.label = address;
+    this.room = room;
+    this.flusher = flusher;
+    this.wrote = (n) => flusher.afterWrite(this, n);
+    this.failed = (e) => flusher.writeFailed(this, e);
+    this.lastInput = Date.now();
+  }
+
+  /** Queues bytes for this client; they go out at the end of this turn, coalesced (section 2). */
+  send(bytes: Uint8Array): void {
+    this.flusher.enqueue(this, bytes);
+  }
+
+  /** Sends one line of text. */
+  tell(text: string): void {
+    this.send(encoder.encode(text + "\r\n"));
+  }
+
+  /** `[label] line\r\n`, as the room sees a line of this client's. */
+  framed(line: Uint8Array): Uint8Array {
+    const prefix = this.prefix ??= encoder.encode(`[${this.label}] `);
+    const message = new Uint8Array(prefix.length + line.length + 2);
+    message.set(prefix);
+    message.set(line, prefix.length);
+    message.set(CRLF, message.length - 2);
+    return message;
+  }
+
+  /** Makes the client's next lines wait for `pending` (a command that asks Redis). */
+  waitBehind(pending: Promise<void>): void {
+    const mine = this.busy = pending.catch((e) => console.error(`Error on ${this.address}: ${e}`));
+    mine.finally(() => {
+      if (this.busy === mine) this.busy = null;
+    });
+  }
+
+  /** Closes the connection (once; later calls do nothing); its reader then sees it end and leaves. */
+  close(reason: string | null = null): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue = [];
+    this.flusher.forget(this);
+    if (reason) console.error(`Dropped ${this.address}: ${reason}`);
+    try {
+      this.link.close();
+    } catch (e) {
+      if (!(e instanceof Deno.errors.BadResource)) throw e;
+    }
+  }
 }
 
 /** The telnet protocol bytes that matter when removing negotiation (RFC 854). */
@@ -328,15 +613,241 @@ export function formatPeer(addr: Deno.NetAddr): string {
   return host.includes(":") ? `[${host}]:${addr.port}` : `${host}:${addr.port}`;
 }
 
-/** Joins byte arrays into one new array of `total` bytes. */
-function concatBytes(parts: Uint8Array[], total: number): Uint8Array {
-  const out = new Uint8Array(total);
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
+// =============================================================================================
+// 2. Writing without blocking
+//
+// Client.send() (section 1) calls Flusher.enqueue(): a line is queued, never written on the
+// spot. At the end of the turn the flusher writes each client's queue as one write op, so a
+// line broadcast to 1,000 clients costs 1,000 array pushes and, later, 1,000 writes that each
+// carry everything that client has waiting. A client that stops reading fills its own queue and
+// is cut off; one that reads slowly holds back the senders instead (read() asks waitForRoom()).
+
+/** How long a client's writes may stand still before it stops holding back the senders. */
+const STALL_MS = 1000;
+/**
+ * A draining reader behind big kernel buffers completes a write only now and then: measured
+ * here, a reader taking 8 MB/s saw writes complete 280-290 ms apart. A client that has shown
+ * such a rhythm gets this many times its longest wait before it counts as stopped.
+ */
+const STALL_RHYTHMS = 4;
+/** Most bytes copied together into one write. */
+const WRITE_SIZE = 64 * 1024;
+/** A batch of output this small gets a scratch buffer of its own size rather than a pooled one. */
+const SMALL_BATCH = 4096;
+/**
+ * Clients with output waiting, above which a flush first waits GATHER_MS to gather more lines.
+ * Measured at 1,000 clients and 150 lines/s: p99 fell from 60-95 ms to 46-53 ms, as each write
+ * op then carries more lines; below the threshold nobody waits.
+ */
+const GATHER_FANOUT = 256;
+const GATHER_MS = 10;
+/** Pooled write buffers kept for reuse when no flush needs them. */
+const SPARE_BUFFERS = 32;
+/** stdout lines that may wait for a slow terminal or pipe before the log starts dropping. */
+const LOG_BACKLOG_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Writes every client's queue in rounds, and paces the senders for slow readers. All of the
+ * write path's server-wide state lives here: the clients to flush this round, the gather timer,
+ * the shared join, the spare buffers, the clients that are behind, and the senders' pause.
+ */
+export class Flusher {
+  readonly sendq: number;
+  /** A client this far behind makes the senders wait (see waitForRoom). */
+  readonly paceBytes: number;
+  /** Set when the server shuts down: then nothing waits to gather. */
+  closing = false;
+  /** Clients more than paceBytes behind. */
+  readonly congested = new Set<Client>();
+  private dirty: Client[] = [];
+  private gathering: ReturnType<typeof setTimeout> | undefined = undefined;
+  private readonly joins = new SharedJoin();
+  private readonly spareBuffers: Uint8Array[] = [];
+  private roomFreed: Promise<void> | null = null;
+  private releaseSenders: (() => void) | null = null;
+
+  constructor(sendq: number) {
+    this.sendq = sendq;
+    this.paceBytes = Math.max(1, Math.floor(sendq / 4));
   }
-  return out;
+
+  /** Queues bytes for a client, or cuts it off if its queue would pass `sendq`. */
+  enqueue(client: Client, bytes: Uint8Array): void {
+    if (client.closed) return;
+    if (client.queued + bytes.length > this.sendq) {
+      client.close(`send queue over ${this.sendq} bytes (not reading)`);
+      return;
+    }
+    client.queue.push(bytes);
+    client.queued += bytes.length;
+    if (client.queued > this.paceBytes) this.congested.add(client);
+    if (!client.dirty && !client.flushing) this.markDirty(client);
+  }
+
+  // Puts a client on the list to flush at the end of this turn (or of the gathering window).
+  private markDirty(client: Client): void {
+    client.dirty = true;
+    if (this.dirty.push(client) === 1 && this.gathering === undefined) queueMicrotask(this.flushRound);
+  }
+
+  /**
+   * Starts a flush for every client that had bytes queued during this turn. When that is a
+   * great many clients, it first waits GATHER_MS for more lines, so that each client gets them
+   * in one write: at 1,000 clients a line is 1,000 writes, and the writes are what cost.
+   */
+  readonly flushRound = (): void => {
+    if (this.gathering === undefined && this.dirty.length >= GATHER_FANOUT && !this.closing) {
+      this.gathering = setTimeout(this.flushRound, GATHER_MS);
+      return;
+    }
+    clearTimeout(this.gathering);
+    this.gathering = undefined;
+    const batch = this.dirty;
+    this.dirty = [];
+    const now = Date.now();
+    for (const client of batch) {
+      client.dirty = false;
+      if (!client.closed && !client.flushing) {
+        client.lastWrite = now;
+        this.startWrite(client);
+      }
+    }
+  };
+
+  // Starts one write of everything queued for a client; what is queued meanwhile waits for the
+  // next round. The common case (one line, or a few) is one write op and two callbacks made
+  // once per client: at 150,000 deliveries a second, every promise saved shows.
+  private startWrite(client: Client): void {
+    const parts = client.queue;
+    client.flushing = true;
+    if (parts.length > 1 && client.queued > SMALL_BATCH) {
+      client.queue = [];
+      this.writeBigBatch(client, parts);
+      return;
+    }
+    const bytes = parts.length === 1 ? parts[0] : this.joins.join(parts, client.queued);
+    parts.length = 0;
+    client.inflight = bytes;
+    client.link.write(bytes).then(client.wrote, client.failed);
+  }
+
+  /** The end of one write op (Client.wrote): finish a partial write, or end this flush. */
+  afterWrite(client: Client, n: number): void {
+    const bytes = client.inflight!;
+    this.noteWritten(client, n);
+    if (n < bytes.length && !client.closed) {
+      client.inflight = bytes.subarray(n);
+      client.link.write(client.inflight).then(client.wrote, client.failed);
+      return;
+    }
+    client.inflight = null;
+    this.endFlush(client);
+  }
+
+  /** A write op failed (Client.failed): the client is gone. */
+  writeFailed(client: Client, e: unknown): void {
+    client.inflight = null;
+    client.close(isDisconnect(e) ? null : `write failed: ${e}`);
+    this.endFlush(client);
+  }
+
+  // A flush is over: queue the client for the next round if more came, or wake who waits.
+  private endFlush(client: Client): void {
+    client.flushing = false;
+    if (client.queue.length > 0 && !client.closed) this.markDirty(client);
+    else if (client.drainWaiters) {
+      for (const resolve of client.drainWaiters.splice(0)) resolve();
+    }
+  }
+
+  // Writes a big batch (a slow reader catching up) through a pooled 64 KiB buffer, so that a
+  // busy client makes no garbage and an idle one holds none.
+  private async writeBigBatch(client: Client, parts: Uint8Array[]): Promise<void> {
+    const scratch = this.spareBuffers.pop() ?? new Uint8Array(WRITE_SIZE);
+    try {
+      await writeCoalesced(client.link, parts, scratch, (n) => this.noteWritten(client, n));
+    } catch (e) {
+      client.close(isDisconnect(e) ? null : `write failed: ${e}`);
+    } finally {
+      if (this.spareBuffers.length < SPARE_BUFFERS) this.spareBuffers.push(scratch);
+      this.endFlush(client);
+    }
+  }
+
+  /** Resolves when everything queued for a client has been written, or it has gone. */
+  drained(client: Client): Promise<void> {
+    if (!client.flushing && (client.queue.length === 0 || client.closed)) return Promise.resolve();
+    return new Promise((resolve) => (client.drainWaiters ??= []).push(resolve));
+  }
+
+  // Counts bytes written to a client, and lets paused senders go on if it has caught up.
+  private noteWritten(client: Client, n: number): void {
+    const now = Date.now();
+    client.queued -= n;
+    if (now - client.lastWrite > client.writeGap) client.writeGap = now - client.lastWrite;
+    client.lastWrite = now;
+    if (client.queued <= this.paceBytes && this.congested.delete(client)) this.wakeSenders();
+  }
+
+  /** A closed client no longer holds back the senders. */
+  forget(client: Client): void {
+    if (this.congested.delete(client)) this.wakeSenders();
+  }
+
+  /**
+   * The pacing gate, for every reader of client input (TCP in read(), WebSocket in section 5):
+   * resolves when no client that is still reading is more than `paceBytes` behind. A client
+   * whose writes have stood still for its stall limit does not hold the room back; its queue
+   * grows until `sendq` cuts it off.
+   */
+  async waitForRoom(): Promise<void> {
+    while (this.congested.size > 0) {
+      const now = Date.now();
+      let wait = Infinity;
+      for (const client of this.congested) {
+        const limit = Math.max(STALL_MS, STALL_RHYTHMS * client.writeGap);
+        const stalledFor = now - client.lastWrite;
+        if (stalledFor < limit) wait = Math.min(wait, limit - stalledFor);
+      }
+      if (wait === Infinity) return;
+      this.roomFreed ??= new Promise<void>((resolve) => {
+        const timer = setTimeout(this.wakeSenders, wait);
+        this.releaseSenders = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      await this.roomFreed;
+    }
+  }
+
+  private readonly wakeSenders = (): void => {
+    const release = this.releaseSenders;
+    this.roomFreed = null;
+    this.releaseSenders = null;
+    release?.();
+  };
+}
+
+/**
+ * Joins queued lines into one buffer, and keeps the last join to share it. The members of a room
+ * usually have the very same lines queued, so a round of 10,000 writes costs one copy, not
+ * 10,000. Sharing is safe because nothing writes into a buffer once it is queued.
+ */
+export class SharedJoin {
+  private parts: Uint8Array[] = [];
+  private bytes: Uint8Array = new Uint8Array(0);
+
+  /** `parts` joined (`total` bytes): the same buffer as last time if they are the same parts. */
+  join(parts: Uint8Array[], total: number): Uint8Array {
+    let same = parts.length === this.parts.length;
+    for (let i = 0; same && i < parts.length; i++) same = parts[i] === this.parts[i];
+    if (!same) {
+      this.parts = parts.slice();
+      this.bytes = concatBytes(parts, total);
+    }
+    return this.bytes;
+  }
 }
 
 /** Writes all of `bytes`, however many calls it takes: `write()` may take only part. */
@@ -376,34 +887,49 @@ async function writeCoalesced(
   }
 }
 
-/** True for the errors a peer causes by going away: expected, and not worth a stack trace. */
-function isDisconnect(e: unknown): boolean {
-  return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
-    e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||
-    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected ||
-    e instanceof Deno.errors.UnexpectedEof; // a TLS peer that left without close_notify
-}
+const LF = encoder.encode("\n");
 
 /**
- * The event log: lines for stdout, written in batches so that logging costs one write per turn
- * of the loop. A stdout that stops draining (a paused terminal, a full pipe) costs lines, never
- * the chat: past {@linkcode LOG_BACKLOG_BYTES} lines are dropped and counted.
+ * The event log: the tutorial's lines (or one JSON object per event) for stdout, written in
+ * batches so that logging costs one write per turn of the loop. A stdout that stops draining (a
+ * paused terminal, a full pipe) costs lines, never the chat: past {@linkcode LOG_BACKLOG_BYTES}
+ * lines are dropped and counted.
  */
 class EventLog {
   #out: Writer | null;
+  #json: boolean;
   #parts: Uint8Array[] = [];
   #bytes = 0;
   #dropped = 0;
   #writing: Promise<void> | null = null;
   #scratch = new Uint8Array(WRITE_SIZE);
 
-  constructor(out: Writer | null) {
+  constructor(out: Writer | null, format: "text" | "json" = "text") {
     this.#out = out;
+    this.#json = format === "json";
   }
 
-  /** Logs a line given as bytes, without its line ending. */
-  bytes(line: Uint8Array): void {
+  /** Logs an event: `text` as the tutorial prints it, or the event's fields as JSON. */
+  event(text: string, fields: Record<string, unknown>): void {
     if (!this.#out) return;
+    this.#append(
+      encoder.encode(this.#json ? JSON.stringify({ time: new Date().toISOString(), ...fields }) : text),
+    );
+  }
+
+  /** Logs a chat line; `message` is what the room got, so text logging needs no decoding. */
+  line(client: Client, line: Uint8Array, message: Uint8Array): void {
+    if (!this.#out) return;
+    if (!this.#json) return this.#append(message.subarray(0, message.length - 2));
+    this.event("", { event: "line", room: client.room.name, from: client.label, text: decoder.decode(line) });
+  }
+
+  /** Resolves when everything logged so far has been written. */
+  async flushed(): Promise<void> {
+    while (this.#writing) await this.#writing;
+  }
+
+  #append(line: Uint8Array): void {
     if (this.#bytes > LOG_BACKLOG_BYTES) {
       this.#dropped++;
       return;
@@ -411,16 +937,6 @@ class EventLog {
     this.#parts.push(line, LF);
     this.#bytes += line.length + 1;
     this.#writing ??= this.#drain();
-  }
-
-  /** Logs a line of text. */
-  text(line: string): void {
-    if (this.#out) this.bytes(encoder.encode(line));
-  }
-
-  /** Resolves when everything logged so far has been written. */
-  async flushed(): Promise<void> {
-    while (this.#writing) await this.#writing;
   }
 
   async #drain(): Promise<void> {
@@ -446,923 +962,541 @@ class EventLog {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The server
+// =============================================================================================
+// 3. Rooms, names and commands
+//
+// admit() and leave() (section 1) put a client in a room and take it out through enterRoom()
+// and leaveRoom(); handleLine() hands a line that starts with "/" to runCommand(). The directory
+// knows every room and nick, and is the one place where case is folded: "Dev" and "dev" are the
+// same room, "Ann" and "ann" the same nick.
 
-/**
- * Starts a chat server and returns once it is listening.
- *
- * @example
- * ```ts
- * import { startChatServer } from "./chat_server.ts";
- * const server = await startChatServer({ port: 0, log: null });
- * console.log(`try: telnet localhost ${server.addr.port}`);
- * await server.close();
- * ```
- */
-export async function startChatServer(options: ChatServerOptions = {}): Promise<ChatServer> {
-  const maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
-  const sendq = options.sendq ?? DEFAULT_SENDQ;
-  const maxClients = options.maxClients ?? DEFAULT_MAX_CLIENTS;
-  const maxPerIp = options.maxPerIp ?? DEFAULT_MAX_PER_IP;
-  const rate = options.rate ?? DEFAULT_RATE;
-  const burst = 2 * rate; // a pasted block goes through once; a steady flood does not
-  const announceLimit = options.announceLimit ?? DEFAULT_ANNOUNCE_LIMIT;
-  const allow = (options.allow ?? []).map(parseCidr);
-  const deny = (options.deny ?? []).map(parseCidr);
-  const json = options.logFormat === "json";
-  const log = new EventLog(options.log === undefined ? Deno.stdout : options.log);
-  const listener = listenDualStack(options.host, options.port ?? DEFAULT_PORT, options.tls);
-  const clients = new Set<Client>();
-  const rooms = new Map<string, Room>(); // by lower-case name
-  const nicks = new Map<string, Client>(); // by lower-case nick
-  const perIp = new Map<string, number>();
-  const handlers = new Set<Promise<void>>();
-  // TCP clients still being read or released, and who waits for the last of them to go.
-  let reading = 0;
-  let allRead: (() => void) | null = null;
-  let dirty: Client[] = [];
-  let gathering: ReturnType<typeof setTimeout> | undefined;
-  let closing = false;
-  // Sender pacing: clients more than paceBytes behind, and the wait of senders paused for them.
-  const paceBytes = Math.max(1, Math.floor(sendq / 4));
-  const congested = new Set<Client>();
-  const spareBuffers: Uint8Array[] = [];
-  let lastJoin: { parts: Uint8Array[]; bytes: Uint8Array } = { parts: [], bytes: new Uint8Array(0) };
-  let roomFreed: Promise<void> | null = null;
-  let releaseSenders: (() => void) | null = null;
-  const bus = options.redis
-    ? await startBus(options.redis, {
-      onRoomLine(room, text) {
-        const local = rooms.get(room.toLowerCase());
-        if (local) broadcastExcept(local, null, encoder.encode(text + "\r\n"));
-      },
-      onWhisper(nick, text) {
-        const to = nicks.get(nick.toLowerCase());
-        if (to) tell(to, text);
-      },
-      locals: () => [...clients].map(presenceOf),
-      say: (text) => record(text, { event: "redis", text }),
-    })
-    : null;
-  const lobby = openRoom(LOBBY);
-  bus?.watch(LOBBY); // always: then a lobby line from another instance never beats the subscription
+/** Longest nick or room name, in characters. */
+const MAX_NAME = 32;
 
-  const greeting = encoder.encode(GREETING);
-  const tooLong = encoder.encode(`Your line was over ${maxLine} bytes; the rest of it was discarded\r\n`);
+/** The rooms by name and the clients by nick, whatever the case. Does no I/O. */
+export class Directory {
+  readonly lobby: Room = new Room(LOBBY);
+  private readonly rooms = new Map<string, Room>([[Directory.key(LOBBY), this.lobby]]);
+  private readonly nicks = new Map<string, Client>();
 
-  // --- Sending ---------------------------------------------------------------------------------
-
-  // Queues bytes for one client; the write happens at the end of this turn, coalesced.
-  function send(client: Client, bytes: Uint8Array): void {
-    if (client.closed) return;
-    if (client.queued + bytes.length > sendq) {
-      dropClient(client, `send queue over ${sendq} bytes (not reading)`);
-      return;
-    }
-    client.queue.push(bytes);
-    client.queued += bytes.length;
-    if (client.queued > paceBytes) congested.add(client);
-    if (!client.dirty && !client.flushing) markDirty(client);
+  /** The case rule for every name: how two names are compared. */
+  static key(name: string): string {
+    return name.toLowerCase();
   }
 
-  // Puts a client on the list to flush at the end of this turn (or of the gathering window).
-  function markDirty(client: Client): void {
-    client.dirty = true;
-    if (dirty.push(client) === 1 && gathering === undefined) queueMicrotask(flushDirtyClients);
+  /** True if two names are the same name. */
+  static same(a: string, b: string): boolean {
+    return Directory.key(a) === Directory.key(b);
   }
 
-  // Sends one line of text to one client.
-  function tell(client: Client, text: string): void {
-    send(client, encoder.encode(text + "\r\n"));
+  /** The room of that name, if it has members (or is the lobby). */
+  room(name: string): Room | undefined {
+    return this.rooms.get(Directory.key(name));
   }
 
-  // Sends bytes to every member of a room but `sender`.
-  function broadcastExcept(room: Room, sender: Client | null, message: Uint8Array): void {
-    for (const client of room.members) if (client !== sender) send(client, message);
-  }
-
-  // Announces a join or leave to a room, unless the room, counting the one coming or going, is
-  // over the announcement limit; logs it either way.
-  function announce(
-    room: Room,
-    sender: Client | null,
-    text: string,
-    event: Record<string, unknown>,
-    size = room.members.size,
-  ): void {
-    if (size <= announceLimit) broadcastExcept(room, sender, encoder.encode(text + "\r\n"));
-    bus?.publish(room.name, text);
-    record(text, event);
-  }
-
-  // Writes an event to the log: the text as the tutorial prints it, or one JSON object.
-  function record(text: string, event: Record<string, unknown>): void {
-    if (json) log.text(JSON.stringify({ time: new Date().toISOString(), ...event }));
-    else log.text(text);
-  }
-
-  // Starts a flush for every client that had bytes queued during this turn. When that is a
-  // great many clients, it first waits GATHER_MS for more lines, so that each client gets them
-  // in one write: at 1,000 clients a line is 1,000 writes, and the writes are what cost.
-  function flushDirtyClients(): void {
-    if (gathering === undefined && dirty.length >= GATHER_FANOUT && !closing) {
-      gathering = setTimeout(flushDirtyClients, GATHER_MS);
-      return;
-    }
-    clearTimeout(gathering);
-    gathering = undefined;
-    const batch = dirty;
-    dirty = [];
-    const now = Date.now();
-    for (const client of batch) {
-      client.dirty = false;
-      if (!client.closed && !client.flushing) {
-        client.lastWrite = now;
-        startWrite(client);
-      }
-    }
-  }
-
-  // Starts one write of everything queued for a client; what is queued meanwhile waits for the
-  // next round. The common case (one line, or a few) is one write op and two callbacks made
-  // once per client: at 150,000 deliveries a second, every promise saved shows.
-  function startWrite(client: Client): void {
-    const parts = client.queue;
-    client.flushing = true;
-    if (parts.length > 1 && client.queued > SMALL_BATCH) {
-      client.queue = [];
-      writeBigBatch(client, parts);
-      return;
-    }
-    const bytes = parts.length === 1 ? parts[0] : joined(parts, client.queued);
-    parts.length = 0;
-    client.inflight = bytes;
-    client.conn.write(bytes).then(client.wrote, client.failed);
-  }
-
-  // Joins a client's queued lines into one buffer. The members of a room usually have the very
-  // same lines queued, so the last join is kept and shared: a round of 10,000 writes then costs
-  // one copy, not 10,000 (nothing writes into a buffer once it is queued).
-  function joined(parts: Uint8Array[], total: number): Uint8Array {
-    let same = parts.length === lastJoin.parts.length;
-    for (let i = 0; same && i < parts.length; i++) same = parts[i] === lastJoin.parts[i];
-    if (!same) lastJoin = { parts: parts.slice(), bytes: concatBytes(parts, total) };
-    return lastJoin.bytes;
-  }
-
-  // The end of one write op: finish a partial write, or end this flush.
-  function afterWrite(client: Client, n: number): void {
-    const bytes = client.inflight!;
-    noteWritten(client, n);
-    if (n < bytes.length && !client.closed) {
-      client.inflight = bytes.subarray(n);
-      client.conn.write(client.inflight).then(client.wrote, client.failed);
-      return;
-    }
-    client.inflight = null;
-    endFlush(client);
-  }
-
-  function writeFailed(client: Client, e: unknown): void {
-    client.inflight = null;
-    dropClient(client, isDisconnect(e) ? null : `write failed: ${e}`);
-    endFlush(client);
-  }
-
-  // A flush is over: queue the client for the next round if more came, or wake who waits.
-  function endFlush(client: Client): void {
-    client.flushing = false;
-    if (client.queue.length > 0 && !client.closed) markDirty(client);
-    else if (client.drainWaiters) {
-      for (const resolve of client.drainWaiters.splice(0)) resolve();
-    }
-  }
-
-  // Writes a big batch (a slow reader catching up) through a pooled 64 KiB buffer, so that a
-  // busy client makes no garbage and an idle one holds none.
-  async function writeBigBatch(client: Client, parts: Uint8Array[]): Promise<void> {
-    const scratch = spareBuffers.pop() ?? new Uint8Array(WRITE_SIZE);
-    try {
-      await writeCoalesced(client.conn, parts, scratch, (n) => noteWritten(client, n));
-    } catch (e) {
-      dropClient(client, isDisconnect(e) ? null : `write failed: ${e}`);
-    } finally {
-      if (spareBuffers.length < SPARE_BUFFERS) spareBuffers.push(scratch);
-      endFlush(client);
-    }
-  }
-
-  // Resolves when everything queued for a client has been written, or it has gone.
-  function drained(client: Client): Promise<void> {
-    if (!client.flushing && (client.queue.length === 0 || client.closed)) return Promise.resolve();
-    return new Promise((resolve) => (client.drainWaiters ??= []).push(resolve));
-  }
-
-  // Counts bytes written to a client, and lets paused senders go on if it has caught up.
-  function noteWritten(client: Client, n: number): void {
-    client.queued -= n;
-    client.lastWrite = Date.now();
-    if (client.queued <= paceBytes && congested.delete(client)) wakeSenders();
-  }
-
-  // Resolves when senders may read again: when no client that is still reading is more than
-  // `paceBytes` behind. A client whose writes have not moved for STALL_MS does not hold the room
-  // back; its queue grows until `sendq` cuts it off.
-  async function waitForRoom(): Promise<void> {
-    while (congested.size > 0) {
-      const now = Date.now();
-      let wait = Infinity;
-      for (const client of congested) {
-        const stalledFor = now - client.lastWrite;
-        if (stalledFor < STALL_MS) wait = Math.min(wait, STALL_MS - stalledFor);
-      }
-      if (wait === Infinity) return;
-      roomFreed ??= new Promise<void>((resolve) => {
-        const timer = setTimeout(wakeSenders, wait);
-        releaseSenders = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
-      await roomFreed;
-    }
-  }
-
-  function wakeSenders(): void {
-    const release = releaseSenders;
-    roomFreed = null;
-    releaseSenders = null;
-    release?.();
-  }
-
-  // Closes a client's socket; its handler then sees the read fail and announces the leave.
-  function dropClient(client: Client, reason: string | null): void {
-    if (client.closed) return;
-    client.closed = true;
-    client.queue = [];
-    if (congested.delete(client)) wakeSenders();
-    if (reason) console.error(`Dropped ${client.address}: ${reason}`);
-    try {
-      client.conn.close();
-    } catch (e) {
-      if (!(e instanceof Deno.errors.BadResource)) throw e;
-    }
-  }
-
-  // Tells a client why, lets the notice go out, and ends its connection.
-  function sendOff(client: Client, notice: string, reason: string): void {
-    if (client.leaving !== null) return;
-    tell(client, notice);
-    client.leaving = reason;
-    // The handler stops reading after this chunk of input. An idle client sends nothing to wake
-    // it, so close that one here, once the notice is out (the flush starts this same turn).
-    if (reason === "idle") {
-      queueMicrotask(async () => {
-        await settleWithin(SHUTDOWN_GRACE_MS, [drained(client)]);
-        dropClient(client, null);
-      });
-    }
-  }
-
-  // --- Rooms and names -------------------------------------------------------------------------
-
-  function openRoom(name: string): Room {
-    const key = name.toLowerCase();
-    let room = rooms.get(key);
-    if (!room) rooms.set(key, room = { name, members: new Set() });
+  /** The room of that name, made if need be; it keeps the case it was first written in. */
+  openRoom(name: string): Room {
+    const key = Directory.key(name);
+    let room = this.rooms.get(key);
+    if (!room) this.rooms.set(key, room = new Room(name));
     return room;
   }
 
-  // Puts a client in a room, and logs when the room grows past the announcement limit.
-  function enterRoom(client: Client, room: Room): void {
+  /** Every room with members, and the lobby. */
+  allRooms(): IterableIterator<Room> {
+    return this.rooms.values();
+  }
+
+  /** Moves a client into a room (out of its old one first, with leave()). */
+  enter(client: Client, room: Room): void {
     client.room = room;
     room.members.add(client);
-    if (bus) {
-      if (room.members.size === 1) bus.watch(room.name);
-      bus.present(presenceOf(client));
-    }
-    if (room.members.size === announceLimit + 1) {
-      record(
-        `Room ${room.name} has over ${announceLimit} members: joins and leaves are no longer announced`,
-        {
-          event: "quiet",
-          room: room.name,
-          members: room.members.size,
-        },
-      );
-    }
   }
 
-  // Takes a client out of its room, and forgets the room when it empties (the lobby stays).
-  function leaveRoom(client: Client): void {
+  /** Takes a client out of its room, and forgets the room when it empties (the lobby stays). */
+  leave(client: Client): void {
     const room = client.room;
     room.members.delete(client);
-    if (bus && room.members.size === 0 && room !== lobby) bus.unwatch(room.name);
-    if (room.members.size === announceLimit) {
-      record(`Room ${room.name} has ${announceLimit} members again: joins and leaves are announced`, {
-        event: "loud",
-        room: room.name,
-        members: room.members.size,
-      });
-    }
-    if (room.members.size === 0 && room !== lobby) rooms.delete(room.name.toLowerCase());
+    if (room.members.size === 0 && room !== this.lobby) this.rooms.delete(Directory.key(room.name));
   }
 
-  function rename(client: Client, nick: string | null): void {
-    if (client.nick !== null) {
-      nicks.delete(client.nick.toLowerCase());
-      if (nick === null || nick.toLowerCase() !== client.nick.toLowerCase()) bus?.releaseNick(client.nick);
-    }
+  /** Who has that nick, if anyone. */
+  holder(nick: string): Client | undefined {
+    return this.nicks.get(Directory.key(nick));
+  }
+
+  /** Gives a client a nick (or none), and what others see it as. */
+  rename(client: Client, nick: string | null): void {
+    if (client.nick !== null) this.nicks.delete(Directory.key(client.nick));
     client.nick = nick;
-    if (nick !== null) nicks.set(nick.toLowerCase(), client);
+    if (nick !== null) this.nicks.set(Directory.key(nick), client);
     client.label = nick ?? client.address;
     client.prefix = null;
-    bus?.present(presenceOf(client));
   }
 
-  function presenceOf(client: Client): Presence {
-    return { address: client.address, nick: client.nick, room: client.room.name };
-  }
-
-  // --- Lines and commands ------------------------------------------------------------------------
-
-  // Relays one line to the client's room, prefixed with its name.
-  function relay(client: Client, line: Uint8Array): void {
-    const prefix = client.prefix ??= encoder.encode(`[${client.label}] `);
-    const message = new Uint8Array(prefix.length + line.length + 2);
-    message.set(prefix);
-    message.set(line, prefix.length);
-    message.set(CRLF, message.length - 2);
-    broadcastExcept(client.room, client, message);
-    bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)));
-    if (json) {
-      record("", { event: "line", room: client.room.name, from: client.label, text: decoder.decode(line) });
-    } else log.bytes(message.subarray(0, message.length - 2));
-  }
-
-  // Takes one token from the client's bucket, or says it is flooding (and cuts it off at last).
-  function withinRate(client: Client): boolean {
-    const now = client.lastInput;
-    client.tokens = Math.min(burst, client.tokens + (now - client.tokensAt) * rate / 10_000);
-    client.tokensAt = now;
-    if (client.tokens >= 1) {
-      client.tokens -= 1;
-      client.flooding = false;
-      return true;
-    }
-    if (!client.flooding) {
-      client.flooding = true;
-      if (now - client.lastFlood > FLOOD_MEMORY_MS) client.floods = 0;
-      client.lastFlood = now;
-      if (++client.floods >= FLOOD_STRIKES) {
-        sendOff(client, "Disconnected for flooding", "flooding");
-      } else {
-        tell(
-          client,
-          `You are sending more than ${rate} lines in 10 seconds; lines are dropped until you slow down ` +
-            `(warning ${client.floods} of ${FLOOD_STRIKES - 1})`,
-        );
-      }
-    }
-    return false;
-  }
-
-  // Takes a line from a client, in order: behind a command still waiting on Redis, if any.
-  function onLine(client: Client, line: Uint8Array, truncated: boolean): void {
-    if (client.busy === null) {
-      const pending = handleLine(client, line, truncated);
-      if (pending) waitBehind(client, pending);
-    } else {
-      const copy = line.slice(); // the read buffer is reused
-      waitBehind(client, client.busy.then(() => handleLine(client, copy, truncated)));
+  /** Frees a leaving client's nick; it keeps its label for the goodbye. */
+  forget(client: Client): void {
+    if (client.nick !== null && this.holder(client.nick) === client) {
+      this.nicks.delete(Directory.key(client.nick));
     }
   }
-
-  function waitBehind(client: Client, pending: Promise<void>): void {
-    const mine = client.busy = pending.catch((e) => console.error(`Error on ${client.address}: ${e}`));
-    mine.finally(() => {
-      if (client.busy === mine) client.busy = null;
-    });
-  }
-
-  // Handles a line: a command, or chat for the room. A command that asks Redis returns a promise.
-  function handleLine(client: Client, line: Uint8Array, truncated: boolean): void | Promise<void> {
-    if (truncated) send(client, tooLong);
-    if (client.leaving !== null || client.closed || isBlank(line)) return;
-    if (rate > 0 && !withinRate(client)) return;
-    if (line[0] === SLASH) {
-      if (line[1] !== SLASH) return runCommand(client, decoder.decode(line));
-      line = line.subarray(1); // "//text" says "/text"
-    }
-    relay(client, line);
-  }
-
-  const HELP_TEXT = [
-    "Commands:",
-    "  /nick NAME       take a name (1-32 characters, no spaces); others see it instead of your address",
-    "  /who             who is in this room",
-    "  /me ACTION       say what you are doing: * NAME ACTION",
-    "  /msg NAME TEXT   a private message to one person",
-    "  /join ROOM       leave this room for ROOM, making it if need be",
-    "  /rooms           the rooms and how many are in each",
-    "  /quit [REASON]   leave",
-    "  /help            this list",
-    "  //text           send a line that starts with /",
-  ];
-
-  // Runs a /command for a client.
-  function runCommand(client: Client, line: string): void | Promise<void> {
-    const match = /^\/(\S*)\s*(.*)$/.exec(line)!;
-    const [command, rest] = [match[1].toLowerCase(), match[2].trim()];
-    switch (command) {
-      case "nick":
-        return changeNick(client, rest);
-      case "who":
-        return bus ? listWhoEverywhere(client) : listWho(client, []);
-      case "me":
-        if (!rest) return tell(client, "Usage: /me ACTION");
-        broadcastExcept(client.room, client, encoder.encode(`* ${client.label} ${rest}\r\n`));
-        bus?.publish(client.room.name, `* ${client.label} ${rest}`);
-        return record(`* ${client.label} ${rest}`, {
-          event: "me",
-          room: client.room.name,
-          from: client.label,
-          text: rest,
-        });
-      case "msg": {
-        const m = /^(\S+)\s+(.+)$/.exec(rest);
-        if (!m) return tell(client, "Usage: /msg NAME TEXT");
-        const to = nicks.get(m[1].toLowerCase()) ?? [...clients].find((c) => c.address === m[1]);
-        if ((!to || to.leaving !== null) && bus) return whisperAcross(client, m[1], m[2]);
-        if (!to || to.leaving !== null) return tell(client, `No such user: ${m[1]}`);
-        tell(to, `(private) [${client.label}] ${m[2]}`);
-        tell(client, `(private to ${to.label}) ${m[2]}`);
-        // The log says who wrote to whom, never what: private means private.
-        return record(`${client.label} sent a private message to ${to.label}`, {
-          event: "msg",
-          from: client.label,
-          to: to.label,
-        });
-      }
-      case "join":
-        return joinRoom(client, rest);
-      case "rooms":
-        return bus ? listRoomsEverywhere(client) : listRooms(client, []);
-      case "quit":
-        return sendOff(client, "Goodbye", rest);
-      case "help":
-        for (const text of HELP_TEXT) tell(client, text);
-        return;
-      default:
-        return tell(client, `Unknown command /${match[1]}; try /help`);
-    }
-  }
-
-  // /who: the members of the client's room, here and (`others`) on other instances.
-  function listWho(client: Client, others: Presence[]): void {
-    const room = client.room;
-    const remote = others.filter((p) => p.room.toLowerCase() === room.name.toLowerCase());
-    tell(client, `In ${room.name} (${room.members.size + remote.length}):`);
-    const show = (p: { nick: string | null; address: string }) =>
-      p.nick ? `${p.nick} (${p.address})` : p.address;
-    for (const m of room.members) tell(client, `  ${show(m)}${m === client ? " (you)" : ""}`);
-    for (const p of remote) tell(client, `  ${show(p)}`);
-  }
-
-  // /rooms: every room with members, here and (`others`) on other instances.
-  function listRooms(client: Client, others: Presence[]): void {
-    const counts = new Map<string, [string, number]>([[LOBBY, [LOBBY, 0]]]);
-    const count = (name: string, n: number) => {
-      const entry = counts.get(name.toLowerCase()) ?? [name, 0];
-      counts.set(name.toLowerCase(), [entry[0], entry[1] + n]);
-    };
-    for (const r of rooms.values()) count(r.name, r.members.size);
-    for (const p of others) count(p.room, 1);
-    const list = [...counts.values()].filter(([name, n]) => n > 0 || name === LOBBY);
-    tell(client, `Rooms (${list.length}):`);
-    for (const [name, n] of list.sort((a, b) => a[0].localeCompare(b[0]))) {
-      const here = name.toLowerCase() === client.room.name.toLowerCase() ? " (you are here)" : "";
-      tell(client, `  ${name} ${n}${here}`);
-    }
-  }
-
-  async function listWhoEverywhere(client: Client): Promise<void> {
-    const others = await answerWithin(bus!.others(), null);
-    listWho(client, others ?? []);
-    if (others === null) tell(client, "(other servers cannot be asked right now)");
-  }
-
-  async function listRoomsEverywhere(client: Client): Promise<void> {
-    const others = await answerWithin(bus!.others(), null);
-    listRooms(client, others ?? []);
-    if (others === null) tell(client, "(other servers cannot be asked right now)");
-  }
-
-  // /msg to someone on another instance.
-  async function whisperAcross(client: Client, name: string, text: string): Promise<void> {
-    if (!await answerWithin(bus!.whisper(name, `(private) [${client.label}] ${text}`), false)) {
-      return tell(client, `No such user: ${name}`);
-    }
-    tell(client, `(private to ${name}) ${text}`);
-    record(`${client.label} sent a private message to ${name}`, {
-      event: "msg",
-      from: client.label,
-      to: name,
-    });
-  }
-
-  function changeNick(client: Client, nick: string): void | Promise<void> {
-    const problem = checkName(nick, "nick");
-    if (problem) return tell(client, `${problem}; you are still ${client.label}`);
-    const holder = nicks.get(nick.toLowerCase());
-    if (holder && holder !== client) {
-      return tell(client, `The nick ${nick} is taken; you are still ${client.label}`);
-    }
-    if (bus && !holder) {
-      return answerWithin(bus.claimNick(nick), true).then((mine) => {
-        if (client.closed || client.leaving !== null) return bus.releaseNick(nick);
-        // Another of ours may have taken it while Redis answered.
-        if (!mine || (nicks.get(nick.toLowerCase()) ?? client) !== client) {
-          return tell(client, `The nick ${nick} is taken; you are still ${client.label}`);
-        }
-        takeNick(client, nick);
-      });
-    }
-    takeNick(client, nick);
-  }
-
-  function takeNick(client: Client, nick: string): void {
-    const old = client.label;
-    rename(client, nick);
-    tell(client, `You are now known as ${nick}`);
-    broadcastExcept(client.room, client, encoder.encode(`${old} is now known as ${nick}\r\n`));
-    bus?.publish(client.room.name, `${old} is now known as ${nick}`);
-    record(`${old} is now known as ${nick}`, { event: "nick", peer: client.address, from: old, to: nick });
-  }
-
-  function joinRoom(client: Client, name: string): void {
-    const problem = checkName(name, "room name");
-    if (problem) return tell(client, `${problem}; you are still in ${client.room.name}`);
-    const room = openRoom(name);
-    if (room === client.room) return tell(client, `You are already in ${room.name}`);
-    const old = client.room;
-    leaveRoom(client);
-    // Into the new room (and the directory) first: whoever hears of the move can then /who it.
-    enterRoom(client, room);
-    announce(old, client, `${client.label} has left ${old.name} for ${room.name}`, {
-      event: "part",
-      room: old.name,
-      peer: client.address,
-      nick: client.nick,
-    }, old.members.size + 1);
-    tell(client, `You are now in ${room.name} (${room.members.size}); /who lists who is here`);
-    announce(room, client, `${client.label} has joined ${room.name}`, {
-      event: "enter",
-      room: room.name,
-      peer: client.address,
-      nick: client.nick,
-    });
-  }
-
-  // --- Connections ---------------------------------------------------------------------------------
-
-  // Why a new connection may not be served, or null if it may.
-  function refusal(ip: string): string | null {
-    const allowed = allow.length === 0 || allow.some((c) => cidrContains(c, ip));
-    if (!allowed || deny.some((c) => cidrContains(c, ip))) {
-      return `Sorry, connections from ${ip} are not allowed`;
-    }
-    if (clients.size >= maxClients) {
-      return `Sorry, the server is full (${maxClients} clients); try again later`;
-    }
-    if (maxPerIp > 0 && (perIp.get(ip) ?? 0) >= maxPerIp) {
-      return `Sorry, too many connections from ${ip} (at most ${maxPerIp})`;
-    }
-    return null;
-  }
-
-  // Takes one TCP or TLS connection: refuses it, or admits it and reads it (see readLines).
-  function serveClient(conn: Deno.Conn<Deno.NetAddr>): void {
-    const address = formatPeer(conn.remoteAddr);
-    const ip = plainHost(conn.remoteAddr.hostname);
-    const refused = refusal(ip);
-    if (refused) {
-      console.error(`Refused ${address}: ${refused}`);
-      track(refuse(conn, encoder.encode(refused + "\r\n")));
-      return;
-    }
-    if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
-    if ("handshake" in conn) {
-      track(
-        handshake(conn as Deno.TlsConn, address).then((ok) => {
-          if (ok) readLines(admit(conn, address, ip), conn);
-        }),
-      );
-    } else {
-      readLines(admit(conn, address, ip), conn);
-    }
-  }
-
-  // Makes a connection a client: counts it, greets it, and puts it in the lobby.
-  function admit(conn: Link, address: string, ip: string): Client {
-    const now = Date.now();
-    const client: Client = {
-      conn,
-      address,
-      ip,
-      nick: null,
-      label: address,
-      prefix: null, // most clients only listen
-      room: lobby,
-      queue: [],
-      queued: 0,
-      lastWrite: 0,
-      flushing: false,
-      inflight: null,
-      wrote: (n) => afterWrite(client, n),
-      failed: (e) => writeFailed(client, e),
-      drainWaiters: null,
-      dirty: false,
-      closed: false,
-      lastInput: now,
-      tokens: burst,
-      tokensAt: now,
-      flooding: false,
-      floods: 0,
-      lastFlood: 0,
-      leaving: null,
-      busy: null,
-    };
-    clients.add(client);
-    perIp.set(ip, (perIp.get(ip) ?? 0) + 1);
-    enterRoom(client, lobby);
-    send(client, greeting);
-    announce(lobby, client, `Client joined ${address}`, { event: "join", room: lobby.name, peer: address });
-    return client;
-  }
-
-  // Undoes admit(): the room hears the leave, a goodbye is written out, the connection closes.
-  async function release(client: Client): Promise<void> {
-    clients.delete(client);
-    const left = (perIp.get(client.ip) ?? 1) - 1;
-    if (left > 0) perIp.set(client.ip, left);
-    else perIp.delete(client.ip);
-    const room = client.room;
-    leaveRoom(client);
-    if (client.nick !== null) {
-      nicks.delete(client.nick.toLowerCase());
-      bus?.releaseNick(client.nick);
-    }
-    bus?.absent(client.address);
-    if (!closing) {
-      const why = client.leaving ? ` (${client.leaving})` : "";
-      announce(room, client, `Client left ${client.label}${why}`, {
-        event: "leave",
-        room: room.name,
-        peer: client.address,
-        nick: client.nick,
-        reason: client.leaving || null,
-      }, room.members.size + 1);
-    }
-    if (client.leaving !== null) await settleWithin(SHUTDOWN_GRACE_MS, [drained(client)]);
-    dropClient(client, null);
-  }
-
-  // Reads a client's bytes until it goes or is sent off, handling each line, then releases it.
-  // It is a chain of callbacks rather than a loop in an async function: an idle client then
-  // holds one pending read and little else, and at 10,000 clients that is what they cost.
-  function readLines(client: Client, conn: Deno.Conn): void {
-    reading++;
-    const framer = new LineFramer(maxLine, (line, truncated) => onLine(client, line, truncated));
-    // Start small: most clients send a line now and then, and each holds its buffer while it
-    // waits. One that fills it gets a bigger one, up to READ_SIZE.
-    let buffer = new Uint8Array(FIRST_READ_SIZE);
-    const next = (): void => {
-      if (client.closed || client.leaving !== null) finish(null);
-      else if (congested.size > 0) waitForRoom().then(read, finish);
-      else read();
-    };
-    const read = (): void => {
-      if (client.busy) client.busy.then(next, finish); // a command waits on Redis: read no further
-      else conn.read(buffer).then(got, finish);
-    };
-    const got = (n: number | null): void => {
-      if (n === null) return finish(null);
-      try {
-        client.lastInput = Date.now();
-        framer.push(buffer.subarray(0, n));
-        if (n === buffer.length && n < READ_SIZE) buffer = new Uint8Array(2 * n);
-      } catch (e) {
-        return finish(e);
-      }
-      next();
-    };
-    const finish = (e: unknown): void => {
-      if (e !== null && !isDisconnect(e)) {
-        console.error(`Error on ${client.address}: ${e instanceof Error ? e.stack : e}`);
-      }
-      release(client).catch((e) => console.error(`Error on ${client.address}: ${e}`)).finally(() => {
-        if (--reading === 0) allRead?.();
-      });
-    };
-    next();
-  }
-
-  // Runs a task that outlives this turn (a refusal, a handshake, a WebSocket); close() waits for
-  // it. A fault in one is logged, and touches no other.
-  function track(task: Promise<void>): void {
-    const settled = task.catch((e) => console.error(`Error: ${e instanceof Error ? e.stack : e}`));
-    handlers.add(settled);
-    settled.finally(() => handlers.delete(settled));
-  }
-
-  // Accepts connections until the listener closes.
-  async function acceptLoop(): Promise<void> {
-    while (!closing) {
-      let conn: Deno.Conn<Deno.NetAddr>;
-      try {
-        conn = await listener.accept();
-      } catch (e) {
-        if (closing) return;
-        // Out of file descriptors and the like: say so, breathe, and keep serving who is here.
-        console.error(`accept failed: ${e instanceof Error ? e.message : e}`);
-        await new Promise((r) => setTimeout(r, 100));
-        continue;
-      }
-      serveClient(conn);
-    }
-  }
-
-  // --- The web page and its WebSocket --------------------------------------------------------------
-
-  // Serves GET / (the page) and GET /ws (a WebSocket client, admitted like any other).
-  function handleHttp(request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>): Response {
-    const url = new URL(request.url);
-    if (url.pathname === "/" && (request.method === "GET" || request.method === "HEAD")) {
-      return new Response(PAGE, {
-        headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" },
-      });
-    }
-    if (url.pathname !== "/ws") return new Response("Not found\n", { status: 404 });
-    if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
-      return new Response("This is the chat's WebSocket: open / in a browser\n", { status: 426 });
-    }
-    const address = formatPeer(info.remoteAddr); // before the upgrade: afterwards it throws
-    const origin = request.headers.get("origin");
-    if (origin !== null && !originAllowed(origin, request.headers.get("host"))) {
-      console.error(`Refused ${address}: WebSocket from another site (${origin})`);
-      return new Response("Cross-origin WebSocket refused\n", { status: 403 });
-    }
-    const ip = plainHost(info.remoteAddr.hostname);
-    const refused = refusal(ip);
-    if (refused) {
-      console.error(`Refused ${address}: ${refused}`);
-      return new Response(refused + "\n", { status: 403 });
-    }
-    const { socket, response } = Deno.upgradeWebSocket(request);
-    track(serveWebSocket(socket, address, ip));
-    return response;
-  }
-
-  // Same-origin pages may always connect; others only if --http-origin names them.
-  function originAllowed(origin: string, host: string | null): boolean {
-    const allowed = options.http?.origins ?? [];
-    if (allowed.includes("*") || allowed.includes(origin)) return true;
-    try {
-      return new URL(origin).host === host;
-    } catch {
-      return false; // "null" or garbage
-    }
-  }
-
-  // Owns one WebSocket client: each text message is one or more lines, as if typed in telnet.
-  function serveWebSocket(ws: WebSocket, address: string, ip: string): Promise<void> {
-    return new Promise((resolve) => {
-      let client: Client | null = null, released = false;
-      let framer: LineFramer | null = null;
-      const finish = () => {
-        if (released) return;
-        released = true;
-        if (client) release(client).finally(resolve);
-        else resolve();
-      };
-      ws.onopen = () => {
-        const c = client = admit(webSocketLink(ws, sendq), address, ip);
-        framer = new LineFramer(maxLine, (line, truncated) => onLine(c, line, truncated));
-      };
-      ws.onmessage = (event) => {
-        if (!client || !framer || client.leaving !== null) return;
-        client.lastInput = Date.now();
-        const data = typeof event.data === "string" ? encoder.encode(event.data) : new Uint8Array(event.data);
-        framer.push(data);
-        framer.push(LF); // a message is a line, whether or not it ends in one
-        if (client.leaving !== null) finish(); // /quit or a flood: say goodbye and close
-      };
-      ws.onclose = finish;
-      ws.onerror = () => {}; // onclose follows
-    });
-  }
-
-  let httpServer: Deno.HttpServer<Deno.NetAddr> | null = null;
-  if (options.http) {
-    const serve = (hostname: string) =>
-      Deno.serve({ hostname, port: options.http!.port, onListen() {} }, handleHttp);
-    const httpHost = options.http.host ?? options.host;
-    try {
-      httpServer = serve(httpHost ?? "::");
-    } catch (e) {
-      if (httpHost !== undefined || e instanceof Deno.errors.AddrInUse) {
-        listener.close();
-        throw new WebListenError(options.http.port, httpHost, e);
-      }
-      httpServer = serve("0.0.0.0"); // a host without IPv6
-    }
-  }
-
-  // Sends off clients that have said nothing for `idle` seconds.
-  const idleMs = (options.idle ?? 0) * 1000;
-  const idleSweep = idleMs > 0
-    ? setInterval(() => {
-      const now = Date.now();
-      for (const client of clients) {
-        if (now - client.lastInput >= idleMs) {
-          sendOff(client, `Closing: nothing from you for ${options.idle} seconds`, "idle");
-        }
-      }
-    }, Math.max(50, Math.min(1000, idleMs / 4)))
-    : undefined;
-
-  const finished = acceptLoop().then(async () => {
-    await Promise.all(handlers);
-    if (reading > 0) await new Promise<void>((resolve) => allRead = resolve);
-    await httpServer?.finished;
-    await log.flushed();
-  });
-
-  async function close(): Promise<void> {
-    if (!closing) {
-      closing = true;
-      clearInterval(idleSweep);
-      listener.close();
-      const stopping = httpServer?.shutdown(); // stops taking requests; WebSockets close below
-      const notice = encoder.encode(SHUTDOWN_NOTICE);
-      for (const client of clients) send(client, notice);
-      flushDirtyClients(); // no gathering once closing
-      await settleWithin(
-        SHUTDOWN_GRACE_MS,
-        [...clients].map(drained),
-      );
-      for (const client of clients) dropClient(client, null);
-      await stopping;
-      await bus?.close();
-    }
-    await finished;
-  }
-
-  return {
-    addr: listener.addr,
-    httpAddr: httpServer?.addr ?? null,
-    redisReady: bus?.ready ?? null,
-    close,
-    finished,
-  };
 }
 
-/** The web page's port could not be listened on (the chat port itself was fine). */
-export class WebListenError extends Error {
-  constructor(readonly port: number, readonly host: string | undefined, override readonly cause: unknown) {
-    super(
-      `cannot serve the web page on ${host ?? "all interfaces"}, port ${port}: ${
-        cause instanceof Deno.errors.AddrInUse ? "the port is already in use" : (cause as Error).message
-      }`,
+/** Puts a client in a room; tells the bus, and logs when the room grows past the announcement limit. */
+function enterRoom(server: ChatServer, client: Client, room: Room): void {
+  server.directory.enter(client, room);
+  if (server.bus) {
+    if (room.members.size === 1) server.bus.watch(room.name);
+    server.bus.present(presenceOf(client));
+  }
+  const limit = server.limits.announceLimit;
+  if (room.members.size === limit + 1) {
+    server.log.event(
+      `Room ${room.name} has over ${limit} members: joins and leaves are no longer announced`,
+      { event: "quiet", room: room.name, members: room.members.size },
     );
   }
 }
 
-/**
- * A WebSocket as a client connection: each line written becomes one text message, without its
- * CRLF. The browser's own buffer stands in for the send queue: past `sendq` bytes, the client is
- * as stuck as a telnet user who stopped reading, and is cut off the same way.
- */
-function webSocketLink(ws: WebSocket, sendq: number): Link {
-  return {
-    write(bytes) {
-      if (ws.readyState !== WebSocket.OPEN) {
-        return Promise.reject(new Deno.errors.BrokenPipe("WebSocket closed"));
-      }
-      if (ws.bufferedAmount > sendq) return Promise.reject(new Error(`WebSocket buffer over ${sendq} bytes`));
-      for (const line of decoder.decode(bytes).split("\r\n")) if (line) ws.send(line);
-      return Promise.resolve(bytes.length);
-    },
-    close() {
-      if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close();
-    },
-  };
+/** Takes a client out of its room; tells the bus, and logs when the room is small again. */
+function leaveRoom(server: ChatServer, client: Client): void {
+  const room = client.room;
+  server.directory.leave(client);
+  if (server.bus && room.members.size === 0 && room !== server.directory.lobby) server.bus.unwatch(room.name);
+  const limit = server.limits.announceLimit;
+  if (room.members.size === limit) {
+    server.log.event(`Room ${room.name} has ${limit} members again: joins and leaves are announced`, {
+      event: "loud",
+      room: room.name,
+      members: room.members.size,
+    });
+  }
 }
 
-/** Listens on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
-function listenDualStack(
+/**
+ * Announces a join or leave to a room, unless the room, counting the one coming or going, is
+ * over the announcement limit; the bus hears of it, and it is logged either way.
+ */
+function announce(
+  server: ChatServer,
+  room: Room,
+  sender: Client | null,
+  text: string,
+  event: Record<string, unknown>,
+  size = room.members.size,
+): void {
+  if (size <= server.limits.announceLimit) room.broadcastExcept(sender, encoder.encode(text + "\r\n"));
+  server.bus?.publish(room.name, text);
+  server.log.event(text, event);
+}
+
+/** Says a line to the client's room (`/me`, a nick change): to the room, the bus and the log. */
+function sayToRoom(server: ChatServer, client: Client, text: string, event: Record<string, unknown>): void {
+  client.room.broadcastExcept(client, encoder.encode(text + "\r\n"));
+  server.bus?.publish(client.room.name, text);
+  server.log.event(text, event);
+}
+
+function presenceOf(client: Client): Presence {
+  return { address: client.address, nick: client.nick, room: client.room.name };
+}
+
+/** A /command: how it is written, what /help says of it, and what it does. */
+interface Command {
+  usage: string;
+  help: string;
+  /** `rest` is what follows the command word, trimmed. A command that asks Redis returns a promise. */
+  run(server: ChatServer, client: Client, rest: string): void | Promise<void>;
+}
+
+/** Every command, in /help's order. */
+const COMMANDS: Map<string, Command> = new Map([
+  ["nick", {
+    usage: "/nick NAME",
+    help: "take a name (1-32 characters, no spaces); others see it instead of your address",
+    run: changeNick,
+  }],
+  ["who", { usage: "/who", help: "who is in this room", run: listWho }],
+  ["me", { usage: "/me ACTION", help: "say what you are doing: * NAME ACTION", run: sayAction }],
+  ["msg", { usage: "/msg NAME TEXT", help: "a private message to one person", run: sendPrivate }],
+  ["join", { usage: "/join ROOM", help: "leave this room for ROOM, making it if need be", run: joinRoom }],
+  ["rooms", { usage: "/rooms", help: "the rooms and how many are in each", run: listRooms }],
+  ["quit", {
+    usage: "/quit [REASON]",
+    help: "leave",
+    run: (server, c, rest) => server.sendOff(c, "Goodbye", rest),
+  }],
+  ["help", {
+    usage: "/help",
+    help: "this list",
+    run: (_, client) => HELP_LINES.forEach((line) => client.tell(line)),
+  }],
+]);
+
+const HELP_LINES: string[] = [
+  "Commands:",
+  ...[...COMMANDS.values()].map((c) => `  ${c.usage.padEnd(17)}${c.help}`),
+  `  ${"//text".padEnd(17)}send a line that starts with /`,
+];
+
+/** Runs a /command line for a client (handleLine, section 1). */
+function runCommand(server: ChatServer, client: Client, line: string): void | Promise<void> {
+  const match = /^\/(\S*)\s*(.*)$/.exec(line)!;
+  const command = COMMANDS.get(match[1].toLowerCase());
+  if (!command) return client.tell(`Unknown command /${match[1]}; try /help`);
+  return command.run(server, client, match[2].trim());
+}
+
+/** /me ACTION: the room sees `* NAME ACTION`. */
+function sayAction(server: ChatServer, client: Client, action: string): void {
+  if (!action) return client.tell("Usage: /me ACTION");
+  const text = `* ${client.label} ${action}`;
+  sayToRoom(server, client, text, { event: "me", room: client.room.name, from: client.label, text: action });
+}
+
+/** /msg NAME TEXT: only NAME (a nick, or a host:port) hears it; the log says who wrote to whom, never what. */
+function sendPrivate(server: ChatServer, client: Client, rest: string): void | Promise<void> {
+  const m = /^(\S+)\s+(.+)$/.exec(rest);
+  if (!m) return client.tell("Usage: /msg NAME TEXT");
+  const [name, text] = [m[1], m[2]];
+  let to = server.directory.holder(name) ?? [...server.clients].find((c) => c.address === name);
+  if (to && to.leaving !== null) to = undefined; // on its way out
+  if (!to && server.bus) return whisperAcross(server, client, name, text);
+  if (!to) return client.tell(`No such user: ${name}`);
+  to.tell(`(private) [${client.label}] ${text}`);
+  client.tell(`(private to ${to.label}) ${text}`);
+  server.log.event(`${client.label} sent a private message to ${to.label}`, {
+    event: "msg",
+    from: client.label,
+    to: to.label,
+  });
+}
+
+/** /msg to someone on another instance. */
+async function whisperAcross(server: ChatServer, client: Client, name: string, text: string): Promise<void> {
+  if (!await answerWithin(server.bus!.whisper(name, `(private) [${client.label}] ${text}`), false)) {
+    return client.tell(`No such user: ${name}`);
+  }
+  client.tell(`(private to ${name}) ${text}`);
+  server.log.event(`${client.label} sent a private message to ${name}`, {
+    event: "msg",
+    from: client.label,
+    to: name,
+  });
+}
+
+/** /who: the members of the client's room, here and on other instances. */
+function listWho(server: ChatServer, client: Client): void | Promise<void> {
+  return withOthers(server, client, (others) => {
+    const room = client.room;
+    const remote = others.filter((p) => Directory.same(p.room, room.name));
+    client.tell(PAGE_READS.whoHeader(room.name, room.members.size + remote.length));
+    const show = (p: { nick: string | null; address: string }) =>
+      p.nick ? `${p.nick} (${p.address})` : p.address;
+    for (const m of room.members) client.tell(`  ${show(m)}${m === client ? " (you)" : ""}`);
+    for (const p of remote) client.tell(`  ${show(p)}`);
+  });
+}
+
+/** /rooms: every room with members, here and on other instances. */
+function listRooms(server: ChatServer, client: Client): void | Promise<void> {
+  return withOthers(server, client, (others) => {
+    const counts = new Map<string, [string, number]>([[Directory.key(LOBBY), [LOBBY, 0]]]);
+    const count = (name: string, n: number) => {
+      const entry = counts.get(Directory.key(name)) ?? [name, 0];
+      counts.set(Directory.key(name), [entry[0], entry[1] + n]);
+    };
+    for (const r of server.directory.allRooms()) count(r.name, r.members.size);
+    for (const p of others) count(p.room, 1);
+    const list = [...counts.values()].filter(([name, n]) => n > 0 || name === LOBBY);
+    client.tell(`Rooms (${list.length}):`);
+    for (const [name, n] of list.sort((a, b) => a[0].localeCompare(b[0]))) {
+      client.tell(`  ${name} ${n}${Directory.same(name, client.room.name) ? " (you are here)" : ""}`);
+    }
+  });
+}
+
+/**
+ * Answers with the members on other instances: at once and none without --redis; with it, once
+ * Redis answers, or with a note that it did not within REDIS_ANSWER_MS.
+ */
+function withOthers(
+  server: ChatServer,
+  client: Client,
+  answer: (others: Presence[]) => void,
+): void | Promise<void> {
+  if (!server.bus) return answer([]);
+  return answerWithin(server.bus.others(), null).then((others) => {
+    answer(others ?? []);
+    if (others === null) client.tell("(other servers cannot be asked right now)");
+  });
+}
+
+/** /nick NAME: unique whatever the case, and across instances with --redis. */
+function changeNick(server: ChatServer, client: Client, nick: string): void | Promise<void> {
+  const problem = checkName(nick, "nick");
+  if (problem) return client.tell(`${problem}; you are still ${client.label}`);
+  const holder = server.directory.holder(nick);
+  if (holder && holder !== client) {
+    return client.tell(`The nick ${nick} is taken; you are still ${client.label}`);
+  }
+  const bus = server.bus;
+  if (bus && !holder) {
+    return answerWithin(bus.claimNick(nick), true).then((mine) => {
+      if (client.closed || client.leaving !== null) return bus.releaseNick(nick);
+      // Another of ours may have taken it while Redis answered.
+      if (!mine || (server.directory.holder(nick) ?? client) !== client) {
+        return client.tell(`The nick ${nick} is taken; you are still ${client.label}`);
+      }
+      takeNick(server, client, nick);
+    });
+  }
+  takeNick(server, client, nick);
+}
+
+function takeNick(server: ChatServer, client: Client, nick: string): void {
+  const old = client.label;
+  if (client.nick !== null && !Directory.same(client.nick, nick)) server.bus?.releaseNick(client.nick);
+  server.directory.rename(client, nick);
+  server.bus?.present(presenceOf(client));
+  client.tell(`You are now known as ${nick}`);
+  const text = PAGE_READS.renamed(old, nick);
+  sayToRoom(server, client, text, { event: "nick", peer: client.address, from: old, to: nick });
+}
+
+/** /join ROOM: leaves this room for ROOM, making it if need be. */
+function joinRoom(server: ChatServer, client: Client, name: string): void {
+  const problem = checkName(name, "room name");
+  if (problem) return client.tell(`${problem}; you are still in ${client.room.name}`);
+  const room = server.directory.openRoom(name);
+  if (room === client.room) return client.tell(`You are already in ${room.name}`);
+  const old = client.room;
+  leaveRoom(server, client);
+  // Into the new room (and the directory) first: whoever hears of the move can then /who it.
+  enterRoom(server, client, room);
+  announce(server, old, client, PAGE_READS.leftFor(client.label, old.name, room.name), {
+    event: "part",
+    room: old.name,
+    peer: client.address,
+    nick: client.nick,
+  }, old.members.size + 1);
+  client.tell(PAGE_READS.nowIn(room.name, room.members.size));
+  announce(server, room, client, PAGE_READS.hasJoined(client.label, room.name), {
+    event: "enter",
+    room: room.name,
+    peer: client.address,
+    nick: client.nick,
+  });
+}
+
+/** Why `name` cannot be a nick or room name, or null if it can. */
+export function checkName(name: string, what: string): string | null {
+  const length = [...name].length;
+  if (length < 1 || length > MAX_NAME) return `A ${what} has 1 to ${MAX_NAME} characters`;
+  // Spaces would split commands; ':' and brackets would let a name pass for an address.
+  if (/[\s:[\]\p{Cc}]/u.test(name)) return `A ${what} has no spaces, ':' or brackets`;
+  return null;
+}
+
+// =============================================================================================
+// 4. Limits
+//
+// acceptNewConnection() (section 1) asks refusal() before it admits anyone; admit() and leave()
+// count clients in and out; handleLine() asks withinRate() for every line; start() starts the
+// idle sweep. Nothing here writes to a socket but through Client and ChatServer.sendOff().
+
+/** Floods (runs of dropped lines) within FLOOD_MEMORY_MS that get a client disconnected. */
+const FLOOD_STRIKES = 3;
+const FLOOD_MEMORY_MS = 60_000;
+
+/** Who may connect, how many at once, how fast they may talk, and how long they may be silent. */
+class Limits {
+  readonly allow: BlockList | null;
+  readonly deny: BlockList | null;
+  readonly maxClients: number;
+  readonly maxPerIp: number;
+  readonly rate: number;
+  readonly announceLimit: number;
+  readonly idleSeconds: number;
+  private readonly perIp = new Map<string, number>();
+  private idleSweep: ReturnType<typeof setInterval> | undefined = undefined;
+
+  constructor(options: ChatServerOptions) {
+    this.allow = options.allow?.length ? parseBlocks(options.allow) : null;
+    this.deny = options.deny?.length ? parseBlocks(options.deny) : null;
+    this.maxClients = options.maxClients ?? DEFAULT_MAX_CLIENTS;
+    this.maxPerIp = options.maxPerIp ?? DEFAULT_MAX_PER_IP;
+    this.rate = options.rate ?? DEFAULT_RATE;
+    this.announceLimit = options.announceLimit ?? DEFAULT_ANNOUNCE_LIMIT;
+    this.idleSeconds = options.idle ?? 0;
+  }
+
+  /** Why a new connection from `ip` may not be served, with `clients` already here; or null. */
+  refusal(ip: string, clients: number): string | null {
+    if ((this.allow && !inBlocks(this.allow, ip)) || (this.deny && inBlocks(this.deny, ip))) {
+      return `Sorry, connections from ${ip} are not allowed`;
+    }
+    if (clients >= this.maxClients) {
+      return `Sorry, the server is full (${this.maxClients} clients); try again later`;
+    }
+    if (this.maxPerIp > 0 && (this.perIp.get(ip) ?? 0) >= this.maxPerIp) {
+      return `Sorry, too many connections from ${ip} (at most ${this.maxPerIp})`;
+    }
+    return null;
+  }
+
+  /** Counts a client in, for the per-address limit. */
+  count(client: Client): void {
+    this.perIp.set(client.ip, (this.perIp.get(client.ip) ?? 0) + 1);
+  }
+
+  /** Counts a client out. */
+  uncount(client: Client): void {
+    const left = (this.perIp.get(client.ip) ?? 1) - 1;
+    if (left > 0) this.perIp.set(client.ip, left);
+    else this.perIp.delete(client.ip);
+  }
+
+  /**
+   * Takes one token from the client's bucket for a line it sent; if there was none, the line is
+   * dropped and the client warned, and the last of FLOOD_STRIKES floods sends it off.
+   */
+  withinRate(server: ChatServer, client: Client): boolean {
+    if (this.rate === 0) return true;
+    const now = client.lastInput;
+    const bucket = client.bucket ??= new TokenBucket(this.rate / 10_000, 2 * this.rate, now);
+    if (bucket.take(now)) return true;
+    const flood = bucket.strike(now);
+    if (flood >= FLOOD_STRIKES) {
+      server.sendOff(client, "Disconnected for flooding", "flooding");
+    } else if (flood > 0) {
+      client.tell(
+        `You are sending more than ${this.rate} lines in 10 seconds; lines are dropped until you slow down ` +
+          `(warning ${flood} of ${FLOOD_STRIKES - 1})`,
+      );
+    }
+    return false;
+  }
+
+  /** With `idle`, sends off clients that have said nothing for that many seconds. */
+  startIdleSweep(server: ChatServer): void {
+    const idleMs = this.idleSeconds * 1000;
+    if (idleMs <= 0) return;
+    this.idleSweep = setInterval(() => {
+      const now = Date.now();
+      for (const client of server.clients) {
+        if (now - client.lastInput >= idleMs) {
+          server.sendOff(client, `Closing: nothing from you for ${this.idleSeconds} seconds`, "idle");
+        }
+      }
+    }, Math.max(50, Math.min(1000, idleMs / 4)));
+  }
+
+  stopIdleSweep(): void {
+    clearInterval(this.idleSweep);
+  }
+}
+
+/**
+ * A token bucket for flood control, and the floods it has seen. It does no I/O and reads no
+ * clock: the caller says what time it is, so a test can run it on a fake one.
+ *
+ * @example
+ * ```ts
+ * import { TokenBucket } from "./chat_server.ts";
+ * const bucket = new TokenBucket(1 / 1000, 2, 0); // a token a second, bursts of two
+ * console.assert(bucket.take(0) && bucket.take(0) && !bucket.take(0));
+ * console.assert(bucket.take(1000));
+ * ```
+ */
+export class TokenBucket {
+  /** Tokens per millisecond. */
+  readonly rate: number;
+  readonly burst: number;
+  tokens: number;
+  at: number;
+  /** Inside a flood (lines are being dropped), how many floods lately, and when the last began. */
+  flooding = false;
+  floods = 0;
+  lastFlood = 0;
+
+  /** A full bucket at `now` (ms). */
+  constructor(rate: number, burst: number, now: number) {
+    this.rate = rate;
+    this.burst = burst;
+    this.tokens = burst;
+    this.at = now;
+  }
+
+  /** Takes a token at `now` (ms): true if there was one. */
+  take(now: number): boolean {
+    this.tokens = Math.min(this.burst, this.tokens + (now - this.at) * this.rate);
+    this.at = now;
+    if (this.tokens < 1) return false;
+    this.tokens -= 1;
+    this.flooding = false;
+    return true;
+  }
+
+  /** Counts a line dropped at `now`: the number of the flood it starts (1, 2, ...), or 0 within one. */
+  strike(now: number): number {
+    if (this.flooding) return 0;
+    this.flooding = true;
+    if (now - this.lastFlood > FLOOD_MEMORY_MS) this.floods = 0;
+    this.lastFlood = now;
+    return ++this.floods;
+  }
+}
+
+/**
+ * Parses `--allow`/`--deny` blocks (`a.b.c.d/n`, `v6addr/n`, or a bare address) into a
+ * BlockList; throws a RangeError naming the first that is neither. IPv4-mapped IPv6 blocks
+ * (`::ffff:10.0.0.0/104`) match the IPv4 addresses they map.
+ */
+export function parseBlocks(texts: string[]): BlockList {
+  const list = new BlockList();
+  for (const text of texts) {
+    const [address, bits, extra] = text.split("/");
+    const family = isIP(address);
+    const max = family === 6 ? 128 : 32;
+    const prefix = bits === undefined ? max : Number(bits);
+    if (
+      family === 0 || extra !== undefined || !/^\d+$/.test(bits ?? "0") || !(prefix >= 0 && prefix <= max)
+    ) {
+      throw new RangeError(`"${text}" is not an address or a CIDR block like 192.168.0.0/16 or fd00::/8`);
+    }
+    list.addSubnet(address, prefix, family === 6 ? "ipv6" : "ipv4");
+  }
+  return list;
+}
+
+/** True if `ip` (a plain address, as `plainHost()` gives it) is in one of the blocks. */
+export function inBlocks(list: BlockList, ip: string): boolean {
+  const family = isIP(ip);
+  return family !== 0 && list.check(ip, family === 6 ? "ipv6" : "ipv4");
+}
+
+// =============================================================================================
+// 5. TLS and the web gate
+//
+// start() (section 1) listens with listenForClients() and, with `http`, opens the WebGate;
+// acceptNewConnection() completes a TLS handshake with handshake() and turns a connection away
+// with refuse(). The web gate admits each WebSocket as a client like any other: the same
+// refusals, the same framer, the same pacing gate, the same leave.
+
+/** Pending connections the kernel may queue for us: a join storm should not meet SYN drops. */
+const TCP_BACKLOG = 4096;
+/** How long a TLS client may take to complete its handshake. */
+const HANDSHAKE_MS = 10_000;
+/**
+ * Input a WebSocket client may have waiting while the room waits for a slow reader. A browser
+ * cannot be told to stop sending (the runtime reads its socket for us), so its messages wait
+ * here, in order; one that sends this much more than the room can take is sent off.
+ */
+const WS_BACKLOG_BYTES = 32 * 1024 * 1024;
+
+/** Listens for chat clients on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
+function listenForClients(
   host: string | undefined,
   port: number,
   tls?: { cert: string; key: string },
@@ -1388,7 +1522,10 @@ async function handshake(conn: Deno.TlsConn, address: string): Promise<boolean> 
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error("no handshake within 10 s")), 10_000);
+      timer = setTimeout(
+        () => reject(new Error(`no handshake within ${HANDSHAKE_MS / 1000} s`)),
+        HANDSHAKE_MS,
+      );
     });
     await Promise.race([conn.handshake(), timeout]);
     return true;
@@ -1401,10 +1538,10 @@ async function handshake(conn: Deno.TlsConn, address: string): Promise<boolean> 
   }
 }
 
-/** Writes a refusal to a connection we will not serve, then closes it. */
-async function refuse(conn: Deno.Conn, message: Uint8Array): Promise<void> {
+/** Writes a one-line refusal to a connection we will not serve, then closes it. */
+async function refuse(conn: Deno.Conn, refusal: string): Promise<void> {
   try {
-    await settleWithin(SHUTDOWN_GRACE_MS, [writeAll(conn, message)]);
+    await settleWithin(SHUTDOWN_GRACE_MS, [writeAll(conn, encoder.encode(refusal + "\r\n"))]);
   } catch (e) {
     if (!isDisconnect(e)) throw e;
   } finally {
@@ -1412,100 +1549,181 @@ async function refuse(conn: Deno.Conn, message: Uint8Array): Promise<void> {
   }
 }
 
-/** Resolves after `ms` milliseconds, without holding the process open. */
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => Deno.unrefTimer(setTimeout(resolve, ms)));
-}
-
-/** Waits for the promises, or for `ms` milliseconds, whichever is first. */
-async function settleWithin(ms: number, promises: Promise<unknown>[]): Promise<void> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
-  try {
-    await Promise.race([Promise.allSettled(promises), timeout]);
-  } finally {
-    clearTimeout(timer);
+/** The web page's port could not be listened on (the chat port itself was fine). */
+export class WebListenError extends Error {
+  constructor(readonly port: number, readonly host: string | undefined, override readonly cause: unknown) {
+    super(
+      `cannot serve the web page on ${host ?? "all interfaces"}, port ${port}: ${
+        cause instanceof Deno.errors.AddrInUse ? "the port is already in use" : (cause as Error).message
+      }`,
+    );
   }
 }
 
-/** True if a line holds nothing but spaces and tabs. */
-function isBlank(line: Uint8Array): boolean {
-  for (const b of line) if (b !== 32 && b !== TAB) return false;
-  return true;
-}
+/** The web side: GET / is the page (section 9), GET /ws a WebSocket client of the chat. */
+class WebGate {
+  readonly server: ChatServer;
+  readonly origins: string[];
+  readonly http: Deno.HttpServer<Deno.NetAddr>;
 
-/** Why `name` cannot be a nick or room name, or null if it can. */
-export function checkName(name: string, what: string): string | null {
-  const length = [...name].length;
-  if (length < 1 || length > MAX_NAME) return `A ${what} has 1 to ${MAX_NAME} characters`;
-  // Spaces would split commands; ':' and brackets would let a name pass for an address.
-  if (/[\s:[\]\p{Cc}]/u.test(name)) return `A ${what} has no spaces, ':' or brackets`;
-  return null;
-}
-
-/** An IPv4-mapped IPv6 address as plain IPv4; anything else as it is. */
-function plainHost(hostname: string): string {
-  return hostname.startsWith("::ffff:") && hostname.includes(".") ? hostname.slice(7) : hostname;
-}
-
-// --- CIDR blocks, for --allow and --deny
-
-/** A network: its address bytes (4 for IPv4, 16 for IPv6) and how many leading bits count. */
-interface Cidr {
-  bytes: Uint8Array;
-  bits: number;
-}
-
-/** Parses `a.b.c.d/n`, `v6addr/n`, or a bare address (a block of one). */
-export function parseCidr(text: string): Cidr {
-  const [address, bitsText] = text.split("/");
-  const bytes = parseIp(address);
-  const max = bytes ? bytes.length * 8 : 0;
-  const bits = bitsText === undefined ? max : Number(bitsText);
-  if (!bytes || !/^\d*$/.test(bitsText ?? "") || !(bits >= 0 && bits <= max)) {
-    throw new RangeError(`"${text}" is not an address or a CIDR block like 192.168.0.0/16 or fd00::/8`);
+  /** Listens for HTTP; throws WebListenError if the port cannot be had. */
+  constructor(server: ChatServer, options: NonNullable<ChatServerOptions["http"]>) {
+    this.server = server;
+    this.origins = options.origins ?? [];
+    const serve = (hostname: string) =>
+      Deno.serve({ hostname, port: options.port, onListen() {} }, (r, info) => this.handle(r, info));
+    const host = options.host ?? server.options.host;
+    try {
+      this.http = serve(host ?? "::");
+    } catch (e) {
+      if (host !== undefined || e instanceof Deno.errors.AddrInUse) {
+        throw new WebListenError(options.port, host, e);
+      }
+      this.http = serve("0.0.0.0"); // a host without IPv6
+    }
   }
-  return { bytes, bits };
-}
 
-/** True if `ip` is inside the block. IPv4 and IPv6 never match each other. */
-export function cidrContains(cidr: Cidr, ip: string): boolean {
-  const bytes = parseIp(ip);
-  if (!bytes || bytes.length !== cidr.bytes.length) return false;
-  for (let bit = 0; bit < cidr.bits; bit += 8) {
-    const mask = cidr.bits - bit >= 8 ? 0xff : (0xff << (8 - (cidr.bits - bit))) & 0xff;
-    if ((bytes[bit / 8] & mask) !== (cidr.bytes[bit / 8] & mask)) return false;
+  get addr(): Deno.NetAddr {
+    return this.http.addr;
   }
-  return true;
-}
 
-/** The bytes of an IPv4 or IPv6 address, or null if it is neither. */
-function parseIp(text: string): Uint8Array | null {
-  const v4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(text);
-  if (v4) {
-    const parts = v4.slice(1).map(Number);
-    return parts.every((p) => p <= 255) ? new Uint8Array(parts) : null;
+  get finished(): Promise<void> {
+    return this.http.finished;
   }
-  if (!text.includes(":") || !/^[0-9a-fA-F:]+$/.test(text)) return null;
-  const halves = text.split("::");
-  if (halves.length > 2) return null;
-  const words = (half: string) => half ? half.split(":") : [];
-  const head = words(halves[0]), tail = halves.length === 2 ? words(halves[1]) : [];
-  const fill = 8 - head.length - tail.length;
-  if ((halves.length === 2 ? fill < 1 : fill !== 0)) return null;
-  const all = [...head, ...Array(halves.length === 2 ? fill : 0).fill("0"), ...tail];
-  if (all.some((w) => !/^[0-9a-fA-F]{1,4}$/.test(w))) return null;
-  const out = new Uint8Array(16);
-  all.forEach((w, i) => {
-    const n = parseInt(w, 16);
-    out[2 * i] = n >> 8;
-    out[2 * i + 1] = n & 0xff;
-  });
-  return out;
+
+  /** Stops taking requests; open WebSockets are closed by the server as clients. */
+  shutdown(): Promise<void> {
+    return this.http.shutdown();
+  }
+
+  /** Serves GET / (the page) and GET /ws (a WebSocket client, admitted like any other). */
+  handle(request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>): Response {
+    const url = new URL(request.url);
+    if (url.pathname === "/" && (request.method === "GET" || request.method === "HEAD")) {
+      return new Response(PAGE, {
+        headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" },
+      });
+    }
+    if (url.pathname !== "/ws") return new Response("Not found\n", { status: 404 });
+    if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
+      return new Response("This is the chat's WebSocket: open / in a browser\n", { status: 426 });
+    }
+    const address = formatPeer(info.remoteAddr); // before the upgrade: afterwards it throws
+    const origin = request.headers.get("origin");
+    if (origin !== null && !this.originAllowed(origin, request.headers.get("host"))) {
+      console.error(`Refused ${address}: WebSocket from another site (${origin})`);
+      return new Response("Cross-origin WebSocket refused\n", { status: 403 });
+    }
+    const ip = plainHost(info.remoteAddr.hostname);
+    const refused = this.server.limits.refusal(ip, this.server.clients.size);
+    if (refused) {
+      console.error(`Refused ${address}: ${refused}`);
+      return new Response(refused + "\n", { status: 403 });
+    }
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    this.server.tasks.track(this.serveWebSocket(socket, address, ip));
+    return response;
+  }
+
+  /** Same-origin pages may always connect; others only if --http-origin names them. */
+  originAllowed(origin: string, host: string | null): boolean {
+    if (this.origins.includes("*") || this.origins.includes(origin)) return true;
+    try {
+      return new URL(origin).host === host;
+    } catch {
+      return false; // "null" or garbage
+    }
+  }
+
+  /**
+   * Owns one WebSocket client: each text message is one or more lines, as if typed in telnet.
+   * While the room waits for a slow reader, messages wait in a backlog and go through the same
+   * pacing gate as TCP input.
+   */
+  serveWebSocket(ws: WebSocket, address: string, ip: string): Promise<void> {
+    const server = this.server;
+    return new Promise((resolve) => {
+      let client: Client | null = null, framer: LineFramer | null = null, done = false;
+      const backlog: Uint8Array[] = [];
+      let held = 0;
+      // Runs once: the client leaves (or never came), and close() may stop waiting for it.
+      const end = (c: Client | null) => {
+        if (done) return;
+        done = true;
+        try {
+          if (c) server.leave(c);
+        } finally {
+          resolve();
+        }
+      };
+      const take = (c: Client, data: Uint8Array) => {
+        framer!.push(data);
+        framer!.push(LF); // a message is a line, whether or not it ends in one
+        if (c.leaving !== null) end(c); // /quit or a flood: its goodbye closes the socket
+      };
+      const drain = (): void => {
+        const c = client!;
+        while (backlog.length > 0 && c.leaving === null && !c.closed) {
+          if (server.flusher.congested.size > 0) {
+            server.flusher.waitForRoom().then(drain);
+            return;
+          }
+          const data = backlog.shift()!;
+          held -= data.length;
+          take(c, data);
+        }
+        backlog.length = held = 0;
+      };
+      ws.onopen = () => {
+        const c = client = server.admit(webSocketLink(ws, server.flusher.sendq), address, ip);
+        framer = new LineFramer(server.maxLine, (line, truncated) => server.onLine(c, line, truncated));
+      };
+      ws.onmessage = (event) => {
+        const c = client;
+        if (!c || c.leaving !== null || c.closed) return;
+        c.lastInput = Date.now();
+        const data = typeof event.data === "string" ? encoder.encode(event.data) : new Uint8Array(event.data);
+        if (backlog.length === 0 && server.flusher.congested.size === 0) return take(c, data);
+        backlog.push(data);
+        held += data.length;
+        if (held > WS_BACKLOG_BYTES) {
+          server.sendOff(c, "Disconnected: you are sending faster than the room can read", "flooding");
+          end(c);
+        } else if (backlog.length === 1) drain();
+      };
+      ws.onclose = () => end(client);
+      ws.onerror = () => {}; // onclose follows
+    });
+  }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The bus between instances (--redis)
+/**
+ * A WebSocket as a client connection: each line written becomes one text message, without its
+ * CRLF. The browser's own buffer stands in for the send queue: past `sendq` bytes, the client is
+ * as stuck as a telnet user who stopped reading, and is cut off the same way.
+ */
+function webSocketLink(ws: WebSocket, sendq: number): Link {
+  return {
+    write(bytes) {
+      if (ws.readyState !== WebSocket.OPEN) {
+        return Promise.reject(new Deno.errors.BrokenPipe("WebSocket closed"));
+      }
+      if (ws.bufferedAmount > sendq) return Promise.reject(new Error(`WebSocket buffer over ${sendq} bytes`));
+      for (const line of decoder.decode(bytes).split("\r\n")) if (line) ws.send(line);
+      return Promise.resolve(bytes.length);
+    },
+    close() {
+      if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close();
+    },
+  };
+}
+
+// =============================================================================================
+// 6. Sharing rooms through Redis (--redis)
+//
+// start() (section 1) starts the bus when `redis` is set; from then on the server calls it
+// through its possibly-null `bus` field: relay(), announce() and the commands publish, and the
+// bus hands lines from other instances to busHandlersFor()'s callbacks.
 //
 // Several chat_server.ts instances behind one TCP load balancer share their rooms through Redis,
 // as Socket.IO's Redis adapter and Phoenix.PubSub do. Each room is a channel; each instance
@@ -1568,6 +1786,23 @@ interface BusHandlers {
   say(text: string): void;
 }
 
+/** The running bus, as start() keeps it. */
+type RedisBus = Bus & { ready: Promise<void> };
+
+/** How the bus reaches this server: lines for its rooms and nicks, and who is here. */
+function busHandlersFor(server: ChatServer): BusHandlers {
+  return {
+    onRoomLine(room, text) {
+      server.directory.room(room)?.broadcastExcept(null, encoder.encode(text + "\r\n"));
+    },
+    onWhisper(nick, text) {
+      server.directory.holder(nick)?.tell(text);
+    },
+    locals: () => [...server.clients].map(presenceOf),
+    say: (text) => server.log.event(text, { event: "redis", text }),
+  };
+}
+
 /** Options for the bus. */
 export interface RedisOptions {
   /** `redis://HOST:PORT[/DB]`. */
@@ -1582,10 +1817,7 @@ export interface RedisOptions {
  * Connects the bus. Resolves at once: `ready` settles when Redis first answers, and until then
  * (and whenever Redis is away) the server runs on its own.
  */
-async function startBus(
-  options: RedisOptions,
-  handlers: BusHandlers,
-): Promise<Bus & { ready: Promise<void> }> {
+async function startBus(options: RedisOptions, handlers: BusHandlers): Promise<RedisBus> {
   const { createClient } = await import("redis"); // loaded only with --redis: no network needed without
   const prefix = options.prefix ?? "chat";
   const expiry = options.expiry ?? 30;
@@ -1748,12 +1980,167 @@ async function startBus(
   };
 }
 
-// ---------------------------------------------------------------------------------------------
-// The web page (--http): one self-contained HTML file, its CSS and JS inline. It speaks the same
-// lines as telnet over a WebSocket; it asks /who quietly to keep its member list, and it puts
-// everything that came from other people into the page as text, never as HTML.
+// =============================================================================================
+// 7. Options
 
-const PAGE = `<!doctype html>
+/** Something bytes can be written to, such as `Deno.stdout`. */
+export interface Writer {
+  write(p: Uint8Array): Promise<number>;
+}
+
+/** Options for {@linkcode startChatServer}. Every limit has a default. */
+export interface ChatServerOptions {
+  /** Port to listen on; 0 picks a free one. Default {@linkcode DEFAULT_PORT}. */
+  port?: number;
+  /** Interface to bind. Default: all interfaces, IPv6 and IPv4, or IPv4 alone without IPv6. */
+  host?: string;
+  /** Longest line relayed, in bytes. Default {@linkcode DEFAULT_MAX_LINE}. */
+  maxLine?: number;
+  /** Send queue per client, in bytes. Default {@linkcode DEFAULT_SENDQ}. */
+  sendq?: number;
+  /** Clients served at once. Default {@linkcode DEFAULT_MAX_CLIENTS}. */
+  maxClients?: number;
+  /** Clients per remote address; 0 is no limit. Default {@linkcode DEFAULT_MAX_PER_IP}. */
+  maxPerIp?: number;
+  /** Seconds of silence after which a client is told and closed; 0 is never. Default 0. */
+  idle?: number;
+  /** Lines per 10 seconds per client, with bursts of twice that; 0 is no limit. Default {@linkcode DEFAULT_RATE}. */
+  rate?: number;
+  /** Members above which a room stops announcing joins and leaves. Default {@linkcode DEFAULT_ANNOUNCE_LIMIT}. */
+  announceLimit?: number;
+  /** CIDR blocks that may connect (empty: everyone). Checked at accept, before `deny`. */
+  allow?: string[];
+  /** CIDR blocks that may not connect. */
+  deny?: string[];
+  /** Also serve the web page and its WebSocket: `port` (0 picks one), `host` (default: as `host`),
+   * and the `origins` allowed to open the WebSocket from other sites (`*` for any). */
+  http?: { port: number; host?: string; origins?: string[] };
+  /** Share rooms with other instances through Redis. Default: this instance alone. */
+  redis?: RedisOptions;
+  /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
+  tls?: { cert: string; key: string };
+  /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
+  log?: Writer | null;
+  /** `text`: the tutorial's lines; `json`: one JSON object per event. Default `text`. */
+  logFormat?: "text" | "json";
+}
+
+// =============================================================================================
+// 8. Small helpers
+
+/** Joins byte arrays into one new array of `total` bytes. */
+function concatBytes(parts: Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+/** True for the errors a peer causes by going away: expected, and not worth a stack trace. */
+function isDisconnect(e: unknown): boolean {
+  return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
+    e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||
+    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected ||
+    e instanceof Deno.errors.UnexpectedEof; // a TLS peer that left without close_notify
+}
+
+/**
+ * What close() waits for: tasks that outlive their turn (a refusal, a handshake, a goodbye, a
+ * WebSocket), and readers, which are counted rather than kept as promises because an idle
+ * client should cost little. A task that fails is logged, and touches no other.
+ */
+class TaskSet {
+  private readonly running = new Set<Promise<void>>();
+  private held = 0;
+  private lastReleased: (() => void) | null = null;
+
+  track(task: Promise<unknown>): void {
+    const settled = task.then(
+      () => {},
+      (e) => console.error(`Error: ${e instanceof Error ? e.stack : e}`),
+    );
+    this.running.add(settled);
+    settled.finally(() => this.running.delete(settled));
+  }
+
+  /** Counts a reader in. */
+  hold(): void {
+    this.held++;
+  }
+
+  /** Counts a reader out. */
+  release(): void {
+    if (--this.held === 0) this.lastReleased?.();
+  }
+
+  /** Resolves when every task has settled and every reader is done. */
+  async settled(): Promise<void> {
+    for (;;) {
+      while (this.running.size > 0) await Promise.all(this.running);
+      if (this.held === 0) return;
+      await new Promise<void>((resolve) => this.lastReleased = resolve);
+    }
+  }
+}
+
+/** Resolves after `ms` milliseconds, without holding the process open. */
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => Deno.unrefTimer(setTimeout(resolve, ms)));
+}
+
+/** Waits for the promises, or for `ms` milliseconds, whichever is first. */
+async function settleWithin(ms: number, promises: Promise<unknown>[]): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
+  try {
+    await Promise.race([Promise.allSettled(promises), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** True if a line holds nothing but spaces and tabs. */
+function isBlank(line: Uint8Array): boolean {
+  for (const b of line) if (b !== 32 && b !== TAB) return false;
+  return true;
+}
+
+/** An IPv4-mapped IPv6 address as plain IPv4; anything else as it is. */
+function plainHost(hostname: string): string {
+  return hostname.startsWith("::ffff:") && hostname.includes(".") ? hostname.slice(7) : hostname;
+}
+
+// =============================================================================================
+// 9. The web page (--http): one self-contained HTML file, its CSS and JS inline. It speaks the
+// same lines as telnet over a WebSocket; it asks /who quietly to keep its member list, and it
+// puts everything that came from other people into the page as text, never as HTML.
+
+/**
+ * The lines the page's script reads to follow the room, its members and the names: the server
+ * writes them with these, and the page matches them (`receive()` below). Change one, and change
+ * the page with it: tests/chat_server_web_test.ts feeds each to the page's script.
+ */
+export const PAGE_READS = {
+  /** The seed's join line: the page asks /who again. */
+  joined: (address: string) => `Client joined ${address}`,
+  /** The seed's leave line, with ` (reason)` when there is one. */
+  left: (label: string, why = "") => `Client left ${label}${why}`,
+  renamed: (old: string, nick: string) => `${old} is now known as ${nick}`,
+  nowKnownAs: (nick: string) => `You are now known as ${nick}`,
+  /** The first line of /who's answer: the page takes the room's name and the count from it. */
+  whoHeader: (room: string, count: number) => `In ${room} (${count}):`,
+  nowIn: (room: string, count: number) => `You are now in ${room} (${count}); /who lists who is here`,
+  hasJoined: (label: string, room: string) => `${label} has joined ${room}`,
+  leftFor: (label: string, from: string, to: string) => `${label} has left ${from} for ${to}`,
+  /** A chat line, as Client.framed() builds it in bytes. */
+  said: (label: string, text: string) => `[${label}] ${text}`,
+  privately: (label: string, text: string) => `(private) [${label}] ${text}`,
+};
+
+export const PAGE = `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -1875,8 +2262,8 @@ connect();
 </html>
 `;
 
-// ---------------------------------------------------------------------------------------------
-// Command line
+// =============================================================================================
+// 10. The command line
 
 const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
   "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE] [--log text|json] " +
@@ -1997,13 +2384,11 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   if (v.redis !== undefined && !/^rediss?:\/\/[^/\s]+(\/\d+)?$/.test(v.redis)) {
     throw new UsageError(`--redis wants redis://HOST:PORT[/DB], not "${v.redis}"`);
   }
-  for (const cidr of [...(v.allow ?? []), ...(v.deny ?? [])]) {
-    try {
-      parseCidr(cidr);
-    } catch (e) {
-      if (e instanceof RangeError) throw new UsageError(e.message);
-      throw e;
-    }
+  try {
+    parseBlocks([...(v.allow ?? []), ...(v.deny ?? [])]);
+  } catch (e) {
+    if (e instanceof RangeError) throw new UsageError(e.message);
+    throw e;
   }
   return {
     options: {

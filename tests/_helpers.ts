@@ -252,3 +252,49 @@ export class Capture {
     }
   }
 }
+
+/**
+ * Reads `count` numbered lines from `sender` (as sendNumberedLines() writes them) the way a slow
+ * but live reader does: at most `chunk` bytes per read, then a pause of `pauseMs`. Returns how
+ * many arrived in order before the connection ended; other lines (joins, leaves) are skipped.
+ */
+export async function readSlowly(
+  reader: TestClient,
+  senderLabel: string,
+  count: number,
+  chunk = 16 * 1024,
+  pauseMs = 2,
+): Promise<number> {
+  const buf = new Uint8Array(chunk);
+  const prefix = `[${senderLabel}] `;
+  let rest = "", got = 0;
+  while (got < count) {
+    const n = await within(WAIT_MS, reader.conn.read(buf), "the next bytes from the server")
+      .catch((e) => e instanceof Deno.errors.ConnectionReset ? null : Promise.reject(e));
+    if (n === null) break;
+    const lines = (rest + decoder.decode(buf.subarray(0, n), { stream: true })).split("\r\n");
+    rest = lines.pop()!;
+    for (const line of lines) {
+      if (!line.startsWith(prefix)) continue;
+      if (line.slice(prefix.length, prefix.length + 7) !== String(got).padStart(7, "0")) {
+        throw new Error(`line ${got} out of order: ${JSON.stringify(line.slice(0, 40))}`);
+      }
+      got++;
+    }
+    await new Promise((r) => setTimeout(r, pauseMs));
+  }
+  return got;
+}
+
+/** Writes `count` numbered lines of `width` bytes from `sender`, 256 lines a write. */
+export async function sendNumberedLines(sender: TestClient, count: number, width: number): Promise<void> {
+  const pad = "x".repeat(width - 10);
+  let batch: string[] = [];
+  for (let i = 0; i < count; i++) {
+    batch.push(`${String(i).padStart(7, "0")} ${pad}\n`);
+    if (batch.length === 256 || i === count - 1) {
+      await sender.write(batch.join(""));
+      batch = [];
+    }
+  }
+}

@@ -1,12 +1,6 @@
 // chat_server.ts beyond the tutorial: commands, rooms, limits, TLS and the JSON log.
 import assert from "node:assert/strict";
-import {
-  type ChatServerOptions,
-  checkName,
-  cidrContains,
-  parseCidr,
-  startChatServer,
-} from "../chat_server.ts";
+import { type ChatServerOptions, checkName, inBlocks, parseBlocks, startChatServer } from "../chat_server.ts";
 import {
   Capture,
   Cli,
@@ -219,16 +213,21 @@ Deno.test("--allow and --deny are checked at accept; deny wins", async () => {
   });
 });
 
-Deno.test("parseCidr() and cidrContains() handle IPv4, IPv6 and bare addresses", () => {
-  const inside = (cidr: string, ip: string) => cidrContains(parseCidr(cidr), ip);
+Deno.test("parseBlocks() and inBlocks() handle IPv4, IPv6, mapped and bare addresses", () => {
+  const inside = (cidr: string, ip: string) => inBlocks(parseBlocks([cidr]), ip);
   assert.ok(inside("192.168.0.0/16", "192.168.44.3"));
   assert.ok(!inside("192.168.0.0/16", "192.169.0.1"));
   assert.ok(inside("10.0.0.0/9", "10.127.255.255") && !inside("10.0.0.0/9", "10.128.0.0"));
   assert.ok(inside("0.0.0.0/0", "8.8.8.8") && !inside("0.0.0.0/0", "::1"));
   assert.ok(inside("fd00::/8", "fd12:3456::1") && !inside("fd00::/8", "fe80::1"));
   assert.ok(inside("::1", "::1") && inside("2001:db8::/32", "2001:db8:0:0:0:0:0:42"));
-  for (const bad of ["10.0.0.0/33", "300.1.1.1", "fd00::/129", "hello", "1::2::3", "10.0.0.0/x"]) {
-    assert.throws(() => parseCidr(bad), RangeError, bad);
+  // An IPv4-mapped block covers the IPv4 addresses it maps, as the kernel hands them to us.
+  assert.ok(inside("::ffff:10.0.0.0/104", "10.1.2.3") && !inside("::ffff:10.0.0.0/104", "11.0.0.1"));
+  assert.ok(inside("10.0.0.0/8", "::ffff:10.9.9.9"));
+  for (
+    const bad of ["10.0.0.0/33", "300.1.1.1", "fd00::/129", "hello", "1::2::3", "10.0.0.0/x", "10.0.0.0/"]
+  ) {
+    assert.throws(() => parseBlocks([bad]), RangeError, bad);
   }
   assert.equal(checkName("ok-name_1", "nick"), null);
   assert.equal(checkName("δοκιμή", "nick"), null); // any printable characters
@@ -356,6 +355,7 @@ Deno.test("chat_server.ts rejects bad feature options with one line and exit cod
       [["--log", "xml"], '--log is text or json, not "xml"'],
       [["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"],
       [["--allow", "10.0.0.0/40"], '"10.0.0.0/40" is not an address or a CIDR block'],
+      [["--deny", "::ffff:10.0.0.0/129"], '"::ffff:10.0.0.0/129" is not an address or a CIDR block'],
       [["--idle", "soon"], '--idle wants seconds, not "soon"'],
       [["--rate=-5"], "--rate wants a whole number"],
     ] as const

@@ -8,7 +8,9 @@ import {
   GREETING,
   joinChat,
   needs,
+  readSlowly,
   rssKiB,
+  sendNumberedLines,
   TestClient,
   WAIT_MS,
   within,
@@ -166,18 +168,42 @@ Deno.test("startChatServer() truncates an over-long line and tells the sender", 
 
 // --- Limits and slow consumers -----------------------------------------------------------------
 
-/** Sends `total` bytes of numbered lines from `sender`, in big writes. */
-async function sendNumberedLines(sender: TestClient, count: number, width: number): Promise<void> {
-  const pad = "x".repeat(width - 10);
-  let batch: string[] = [];
-  for (let i = 0; i < count; i++) {
-    batch.push(`${String(i).padStart(7, "0")} ${pad}\n`);
-    if (batch.length === 256 || i === count - 1) {
-      await sender.write(batch.join(""));
-      batch = [];
-    }
+Deno.test("chat_server.ts paces a fast sender for a slow but live reader, which loses nothing", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--rate", "0"]);
+  await cli.readLine();
+  const cliLines = (async () => {
+    while (await cli.readLine() !== null); // keep the log flowing, as a terminal would
+  })();
+  using reader = await joinChat(port);
+  using sleeper = await TestClient.connect(port); // never reads a byte: it must still be cut off
+  using other = await joinChat(port);
+  using sender = await joinChat(port);
+  assert.equal(await reader.readLine(), `Client joined ${sleeper.name}\r\n`);
+  assert.equal(await reader.readLine(), `Client joined ${other.name}\r\n`);
+  assert.equal(await reader.readLine(), `Client joined ${sender.name}\r\n`);
+  const count = 20_000;
+  const sending = sendNumberedLines(sender, count, 1000);
+  const [slow, fast] = await Promise.all([
+    readSlowly(reader, sender.name, count), // about 8 MB/s
+    readSlowly(other, sender.name, count, 64 * 1024, 0),
+  ]);
+  await sending;
+  if (slow !== count) {
+    cli.kill();
+    await cliLines;
+    console.log((await cli.finish()).stderr);
   }
-}
+  assert.equal(slow, count, `the slow reader got ${slow} of ${count} lines`);
+  assert.equal(fast, count, `the fast reader got ${fast} of ${count} lines`);
+  assert.match(await sleeper.readToEnd(), /^You're connected/); // and then the server hung up
+  cli.kill();
+  await cliLines;
+  const { code, stderr } = await cli.finish();
+  assert.equal(code, 0);
+  assert.match(stderr, new RegExp(`Dropped ${sleeper.name.replaceAll(".", "\\.")}: send queue over`));
+  assert.doesNotMatch(stderr, new RegExp(`Dropped ${reader.name.replaceAll(".", "\\.")}`));
+});
 
 Deno.test("chat_server.ts cuts off a client that never reads, and no one else misses a line", async () => {
   const port = freePort();
