@@ -1645,7 +1645,7 @@ class WebGate {
     return new Promise((resolve) => {
       let client: Client | null = null, framer: LineFramer | null = null, done = false;
       const backlog: Uint8Array[] = [];
-      let held = 0;
+      let head = 0, held = 0;
       // Runs once: the client leaves (or never came), and close() may stop waiting for it.
       const end = (c: Client | null) => {
         if (done) return;
@@ -1661,18 +1661,21 @@ class WebGate {
         framer!.push(LF); // a message is a line, whether or not it ends in one
         if (c.leaving !== null) end(c); // /quit or a flood: its goodbye closes the socket
       };
-      const drain = (): void => {
+      // Takes waiting messages while the gate is open; after a wait at the gate it takes at least
+      // one, as read() reads once: a stalled reader opens the gate without freeing it.
+      const drain = (waited: boolean): void => {
         const c = client!;
-        while (backlog.length > 0 && c.leaving === null && !c.closed) {
-          if (server.flusher.congested.size > 0) {
-            server.flusher.waitForRoom().then(drain);
+        while (head < backlog.length && c.leaving === null && !c.closed) {
+          if (!waited && server.flusher.congested.size > 0) {
+            server.flusher.waitForRoom().then(() => drain(true));
             return;
           }
-          const data = backlog.shift()!;
+          waited = false;
+          const data = backlog[head++];
           held -= data.length;
           take(c, data);
         }
-        backlog.length = held = 0;
+        backlog.length = head = held = 0;
       };
       ws.onopen = () => {
         const c = client = server.admit(webSocketLink(ws, server.flusher.sendq), address, ip);
@@ -1689,7 +1692,7 @@ class WebGate {
         if (held > WS_BACKLOG_BYTES) {
           server.sendOff(c, "Disconnected: you are sending faster than the room can read", "flooding");
           end(c);
-        } else if (backlog.length === 1) drain();
+        } else if (backlog.length === 1) drain(false);
       };
       ws.onclose = () => end(client);
       ws.onerror = () => {}; // onclose follows

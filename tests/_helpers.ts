@@ -1,5 +1,7 @@
 // Shared test tools: a line-oriented TCP client, CLI spawning, and checks for outside programs.
 // The file name starts with "_" so that `deno test` does not take it for a test file.
+import assert from "node:assert/strict";
+import { type ChatServerOptions, startChatServer } from "../chat_server.ts";
 
 export const encoder = new TextEncoder();
 export const decoder = new TextDecoder();
@@ -296,5 +298,71 @@ export async function sendNumberedLines(sender: TestClient, count: number, width
       await sender.write(batch.join(""));
       batch = [];
     }
+  }
+}
+
+/** A WebSocket client whose messages can be awaited one by one. */
+export class WsClient {
+  readonly ws: WebSocket;
+  #messages: string[] = [];
+  #wake: (() => void) | null = null;
+  #closed: Promise<void>;
+
+  constructor(url: string) {
+    this.ws = new WebSocket(url);
+    this.ws.onmessage = (e) => {
+      this.#messages.push(String(e.data));
+      this.#wake?.();
+    };
+    this.#closed = new Promise((resolve) => this.ws.addEventListener("close", () => resolve()));
+  }
+
+  opened(): Promise<void> {
+    return within(
+      WAIT_MS,
+      new Promise((resolve) => this.ws.addEventListener("open", () => resolve())),
+      "open",
+    );
+  }
+
+  async next(): Promise<string> {
+    while (this.#messages.length === 0) {
+      await within(WAIT_MS, new Promise<void>((resolve) => this.#wake = resolve), "a WebSocket message");
+    }
+    return this.#messages.shift()!;
+  }
+
+  async close(): Promise<void> {
+    this.ws.close();
+    await this.#closed;
+  }
+}
+
+/** Starts a server with `options` on a free port, runs `body`, and closes everything afterwards. */
+export async function withServer(
+  options: ChatServerOptions,
+  body: (port: number, log: Capture) => Promise<void>,
+): Promise<void> {
+  const log = new Capture();
+  const server = await startChatServer({ port: 0, log, ...options });
+  try {
+    await body(server.addr.port, log);
+  } finally {
+    await server.close();
+  }
+}
+
+/** Sends a line and expects these lines back, in order. */
+export async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
+  await client.write(line + "\r\n");
+  for (const want of expected) assert.equal(await client.readLine(), want + "\r\n");
+}
+
+/** Reads lines until one passes `test`, and returns it. */
+export async function readUntil(client: TestClient, test: (line: string) => boolean): Promise<string> {
+  for (;;) {
+    const line = await client.readLine();
+    if (line === null) throw new Error("closed while waiting");
+    if (test(line)) return line;
   }
 }

@@ -1,8 +1,8 @@
 // chat_server.ts beyond the tutorial: commands, rooms, limits, TLS and the JSON log.
 import assert from "node:assert/strict";
-import { type ChatServerOptions, checkName, inBlocks, parseBlocks, startChatServer } from "../chat_server.ts";
+import { checkName, inBlocks, parseBlocks } from "../chat_server.ts";
 import {
-  Capture,
+  ask,
   Cli,
   freePort,
   GREETING,
@@ -12,27 +12,8 @@ import {
   TestClient,
   WAIT_MS,
   within,
+  withServer,
 } from "./_helpers.ts";
-
-/** Starts a server with `options` on a free port, runs `body`, and closes everything afterwards. */
-async function withServer(
-  options: ChatServerOptions,
-  body: (port: number, log: Capture) => Promise<void>,
-): Promise<void> {
-  const log = new Capture();
-  const server = await startChatServer({ port: 0, log, ...options });
-  try {
-    await body(server.addr.port, log);
-  } finally {
-    await server.close();
-  }
-}
-
-/** Sends a line and expects these lines back, in order. */
-async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
-  await client.write(line + "\r\n");
-  for (const want of expected) assert.equal(await client.readLine(), want + "\r\n");
-}
 
 Deno.test("/nick renames a client, once per name whatever the case, and its lines carry the nick", async () => {
   await withServer({}, async (port) => {

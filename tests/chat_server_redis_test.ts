@@ -1,7 +1,18 @@
 // chat_server.ts --redis: several instances share rooms through a real redis-server.
 import assert from "node:assert/strict";
 import { type ChatServer, startChatServer } from "../chat_server.ts";
-import { Capture, Cli, freePort, joinChat, needs, TestClient, WAIT_MS, within } from "./_helpers.ts";
+import {
+  ask,
+  Capture,
+  Cli,
+  freePort,
+  joinChat,
+  needs,
+  readUntil,
+  TestClient,
+  WAIT_MS,
+  within,
+} from "./_helpers.ts";
 
 /** A redis-server of our own on a free port, that a test can kill and start again. */
 class Redis {
@@ -59,11 +70,6 @@ async function instances(
   return { servers, logs };
 }
 
-async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
-  await client.write(line + "\r\n");
-  for (const want of expected) assert.equal(await client.readLine(), want + "\r\n");
-}
-
 let syncs = 0;
 
 /**
@@ -86,15 +92,6 @@ async function who(client: TestClient): Promise<string[]> {
     members.push((await client.readLine())!.trim());
   }
   return members;
-}
-
-/** Reads lines until one satisfies `test`; fails after WAIT_MS. */
-async function readUntil(client: TestClient, test: (line: string) => boolean): Promise<string> {
-  for (;;) {
-    const line = await client.readLine();
-    if (line === null) throw new Error("closed while waiting");
-    if (test(line)) return line;
-  }
 }
 
 // npm:redis keeps sockets and timers between calls: the instances and Redis are closed in each test.

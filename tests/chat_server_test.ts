@@ -1,5 +1,13 @@
 import assert from "node:assert/strict";
-import { type ChatServerOptions, LineFramer, startChatServer } from "../chat_server.ts";
+import {
+  Client,
+  Directory,
+  Flusher,
+  LineFramer,
+  SharedJoin,
+  startChatServer,
+  TokenBucket,
+} from "../chat_server.ts";
 import {
   Cli,
   decoder,
@@ -14,20 +22,8 @@ import {
   TestClient,
   WAIT_MS,
   within,
+  withServer,
 } from "./_helpers.ts";
-
-/** Starts a silent server on a free port, runs `body`, and closes everything afterwards. */
-async function withServer(
-  options: ChatServerOptions,
-  body: (port: number) => Promise<void>,
-): Promise<void> {
-  const server = await startChatServer({ port: 0, log: null, ...options });
-  try {
-    await body(server.addr.port);
-  } finally {
-    await server.close();
-  }
-}
 
 // --- The tutorial's transcript --------------------------------------------------------------
 
@@ -416,7 +412,7 @@ function onPty(command: string): Deno.ChildProcess {
 }
 
 /** Reads a child's stdout until `pattern` has been seen; returns all of it. */
-async function readUntil(
+async function readOutputUntil(
   reader: ReadableStreamDefaultReader<Uint8Array>,
   seen: { text: string },
   pattern: RegExp,
@@ -438,7 +434,7 @@ Deno.test({
       const stdin = telnet.stdin.getWriter();
       const out = telnet.stdout.getReader();
       const seen = { text: "" };
-      await readUntil(
+      await readOutputUntil(
         out,
         seen,
         /Escape character is '\^]'\.\r\nYou're connected to the Deno chatserver\r\n/,
@@ -448,11 +444,11 @@ Deno.test({
       await stdin.write(encoder.encode("Hello, is anyone there?\r"));
       assert.equal(await peer.readLine(), `[${name}] Hello, is anyone there?\r\n`);
       await peer.write("Yes, I'm here.\r\n");
-      await readUntil(out, seen, new RegExp(`\\[${peer.name}\\] Yes, I'm here\\.\r\n`));
+      await readOutputUntil(out, seen, new RegExp(`\\[${peer.name}\\] Yes, I'm here\\.\r\n`));
       await stdin.write(encoder.encode("\x1d")); // ^] then close, as in Listing 23
-      await readUntil(out, seen, /telnet> $/);
+      await readOutputUntil(out, seen, /telnet> $/);
       await stdin.write(encoder.encode("close\r"));
-      await readUntil(out, seen, /Connection closed\./);
+      await readOutputUntil(out, seen, /Connection closed\./);
       assert.equal(await peer.readLine(), `Client left ${name}\r\n`);
       await stdin.close();
       await out.cancel();
@@ -515,11 +511,11 @@ Deno.test({
       const bin = new Deno.Command(out, { args: [String(port)], stdout: "piped", stderr: "piped" }).spawn();
       const reader = bin.stdout.getReader();
       const seen = { text: "" };
-      await readUntil(reader, seen, /ChatServer started on port \d+\n/);
+      await readOutputUntil(reader, seen, /ChatServer started on port \d+\n/);
       using c = await TestClient.connect(port);
       assert.equal(await c.readLine(), GREETING);
       bin.kill("SIGTERM");
-      await readUntil(reader, seen, /shutdown complete/);
+      await readOutputUntil(reader, seen, /shutdown complete/);
       reader.releaseLock();
       await bin.stdout.cancel();
       await bin.stderr.cancel();
@@ -528,4 +524,73 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
+});
+
+// --- The parts that need no socket ------------------------------------------------------------
+
+Deno.test("TokenBucket.take() refills at its rate on a fake clock, up to the burst", () => {
+  const bucket = new TokenBucket(1 / 1000, 3, 0); // a token a second, bursts of three
+  assert.deepEqual([bucket.take(0), bucket.take(0), bucket.take(0), bucket.take(0)], [
+    true,
+    true,
+    true,
+    false,
+  ]);
+  assert.equal(bucket.take(999), false);
+  assert.equal(bucket.take(1000), true); // one token back after a second
+  assert.equal(bucket.take(1000), false);
+  assert.deepEqual([bucket.take(60_000), bucket.take(60_000), bucket.take(60_000)], [true, true, true]);
+  assert.equal(bucket.take(60_000), false, "a long rest refills no more than the burst");
+});
+
+Deno.test("TokenBucket.strike() numbers each flood once, and forgets floods after a minute", () => {
+  const bucket = new TokenBucket(1 / 1000, 1, 0);
+  bucket.take(0);
+  assert.deepEqual([bucket.strike(0), bucket.strike(10)], [1, 0]); // one flood, however many lines
+  bucket.take(5000); // a line gets through: the flood is over
+  assert.equal(bucket.strike(5000), 2);
+  bucket.take(10_000);
+  assert.equal(bucket.strike(200_000), 1, "a flood long after the last starts the count again");
+});
+
+Deno.test("Directory folds case in one place: rooms and nicks are found whatever the case", () => {
+  const directory = new Directory();
+  const link = { write: (p: Uint8Array) => Promise.resolve(p.length), close() {} };
+  const client = (port: number) =>
+    new Client(link, `127.0.0.1:${port}`, "127.0.0.1", directory.lobby, new Flusher(1024));
+  const ann = client(1), bob = client(2);
+  assert.equal(directory.openRoom("Dev"), directory.openRoom("dEV"));
+  assert.equal(directory.openRoom("dev").name, "Dev", "a room keeps the case it was first written in");
+  directory.enter(ann, directory.openRoom("DEV"));
+  assert.equal(directory.room("dev")?.members.has(ann), true);
+  directory.leave(ann);
+  assert.equal(directory.room("dev"), undefined, "an empty room is forgotten");
+  assert.equal(directory.room("LOBBY"), directory.lobby);
+  directory.rename(ann, "Ann");
+  assert.equal(directory.holder("aNN"), ann);
+  assert.equal(ann.label, "Ann");
+  directory.rename(ann, "ANN"); // the same nick in another case
+  assert.equal(directory.holder("ann"), ann);
+  assert.equal(directory.holder("Ann")?.nick, "ANN");
+  directory.rename(bob, "bob");
+  directory.forget(ann);
+  assert.equal(directory.holder("ann"), undefined);
+  assert.equal(ann.label, "ANN", "a leaving client keeps its name for the goodbye");
+  assert.ok(Directory.same("Lobby", "lobby") && !Directory.same("lobby", "lobby2"));
+});
+
+Deno.test("SharedJoin.join() gives clients with the same lines queued one buffer", () => {
+  const join = new SharedJoin();
+  const a = encoder.encode("[x] one\r\n"), b = encoder.encode("[x] two\r\n");
+  const first = join.join([a, b], a.length + b.length);
+  assert.equal(decoder.decode(first), "[x] one\r\n[x] two\r\n");
+  assert.equal(join.join([a, b], a.length + b.length), first, "the same parts share the buffer");
+  const queue = [a, b];
+  assert.equal(join.join(queue, a.length + b.length), first);
+  queue.length = 0; // a client's queue is emptied after its join...
+  assert.equal(join.join([a, b], a.length + b.length), first, "...and the kept parts are a copy");
+  const other = join.join([b, a], a.length + b.length);
+  assert.notEqual(other, first);
+  assert.equal(decoder.decode(other), "[x] two\r\n[x] one\r\n");
+  assert.equal(decoder.decode(first), "[x] one\r\n[x] two\r\n", "a shared buffer is never written again");
 });

@@ -1,9 +1,17 @@
 // chat_server.ts --http: the web page and its WebSocket, beside telnet-style TCP clients.
 import assert from "node:assert/strict";
-import { type ChatServerOptions, startChatServer } from "../chat_server.ts";
-import { hasProgram, runScript, TestClient, WAIT_MS, within } from "./_helpers.ts";
-
-const GREETING = "You're connected to the Deno chatserver";
+import { type ChatServerOptions, PAGE, PAGE_READS, startChatServer, WebListenError } from "../chat_server.ts";
+import {
+  freePort,
+  GREETING,
+  hasProgram,
+  joinChat,
+  readSlowly,
+  runScript,
+  TestClient,
+  WAIT_MS,
+  WsClient,
+} from "./_helpers.ts";
 
 /** Starts a server with its web side on free ports, runs `body`, and closes everything. */
 async function withWebServer(
@@ -24,50 +32,13 @@ async function withWebServer(
   }
 }
 
-/** A WebSocket client whose messages can be awaited one by one. */
-class WsClient {
-  readonly ws: WebSocket;
-  #messages: string[] = [];
-  #wake: (() => void) | null = null;
-  #closed: Promise<void>;
-
-  constructor(url: string) {
-    this.ws = new WebSocket(url);
-    this.ws.onmessage = (e) => {
-      this.#messages.push(String(e.data));
-      this.#wake?.();
-    };
-    this.#closed = new Promise((resolve) => this.ws.addEventListener("close", () => resolve()));
-  }
-
-  opened(): Promise<void> {
-    return within(
-      WAIT_MS,
-      new Promise((resolve) => this.ws.addEventListener("open", () => resolve())),
-      "open",
-    );
-  }
-
-  async next(): Promise<string> {
-    while (this.#messages.length === 0) {
-      await within(WAIT_MS, new Promise<void>((resolve) => this.#wake = resolve), "a WebSocket message");
-    }
-    return this.#messages.shift()!;
-  }
-
-  async close(): Promise<void> {
-    this.ws.close();
-    await this.#closed;
-  }
-}
-
 Deno.test("startChatServer({ http }) puts WebSocket and TCP clients in the same room", async () => {
   await withWebServer({}, async (tcpPort, httpPort) => {
     using tcp = await TestClient.connect(tcpPort);
-    assert.equal(await tcp.readLine(), GREETING + "\r\n");
+    assert.equal(await tcp.readLine(), GREETING);
     const web = new WsClient(`ws://127.0.0.1:${httpPort}/ws`);
     await web.opened();
-    assert.equal(await web.next(), GREETING);
+    assert.equal(await web.next(), GREETING.trimEnd());
     const joined = (await tcp.readLine())!;
     const webName = /^Client joined (127\.0\.0\.1:\d+)\r\n$/.exec(joined)![1]; // address:port, as for telnet
     web.ws.send("hello from the web");
@@ -224,3 +195,134 @@ Deno.test("chat_server.ts names the web page's port in one line when it is taken
     `chat_server: cannot serve the web page on 127.0.0.1, port ${taken.addr.port}: the port is already in use\n`,
   );
 });
+
+Deno.test("startChatServer({ http }) paces a WebSocket sender for a slow TCP reader, which loses nothing", async () => {
+  await withWebServer({ rate: 0 }, async (tcpPort, httpPort) => {
+    using reader = await joinChat(tcpPort);
+    using other = await joinChat(tcpPort);
+    using sleeper = await TestClient.connect(tcpPort); // never reads: it must still be cut off
+    await reader.readLine();
+    await reader.readLine();
+    const web = new WsClient(`ws://127.0.0.1:${httpPort}/ws`);
+    await web.opened();
+    const webName = /^Client joined (\S+)\r\n$/.exec((await reader.readLine())!)![1];
+    await other.readLine();
+    await other.readLine();
+    const count = 20_000, pad = "x".repeat(990);
+    for (let i = 0; i < count; i++) web.ws.send(`${String(i).padStart(7, "0")} ${pad}`);
+    const [slow, fast] = await Promise.all([
+      readSlowly(reader, webName, count), // about 8 MB/s
+      readSlowly(other, webName, count, 64 * 1024, 0),
+    ]);
+    assert.equal(slow, count, `the slow reader got ${slow} of ${count} lines`);
+    assert.equal(fast, count, `the fast reader got ${fast} of ${count} lines`);
+    assert.match(await sleeper.readToEnd(), /^You're connected/); // and then the server hung up
+    await web.close();
+  });
+});
+
+Deno.test("startChatServer() with redis and a taken web port fails and leaves nothing running", async () => {
+  using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const dead = freePort(); // nobody answers there: the bus keeps retrying until it is stopped
+  await assert.rejects(
+    () =>
+      startChatServer({
+        port: 0,
+        host: "127.0.0.1",
+        log: null,
+        redis: { url: `redis://127.0.0.1:${dead}` },
+        http: { port: taken.addr.port },
+      }),
+    WebListenError,
+  );
+  // The test's sanitizers fail it if a timer, socket or connection of the bus is still open.
+});
+
+Deno.test("the page understands every line it reads, as the server writes them (PAGE_READS)", () => {
+  const page = runPageScript();
+  page.socket.onopen();
+  assert.deepEqual(page.socket.sent, ["/who"]); // asked quietly at once
+  page.receive(PAGE_READS.whoHeader("dev", 2));
+  page.receive("  ann (127.0.0.1:4000) (you)");
+  page.receive("  127.0.0.1:4001");
+  assert.equal(page.byId("room").textContent, "dev");
+  assert.deepEqual(page.members(), ["ann (127.0.0.1:4000) (you)", "127.0.0.1:4001"]);
+  assert.equal(page.lines.length, 0, "the quiet /who is not shown");
+  page.receive(PAGE_READS.nowIn("ops", 1));
+  assert.equal(page.byId("room").textContent, "ops");
+  const asks = [
+    PAGE_READS.joined("127.0.0.1:4002"),
+    PAGE_READS.left("bob", " (lunch)"),
+    PAGE_READS.renamed("127.0.0.1:4001", "bob"),
+    PAGE_READS.nowKnownAs("ann"),
+    PAGE_READS.hasJoined("bob", "ops"),
+    PAGE_READS.leftFor("bob", "ops", "dev"),
+  ];
+  for (const line of asks) {
+    const before = page.socket.sent.length;
+    page.receive(line);
+    assert.equal(page.socket.sent.length, before + 1, `the page did not ask /who after "${line}"`);
+  }
+  page.receive(PAGE_READS.said("bob", "hi <b>there</b>"));
+  page.receive(PAGE_READS.privately("bob", "psst"));
+  const [said, privately] = page.lines.slice(-2);
+  assert.deepEqual([said.from, said.text, said.kind], ["bob", "hi <b>there</b>", "line"]);
+  assert.deepEqual([privately.from, privately.text, privately.kind], [
+    "bob (private)",
+    "psst",
+    "line private",
+  ]);
+});
+
+/** Runs the page's script against a stand-in DOM and WebSocket, and lets a test feed it lines. */
+function runPageScript() {
+  type Node = { kind?: string; from?: string; text?: string };
+  const elements = new Map<string, Record<string, unknown>>();
+  const lines: Node[] = [];
+  const element = (): Record<string, unknown> => {
+    const el: Record<string, unknown> = { textContent: "", children: [] as unknown[] };
+    el.append = (...kids: Record<string, unknown>[]) => (el.children as unknown[]).push(...kids);
+    el.replaceChildren = (...kids: unknown[]) => el.children = kids;
+    el.addEventListener = () => {};
+    return el;
+  };
+  const document = {
+    getElementById(id: string) {
+      if (!elements.has(id)) elements.set(id, element());
+      return elements.get(id);
+    },
+    createElement: () => element(),
+    createTextNode: (text: string) => ({ textContent: text }),
+  };
+  const socket = { sent: [] as string[], readyState: 1 } as Record<string, unknown> & { sent: string[] };
+  class FakeWebSocket {
+    static OPEN = 1;
+    constructor() {
+      socket.send = (text: string) => socket.sent.push(text);
+      return socket as unknown as FakeWebSocket;
+    }
+  }
+  const script = /<script>([\s\S]*)<\/script>/.exec(PAGE)![1];
+  new Function("document", "WebSocket", "location", "setTimeout", script)(
+    document,
+    FakeWebSocket,
+    { protocol: "http:", host: "localhost" },
+    () => 0,
+  );
+  const log = document.getElementById("log")!;
+  (log.append as unknown) = (li: Record<string, unknown>) => {
+    const kids = li.children as Record<string, unknown>[];
+    const from = kids.find((k) => k.className === "from")?.textContent as string | undefined;
+    lines.push({ kind: li.className as string, from, text: kids.at(-1)!.textContent as string });
+  };
+  return {
+    socket: socket as typeof socket & { onopen(): void; onmessage(e: { data: string }): void },
+    lines,
+    byId: (id: string) => document.getElementById(id)!,
+    receive: (line: string) => (socket.onmessage as (e: { data: string }) => void)({ data: line }),
+    members: () =>
+      (document.getElementById("memberlist")!.children as Record<string, unknown>[]).map((li) =>
+        li.textContent
+      ),
+  };
+}
