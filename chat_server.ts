@@ -1789,9 +1789,6 @@ interface BusHandlers {
   say(text: string): void;
 }
 
-/** The running bus, as start() keeps it. */
-type RedisBus = Bus & { ready: Promise<void> };
-
 /** How the bus reaches this server: lines for its rooms and nicks, and who is here. */
 function busHandlersFor(server: ChatServer): BusHandlers {
   return {
@@ -1816,172 +1813,211 @@ export interface RedisOptions {
   expiry?: number;
 }
 
-/**
- * Connects the bus. Resolves at once: `ready` settles when Redis first answers, and until then
- * (and whenever Redis is away) the server runs on its own.
- */
+/** A client of npm:redis, as createClient() makes it (a type only: nothing is loaded for it). */
+type RedisClient = ReturnType<typeof import("redis").createClient>;
+
+/** Connects the bus; see RedisBus. */
 async function startBus(options: RedisOptions, handlers: BusHandlers): Promise<RedisBus> {
   const { createClient } = await import("redis"); // loaded only with --redis: no network needed without
-  const prefix = options.prefix ?? "chat";
-  const expiry = options.expiry ?? 30;
-  const instance = crypto.randomUUID().slice(0, 12);
-  const roomChannel = (room: string) => `${prefix}:room:${room.toLowerCase()}`;
-  const instanceChannel = `${prefix}:instance:${instance}`;
-  const presenceKey = (id: string) => `${prefix}:presence:${id}`;
-  const nickKey = (nick: string) => `${prefix}:nick:${nick.toLowerCase()}`;
-  const instancesKey = `${prefix}:instances`;
-  const socket = {
-    reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
-    connectTimeout: 2000,
-  };
-  const pub = createClient({ url: options.url, disableOfflineQueue: true, socket });
-  const sub = pub.duplicate();
-  const watched = new Set<string>();
-  const myNicks = new Set<string>(); // lower-case
-  let up = false, everUp = false, closed = false;
+  return new RedisBus(createClient, options, handlers);
+}
 
-  // Errors come once per failed attempt; the operator hears of a loss once, and of the recovery.
-  // (Before Redis has ever answered, the caller reports that, once.)
-  pub.on("error", (e: Error) => {
-    if (up) handlers.say(`Redis unavailable (${e.message}): local chat goes on; reconnecting`);
-    up = false;
-  });
-  sub.on("error", () => {}); // reported through pub, which shares its fate
-  pub.on("ready", () => {
-    up = true;
-    if (everUp) handlers.say("Redis is back: rooms are shared again");
-    everUp = true;
-    restore().catch(() => {});
-  });
+/**
+ * The bus over Redis. It is usable at once: `ready` settles when Redis first answers, and until
+ * then (and whenever Redis is away) the server runs on its own.
+ */
+class RedisBus implements Bus {
+  readonly instance = crypto.randomUUID().slice(0, 12);
+  /** Settles when Redis first answers and the instance's channel is subscribed. */
+  readonly ready: Promise<void>;
+  private readonly handlers: BusHandlers;
+  private readonly prefix: string;
+  private readonly expiry: number;
+  private readonly pub: RedisClient;
+  private readonly sub: RedisClient;
+  private readonly watched = new Set<string>();
+  private readonly myNicks = new Set<string>(); // lower-case
+  private up = false;
+  private everUp = false;
+  private closed = false;
+  private readonly heartbeat: ReturnType<typeof setInterval>;
+
+  constructor(
+    createClient: typeof import("redis").createClient,
+    options: RedisOptions,
+    handlers: BusHandlers,
+  ) {
+    this.handlers = handlers;
+    this.prefix = options.prefix ?? "chat";
+    this.expiry = options.expiry ?? 30;
+    const socket = {
+      reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
+      connectTimeout: 2000,
+    };
+    this.pub = createClient({ url: options.url, disableOfflineQueue: true, socket });
+    this.sub = this.pub.duplicate();
+    // Errors come once per failed attempt; the operator hears of a loss once, and of the recovery.
+    // (Before Redis has ever answered, the caller reports that, once.)
+    this.pub.on("error", (e: Error) => {
+      if (this.up) handlers.say(`Redis unavailable (${e.message}): local chat goes on; reconnecting`);
+      this.up = false;
+    });
+    this.sub.on("error", () => {}); // reported through pub, which shares its fate
+    this.pub.on("ready", () => {
+      this.up = true;
+      if (this.everUp) handlers.say("Redis is back: rooms are shared again");
+      this.everUp = true;
+      this.restore().catch(ignore);
+    });
+    this.heartbeat = setInterval(() => this.beat(), Math.max(200, this.expiry * 1000 / 3));
+    const connecting = Promise.all([this.pub.connect(), this.sub.connect()]);
+    connecting.catch(ignore);
+    this.ready = connecting.then(async () => {
+      await this.sub.subscribe(this.#key("instance", this.instance), this.onMessage);
+      for (const room of this.watched) await this.sub.subscribe(this.#key("room", room), this.onMessage);
+    });
+    this.ready.catch(ignore);
+  }
+
+  /** Every key and channel: `<prefix>:room:<name>`, `:instance:<id>`, `:presence:<id>`, `:nick:<nick>`. */
+  #key(kind: "room" | "instance" | "presence" | "nick" | "instances", name = ""): string {
+    return kind === "instances" ? `${this.prefix}:instances` : `${this.prefix}:${kind}:${name.toLowerCase()}`;
+  }
 
   // Each message is JSON: the sending instance, and a line for a room or a nick.
-  const onMessage = (raw: string) => {
+  private readonly onMessage = (raw: string): void => {
     let m: { i: string; room?: string; nick?: string; text: string };
     try {
       m = JSON.parse(raw);
     } catch {
       return; // not ours
     }
-    if (m.i === instance || typeof m.text !== "string") return;
-    if (m.room !== undefined) handlers.onRoomLine(m.room, m.text);
-    else if (m.nick !== undefined) handlers.onWhisper(m.nick, m.text);
+    if (m.i === this.instance || typeof m.text !== "string") return;
+    if (m.room !== undefined) this.handlers.onRoomLine(m.room, m.text);
+    else if (m.nick !== undefined) this.handlers.onWhisper(m.nick, m.text);
   };
 
-  // Writes this instance's presence and nicks back, and renews their expiry (the heartbeat).
-  async function restore(): Promise<void> {
-    if (!up || closed) return;
-    const multi = pub.multi();
-    multi.del(presenceKey(instance));
-    for (const p of handlers.locals()) multi.hSet(presenceKey(instance), p.address, JSON.stringify(p));
-    multi.expire(presenceKey(instance), expiry);
-    multi.zAdd(instancesKey, { score: Date.now(), value: instance });
-    for (const nick of myNicks) multi.set(nickKey(nick), instance, { EX: expiry });
+  // Writes this instance's presence and nicks back, when Redis has (re)connected.
+  private async restore(): Promise<void> {
+    if (!this.up || this.closed) return;
+    const presence = this.#key("presence", this.instance);
+    const multi = this.pub.multi();
+    multi.del(presence);
+    for (const p of this.handlers.locals()) multi.hSet(presence, p.address, JSON.stringify(p));
+    multi.expire(presence, this.expiry);
+    multi.zAdd(this.#key("instances"), { score: Date.now(), value: this.instance });
+    for (const nick of this.myNicks) multi.set(this.#key("nick", nick), this.instance, { EX: this.expiry });
     await multi.exec();
   }
 
-  const ignore = () => {};
-  const heartbeat = setInterval(() => {
-    if (!up) return;
-    const multi = pub.multi();
-    multi.expire(presenceKey(instance), expiry);
-    multi.zAdd(instancesKey, { score: Date.now(), value: instance });
-    for (const nick of myNicks) multi.expire(nickKey(nick), expiry);
+  // Renews the expiry of this instance's presence and nicks.
+  private beat(): void {
+    if (!this.up) return;
+    const multi = this.pub.multi();
+    multi.expire(this.#key("presence", this.instance), this.expiry);
+    multi.zAdd(this.#key("instances"), { score: Date.now(), value: this.instance });
+    for (const nick of this.myNicks) multi.expire(this.#key("nick", nick), this.expiry);
     multi.exec().catch(ignore);
-  }, Math.max(200, expiry * 1000 / 3));
+  }
 
-  const connecting = Promise.all([pub.connect(), sub.connect()]);
-  connecting.catch(ignore);
-  const ready = connecting.then(async () => {
-    await sub.subscribe(instanceChannel, onMessage);
-    for (const room of watched) await sub.subscribe(roomChannel(room), onMessage);
-  });
-  ready.catch(ignore);
+  publish(room: string, text: string): void {
+    if (!this.up) return;
+    this.pub.publish(this.#key("room", room), JSON.stringify({ i: this.instance, room, text })).catch(ignore);
+  }
 
-  return {
-    instance,
-    ready,
-    publish(room, text) {
-      if (up) pub.publish(roomChannel(room), JSON.stringify({ i: instance, room, text })).catch(ignore);
-    },
-    async whisper(nick, text) {
-      if (!up) return false;
-      const owner = await pub.get(nickKey(nick)).catch(() => null);
-      if (!owner || owner === instance) return false;
-      const heard = await pub.publish(
-        `${prefix}:instance:${owner}`,
-        JSON.stringify({ i: instance, nick, text }),
-      )
-        .catch(() => 0);
-      return heard > 0;
-    },
-    async claimNick(nick) {
-      const lower = nick.toLowerCase();
-      if (!up) {
-        myNicks.add(lower); // written to Redis when it returns; a clash then is resolved by its owner
-        return true;
-      }
-      try {
-        const got = await pub.set(nickKey(nick), instance, { NX: true, EX: expiry });
-        if (got === null && await pub.get(nickKey(nick)) !== instance) return false;
-      } catch {
-        // Redis went away mid-claim: local uniqueness still holds
-      }
-      myNicks.add(lower);
+  async whisper(nick: string, text: string): Promise<boolean> {
+    if (!this.up) return false;
+    const owner = await this.pub.get(this.#key("nick", nick)).catch(() => null);
+    if (!owner || owner === this.instance) return false;
+    const message = JSON.stringify({ i: this.instance, nick, text });
+    const heard = await this.pub.publish(this.#key("instance", owner), message).catch(() => 0);
+    return heard > 0;
+  }
+
+  async claimNick(nick: string): Promise<boolean> {
+    const lower = nick.toLowerCase();
+    if (!this.up) {
+      this.myNicks.add(lower); // written to Redis when it returns; a clash then is resolved by its owner
       return true;
-    },
-    releaseNick(nick) {
-      const lower = nick.toLowerCase();
-      if (!myNicks.delete(lower) || !up) return;
-      // Delete only our own claim: a key that expired and was taken by another instance stays.
-      pub.get(nickKey(nick)).then((owner) => owner === instance ? pub.del(nickKey(nick)) : 0).catch(ignore);
-    },
-    present(who) {
-      if (up) pub.hSet(presenceKey(instance), who.address, JSON.stringify(who)).catch(ignore);
-    },
-    absent(address) {
-      if (up) pub.hDel(presenceKey(instance), address).catch(ignore);
-    },
-    watch(room) {
-      const key = room.toLowerCase();
-      if (watched.has(key)) return;
-      watched.add(key);
-      if (sub.isReady) sub.subscribe(roomChannel(key), onMessage).catch(ignore);
-    },
-    unwatch(room) {
-      const key = room.toLowerCase();
-      if (!watched.delete(key)) return;
-      if (sub.isReady) sub.unsubscribe(roomChannel(key)).catch(ignore);
-    },
-    async others() {
-      if (!up) return null;
-      try {
-        const alive = await pub.zRangeByScore(instancesKey, Date.now() - expiry * 1000, "+inf");
-        const found: Presence[] = [];
-        for (const id of alive) {
-          if (id === instance) continue;
-          for (const value of Object.values(await pub.hGetAll(presenceKey(id)))) {
-            found.push(JSON.parse(value));
-          }
+    }
+    try {
+      const key = this.#key("nick", nick);
+      const got = await this.pub.set(key, this.instance, { NX: true, EX: this.expiry });
+      if (got === null && await this.pub.get(key) !== this.instance) return false;
+    } catch {
+      // Redis went away mid-claim: local uniqueness still holds
+    }
+    this.myNicks.add(lower);
+    return true;
+  }
+
+  releaseNick(nick: string): void {
+    if (!this.myNicks.delete(nick.toLowerCase()) || !this.up) return;
+    // Delete only our own claim: a key that expired and was taken by another instance stays.
+    const key = this.#key("nick", nick);
+    this.pub.get(key).then((owner) => owner === this.instance ? this.pub.del(key) : 0).catch(ignore);
+  }
+
+  present(who: Presence): void {
+    if (this.up) {
+      this.pub.hSet(this.#key("presence", this.instance), who.address, JSON.stringify(who)).catch(ignore);
+    }
+  }
+
+  absent(address: string): void {
+    if (this.up) this.pub.hDel(this.#key("presence", this.instance), address).catch(ignore);
+  }
+
+  watch(room: string): void {
+    const key = room.toLowerCase();
+    if (this.watched.has(key)) return;
+    this.watched.add(key);
+    if (this.sub.isReady) this.sub.subscribe(this.#key("room", key), this.onMessage).catch(ignore);
+  }
+
+  unwatch(room: string): void {
+    const key = room.toLowerCase();
+    if (!this.watched.delete(key)) return;
+    if (this.sub.isReady) this.sub.unsubscribe(this.#key("room", key)).catch(ignore);
+  }
+
+  async others(): Promise<Presence[] | null> {
+    if (!this.up) return null;
+    try {
+      const alive = await this.pub.zRangeByScore(
+        this.#key("instances"),
+        Date.now() - this.expiry * 1000,
+        "+inf",
+      );
+      const found: Presence[] = [];
+      for (const id of alive) {
+        if (id === this.instance) continue;
+        for (const value of Object.values(await this.pub.hGetAll(this.#key("presence", id)))) {
+          found.push(JSON.parse(value));
         }
-        return found;
-      } catch {
-        return null;
       }
-    },
-    async close() {
-      closed = true;
-      clearInterval(heartbeat);
-      if (up) {
-        const multi = pub.multi();
-        multi.del(presenceKey(instance));
-        multi.zRem(instancesKey, instance);
-        for (const nick of myNicks) multi.del(nickKey(nick));
-        await answerWithin(multi.exec().then(ignore, ignore), undefined); // a stuck Redis must not stall shutdown
-      }
-      for (const client of [sub, pub]) client.destroy();
-    },
-  };
+      return found;
+    } catch {
+      return null;
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    clearInterval(this.heartbeat);
+    if (this.up) {
+      const multi = this.pub.multi();
+      multi.del(this.#key("presence", this.instance));
+      multi.zRem(this.#key("instances"), this.instance);
+      for (const nick of this.myNicks) multi.del(this.#key("nick", nick));
+      await answerWithin(multi.exec().then(ignore, ignore), undefined); // a stuck Redis must not stall shutdown
+    }
+    for (const client of [this.sub, this.pub]) client.destroy();
+  }
 }
+
+/** For promises whose failure is already handled elsewhere (Redis being away). */
+function ignore(): void {}
 
 // =============================================================================================
 // 7. Options
