@@ -26,8 +26,16 @@ interface Spawned {
   stop(): Promise<void>;
 }
 
-/** Runs `deno run -A script args`, and waits for the line that names the port it listens on. */
-async function spawnServer(script: string, args: string[], portLine: RegExp): Promise<Spawned> {
+/**
+ * Runs `deno run -A script args`, and waits for the line that names the port it listens on (and,
+ * if given, for a line matching `readyLine` too).
+ */
+async function spawnServer(
+  script: string,
+  args: string[],
+  portLine: RegExp,
+  readyLine?: RegExp,
+): Promise<Spawned> {
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", script, ...args],
     stdout: "piped",
@@ -40,7 +48,7 @@ async function spawnServer(script: string, args: string[], portLine: RegExp): Pr
     if (done) throw new Error(`${script} exited before it listened`);
     seen += value;
     const match = portLine.exec(seen);
-    if (match) {
+    if (match && (!readyLine || readyLine.test(seen))) {
       // Keep reading, so that a chatty server never blocks on a full pipe.
       const draining = (async () => {
         while (!(await lines.read()).done);
@@ -93,28 +101,41 @@ async function startRedis(): Promise<{ port: number; stop(): Promise<void> } | n
 
 type Row = [workload: string, figure: string, unit: string];
 
-async function main(): Promise<void> {
-  const { values } = parseArgs({ args: Deno.args, options: { quick: { type: "boolean" } } });
-  const seconds = values.quick ? 1 : 3;
-  const results: Record<string, unknown> = {};
-  const rows: Row[] = [];
-  const progress = (label: string) => (s: number, n: number) => console.log(`  ${label} ${s} s: ${n}/s`);
+/** What the runs found: every figure for the JSON file, and one row each for the table. */
+class Report {
+  readonly results: Record<string, unknown> = {};
+  readonly rows: Row[] = [];
 
+  add(name: string, result: unknown, figure: string | number, unit: string): void {
+    this.results[name] = result;
+    this.rows.push([name, `${figure}`, unit]);
+  }
+
+  /** The table, one workload a line. */
+  table(): string {
+    const width = Math.max(...this.rows.map((r) => r[0].length));
+    return this.rows.map(([w, f, u]) => `${w.padEnd(width)}  ${f.padStart(9)}  ${u}`).join("\n");
+  }
+}
+
+/** A progress callback that prints one figure a second. */
+const progress = (label: string) => (s: number, n: number) => console.log(`  ${label} ${s} s: ${n}/s`);
+
+/** TCP echo: ping-pong on one and on 100 connections, and streaming on four. */
+async function benchEcho(seconds: number, report: Report): Promise<void> {
   console.log("== TCP echo (echo_tcp.ts server)");
   const echo = await spawnServer(
     "echo_tcp.ts",
     ["server", "--host", "127.0.0.1", "--port", "0", "--quiet"],
     /listening on \S+:(\d+)/,
   );
+  const loads = [
+    ["pingpong, 1 conn", 1, 64, "pingpong"],
+    ["pingpong, 100 conns", 100, 64, "pingpong"],
+    ["stream, 4 conns", 4, 65536, "stream"],
+  ] as const;
   try {
-    for (
-      const [name, conns, size, mode] of [["pingpong, 1 conn", 1, 64, "pingpong"], [
-        "pingpong, 100 conns",
-        100,
-        64,
-        "pingpong",
-      ], ["stream, 4 conns", 4, 65536, "stream"]] as const
-    ) {
+    for (const [name, conns, size, mode] of loads) {
       const r = await runBench({
         host: "127.0.0.1",
         port: echo.port,
@@ -130,17 +151,16 @@ async function main(): Promise<void> {
             } MB/s`,
           ),
       });
-      results[`echo ${name}`] = r;
-      rows.push(
-        mode === "stream"
-          ? [`echo ${name}`, `${r.megabytesPerSecond}`, "MB/s"]
-          : [`echo ${name}`, `${r.roundTripsPerSecond}`, `round trips/s (p99 ${r.p99Us} µs)`],
-      );
+      if (mode === "stream") report.add(`echo ${name}`, r, r.megabytesPerSecond, "MB/s");
+      else report.add(`echo ${name}`, r, r.roundTripsPerSecond, `round trips/s (p99 ${r.p99Us} µs)`);
     }
   } finally {
     await echo.stop();
   }
+}
 
+/** UDP echo: ping-pong, one datagram in flight. */
+async function benchUdp(seconds: number, report: Report): Promise<void> {
   console.log("== UDP echo (echo_udp.ts server)");
   const udp = await spawnServer(
     "echo_udp.ts",
@@ -157,17 +177,43 @@ async function main(): Promise<void> {
       timeout: 1,
       onSecond: progress("UDP ping-pong"),
     });
-    results["udp pingpong"] = r;
-    rows.push([
-      "udp ping-pong",
-      `${r.roundTripsPerSecond}`,
-      `round trips/s (p99 ${r.p99Us} µs, loss ${r.lossPercent}%)`,
-    ]);
+    const unit = `round trips/s (p99 ${r.p99Us} µs, loss ${r.lossPercent}%)`;
+    report.add("udp ping-pong", r, r.roundTripsPerSecond, unit);
   } finally {
     await udp.stop();
   }
+}
 
-  const chatLoads = [
+const CHAT_ARGS = ["0", "--host", "127.0.0.1", "--rate", "0", "--max-clients", "20000"];
+const CHAT_STARTED = /ChatServer started on port (\d+)/;
+
+/** The chat loads, against one instance and, with redis-server installed, two sharing rooms. */
+async function benchChat(seconds: number, report: Report): Promise<void> {
+  console.log("== chat (chat_server.ts, one instance)");
+  const chat = await spawnServer("chat_server.ts", CHAT_ARGS, CHAT_STARTED);
+  try {
+    await runChatLoads(seconds, report, "chat", [chat.port]);
+  } finally {
+    await chat.stop();
+  }
+  const redis = await startRedis();
+  if (!redis) return console.log("== chat over Redis: skipped (redis-server not installed)");
+  console.log("== chat over Redis (two chat_server.ts instances, clients split between them)");
+  const url = `redis://127.0.0.1:${redis.port}`;
+  const reached = /Sharing rooms through Redis/; // printed once the instance has reached Redis
+  const pair = await Promise.all(
+    [0, 1].map(() => spawnServer("chat_server.ts", [...CHAT_ARGS, "--redis", url], CHAT_STARTED, reached)),
+  );
+  try {
+    await runChatLoads(seconds, report, "chat x2 over Redis", pair.map((s) => s.port));
+  } finally {
+    await Promise.all(pair.map((s) => s.stop()));
+    await redis.stop();
+  }
+}
+
+async function runChatLoads(seconds: number, report: Report, label: string, ports: number[]): Promise<void> {
+  const loads = [
     ["100 clients, all sending flat out", { clients: 100, senders: 100, messages: 100, rate: 0 }],
     ["100 clients, 5,000 lines/s", { clients: 100, senders: 100, messages: 50, rate: 5000 }],
     ["1,000 clients, 10 senders, 150 lines/s", {
@@ -177,54 +223,27 @@ async function main(): Promise<void> {
       rate: 150,
     }],
   ] as const;
-  const runChat = async (label: string, ports: number[]) => {
-    for (const [name, load] of chatLoads) {
-      const r = await runChatLoad({
-        ...load,
-        size: 64,
-        endpoints: ports.map((port) => ({ host: "127.0.0.1", port })),
-        onSecond: progress(name),
-      });
-      results[`${label}: ${name}`] = r;
-      rows.push([
-        `${label}: ${name}`,
-        `${r.deliveriesPerSecond}`,
-        `deliveries/s (p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms, ${r.delivered}/${r.expected})`,
-      ]);
-    }
-  };
-  const chatArgs = ["0", "--host", "127.0.0.1", "--rate", "0", "--max-clients", "20000"];
-  const chatLine = /ChatServer started on port (\d+)/;
-
-  console.log("== chat (chat_server.ts, one instance)");
-  const chat = await spawnServer("chat_server.ts", chatArgs, chatLine);
-  try {
-    await runChat("chat", [chat.port]);
-  } finally {
-    await chat.stop();
+  for (const [name, load] of loads) {
+    const r = await runChatLoad({
+      ...load,
+      size: 64,
+      endpoints: ports.map((port) => ({ host: "127.0.0.1", port })),
+      onSecond: progress(name),
+    });
+    const unit = `deliveries/s (p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms, ${r.delivered}/${r.expected})`;
+    report.add(`${label}: ${name}`, r, r.deliveriesPerSecond, unit);
   }
+}
 
-  const redis = await startRedis();
-  if (redis) {
-    console.log("== chat over Redis (two chat_server.ts instances, clients split between them)");
-    const url = `redis://127.0.0.1:${redis.port}`;
-    const pair = await Promise.all(
-      [0, 1].map(() => spawnServer("chat_server.ts", [...chatArgs, "--redis", url], chatLine)),
-    );
-    try {
-      await new Promise((r) => setTimeout(r, 1500)); // until both have reached Redis
-      await runChat("chat x2 over Redis", pair.map((s) => s.port));
-    } finally {
-      await Promise.all(pair.map((s) => s.stop()));
-      await redis.stop();
-    }
-  } else {
-    console.log("== chat over Redis: skipped (redis-server not installed)");
-  }
-
-  const width = Math.max(...rows.map((r) => r[0].length));
-  console.log("\n" + rows.map(([w, f, u]) => `${w.padEnd(width)}  ${f.padStart(9)}  ${u}`).join("\n"));
-  await Deno.writeTextFile(RESULTS_FILE, JSON.stringify(results, null, 2) + "\n");
+async function main(): Promise<void> {
+  const { values } = parseArgs({ args: Deno.args, options: { quick: { type: "boolean" } } });
+  const seconds = values.quick ? 1 : 3;
+  const report = new Report();
+  await benchEcho(seconds, report);
+  await benchUdp(seconds, report);
+  await benchChat(seconds, report);
+  console.log("\n" + report.table());
+  await Deno.writeTextFile(RESULTS_FILE, JSON.stringify(report.results, null, 2) + "\n");
   console.log(`\nAll figures: ${RESULTS_FILE}`);
 }
 
