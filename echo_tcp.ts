@@ -70,7 +70,7 @@ type Handler = (conn: Deno.TcpConn, peer: string) => Promise<void>;
  * touches no other.
  */
 function serveStreams(options: StreamServerOptions, defaultPort: number, handle: Handler): StreamServer {
-  const listener = listenDualStack(options.host, options.port ?? defaultPort);
+  const listener = listenTcp(options.host, options.port ?? defaultPort);
   const log = options.log === undefined ? Deno.stdout : options.log;
   const conns = new Set<Deno.TcpConn>();
   const handlers = new Set<Promise<void>>();
@@ -460,7 +460,7 @@ async function withTimeout<T>(
 }
 
 /** Listens on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
-function listenDualStack(host: string | undefined, port: number): Deno.TcpListener {
+function listenTcp(host: string | undefined, port: number): Deno.TcpListener {
   if (host !== undefined) return Deno.listen({ hostname: host, port });
   try {
     return Deno.listen({ hostname: "::", port });
@@ -482,7 +482,8 @@ function formatPeer(addr: Deno.NetAddr): string {
 function isDisconnect(e: unknown): boolean {
   return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
     e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||
-    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected;
+    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected ||
+    e instanceof Deno.errors.UnexpectedEof; // a TLS peer that left without close_notify
 }
 
 function closeQuietly(conn: Deno.Conn): void {

@@ -66,7 +66,7 @@ export interface UdpServer {
  * ```
  */
 export function startUdpEchoServer(options: UdpServerOptions = {}): UdpServer {
-  const socket = listenDualStack(options.host, options.port ?? DEFAULT_PORT);
+  const socket = listenUdp(options.host, options.port ?? DEFAULT_PORT);
   let closing = false;
   let echoed = 0;
 
@@ -359,7 +359,7 @@ export async function runUdpBench(options: UdpBenchOptions): Promise<UdpBenchRes
 // Small helpers
 
 /** Binds `host`, or by default all interfaces: IPv6 and IPv4, or IPv4 alone. */
-function listenDualStack(host: string | undefined, port: number): Deno.DatagramConn {
+function listenUdp(host: string | undefined, port: number): Deno.DatagramConn {
   if (host !== undefined) return Deno.listenDatagram({ transport: "udp", hostname: host, port });
   try {
     return Deno.listenDatagram({ transport: "udp", hostname: "::", port });

@@ -9,6 +9,7 @@
  *     deno run -A multiplex.ts localhost:2626             # a chat client, in place of telnet
  *     deno run -A multiplex.ts localhost:2626 [::1]:2626  # two connections, one terminal
  *     deno run -A multiplex.ts --udp localhost:23000      # UDP peers (try echo_udp.ts server)
+ *     deno run -A multiplex.ts localhost:2626 --load 1000 # a chat load generator: 1,000 clients
  *
  * Deno has no `select()`: every read is a promise, and `Promise.race` over them would lose data
  * from the reads that do not win. So each source gets its own read loop, and all of them feed one
@@ -307,7 +308,8 @@ async function writeAll(w: Writer, bytes: Uint8Array): Promise<void> {
 function isDisconnect(e: unknown): boolean {
   return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
     e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||
-    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected;
+    e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected ||
+    e instanceof Deno.errors.UnexpectedEof; // a TLS peer that left without close_notify
 }
 
 /** A connection failure in a few words. */
