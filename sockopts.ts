@@ -143,6 +143,9 @@ const SYMBOLS = {
 /** Raised when the C library cannot be loaded or a call fails. */
 export class LibcError extends Error {}
 
+/** The kernel refused a value given with --set: a bad argument, so main() exits 2. */
+export class RefusedSettingError extends LibcError {}
+
 /** Raised when a name does not resolve. */
 export class LookupError extends Error {}
 
@@ -202,7 +205,7 @@ export class SocketOptions {
   set(fd: number, name: string, value: number): void {
     const [level, option] = this.#where(name);
     if (this.#lib.symbols.setsockopt(fd, level, option, new Int32Array([value]), 4) !== 0) {
-      throw new LibcError(`setsockopt(${name}, ${value}) was refused`);
+      throw new RefusedSettingError(`setsockopt(${name}, ${value}) was refused`);
     }
   }
 
@@ -512,7 +515,7 @@ async function main(): Promise<void> {
     }
     if (e instanceof LibcError) {
       console.error(`sockopts: ${e.message}`);
-      if (e.message.startsWith("setsockopt")) Deno.exit(2);
+      if (e instanceof RefusedSettingError) Deno.exit(2);
       console.error(
         "sockopts: without FFI, Deno itself exposes only setNoDelay() and setKeepAlive() on a live connection",
       );
