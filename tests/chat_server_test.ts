@@ -283,11 +283,14 @@ Deno.test("startChatServer() refuses a client over --max-clients with one line",
 Deno.test("startChatServer() survives resets and half-closes, and the others carry on", async () => {
   await withServer({}, async (port) => {
     using a = await joinChat(port);
+    using o = await joinChat(port); // gets each line in the same round as r
+    assert.equal(await a.readLine(), `Client joined ${o.name}\r\n`);
     // a reset: closing with unread bytes in the receive buffer makes the kernel send RST
     const r = await joinChat(port);
     assert.equal(await a.readLine(), `Client joined ${r.name}\r\n`);
+    assert.equal(await o.readLine(), `Client joined ${r.name}\r\n`);
     await a.write("unread by r\r\n");
-    await new Promise((res) => setTimeout(res, 50));
+    assert.equal(await o.readLine(), `[${a.name}] unread by r\r\n`); // so r has it unread too
     const rName = r.name;
     r.close();
     assert.equal(await a.readLine(), `Client left ${rName}\r\n`);
