@@ -385,114 +385,6 @@ export class Room {
   }
 }
 
-/** What the server needs of a client's connection: TCP, TLS and WebSocket clients all have it. */
-export interface Link {
-  write(p: Uint8Array): Promise<number>;
-  close(): void;
-}
-
-/**
- * One connected client: its link, its names and room, its send queue, its flood bucket, and
- * whether it is leaving. Every field is set here, in one order, so the hot path stays monomorphic.
- */
-export class Client {
-  readonly link: Link;
-  /** `host:port` as the tutorial prints it (`[v6addr]:port` for IPv6). */
-  readonly address: string;
-  /** The remote address alone, for the per-address limit. */
-  readonly ip: string;
-  nick: string | null = null;
-  /** What others see: the nick, or else the address. */
-  label: string;
-  /** Prefix for this client's lines, `[label] `, encoded when it first speaks: most only listen. */
-  prefix: Uint8Array | null = null;
-  room: Room;
-  // The send queue, which the flusher (section 2) writes out.
-  readonly flusher: Flusher;
-  queue: Uint8Array[] = [];
-  /** Bytes queued or being written: the figure the send queue limit applies to. */
-  queued = 0;
-  /** When a write to this client last completed, or its flush began (ms since the epoch). */
-  lastWrite = 0;
-  /** The longest a write to this client has taken to complete: a draining reader's rhythm. */
-  writeGap = 0;
-  /** A write is under way; `inflight` is what it still has to write. */
-  flushing = false;
-  inflight: Uint8Array | null = null;
-  /** Waiting in the flusher's list of clients to flush at the end of this turn. */
-  dirty = false;
-  /** Who waits for the queue to empty (a goodbye before closing); usually nobody. */
-  drainWaiters: (() => void)[] | null = null;
-  /** The write op's callbacks, made once per client rather than once per write. */
-  readonly wrote: (n: number) => void;
-  readonly failed: (e: unknown) => void;
-  // Input.
-  /** When the client last sent anything (ms since the epoch). */
-  lastInput: number;
-  /** Flood control (section 4), made when the client first speaks. */
-  bucket: TokenBucket | null = null;
-  /** A command waiting on Redis; the client's next lines wait their turn behind it. */
-  busy: Promise<void> | null = null;
-  // Leaving.
-  /** Set when the client is sent off: why (`/quit` text, "idle", "flooding"). */
-  leaving: string | null = null;
-  closed = false;
-
-  constructor(link: Link, address: string, ip: string, room: Room, flusher: Flusher) {
-    this.link = link;
-    this.address = address;
-    this.ip = ip;
-    this.label = address;
-    this.room = room;
-    this.flusher = flusher;
-    this.wrote = (n) => flusher.afterWrite(this, n);
-    this.failed = (e) => flusher.writeFailed(this, e);
-    this.lastInput = Date.now();
-  }
-
-  /** Queues bytes for this client; they go out at the end of this turn, coalesced (section 2). */
-  send(bytes: Uint8Array): void {
-    this.flusher.enqueue(this, bytes);
-  }
-
-  /** Sends one line of text. */
-  tell(text: string): void {
-    this.send(encoder.encode(text + "\r\n"));
-  }
-
-  /** `[label] line\r\n`, as the room sees a line of this client's. */
-  framed(line: Uint8Array): Uint8Array {
-    const prefix = this.prefix ??= encoder.encode(`[${this.label}] `);
-    const message = new Uint8Array(prefix.length + line.length + 2);
-    message.set(prefix);
-    message.set(line, prefix.length);
-    message.set(CRLF, message.length - 2);
-    return message;
-  }
-
-  /** Makes the client's next lines wait for `pending` (a command that asks Redis). */
-  waitBehind(pending: Promise<void>): void {
-    const mine = this.busy = pending.catch((e) => console.error(`Error on ${this.address}: ${e}`));
-    mine.finally(() => {
-      if (this.busy === mine) this.busy = null;
-    });
-  }
-
-  /** Closes the connection (once; later calls do nothing); its reader then sees it end and leaves. */
-  close(reason: string | null = null): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.queue = [];
-    this.flusher.forget(this);
-    if (reason) console.error(`Dropped ${this.address}: ${reason}`);
-    try {
-      this.link.close();
-    } catch (e) {
-      if (!(e instanceof Deno.errors.BadResource)) throw e;
-    }
-  }
-}
-
 /** The telnet protocol bytes that matter when removing negotiation (RFC 854). */
 const IAC = 255, SB = 250, SE = 240, WILL = 251, DONT = 254;
 const CR = 13, NL = 10, NUL = 0, TAB = 9, DEL = 127, SLASH = 47;
@@ -611,6 +503,114 @@ export function formatPeer(addr: Deno.NetAddr): string {
     ? addr.hostname.slice(7)
     : addr.hostname;
   return host.includes(":") ? `[${host}]:${addr.port}` : `${host}:${addr.port}`;
+}
+
+/** What the server needs of a client's connection: TCP, TLS and WebSocket clients all have it. */
+export interface Link {
+  write(p: Uint8Array): Promise<number>;
+  close(): void;
+}
+
+/**
+ * One connected client: its link, its names and room, its send queue, its flood bucket, and
+ * whether it is leaving. Every field is set here, in one order, so the hot path stays monomorphic.
+ */
+export class Client {
+  readonly link: Link;
+  /** `host:port` as the tutorial prints it (`[v6addr]:port` for IPv6). */
+  readonly address: string;
+  /** The remote address alone, for the per-address limit. */
+  readonly ip: string;
+  nick: string | null = null;
+  /** What others see: the nick, or else the address. */
+  label: string;
+  /** Prefix for this client's lines, `[label] `, encoded when it first speaks: most only listen. */
+  prefix: Uint8Array | null = null;
+  room: Room;
+  // The send queue, which the flusher (section 2) writes out.
+  readonly flusher: Flusher;
+  queue: Uint8Array[] = [];
+  /** Bytes queued or being written: the figure the send queue limit applies to. */
+  queued = 0;
+  /** When a write to this client last completed, or its flush began (ms since the epoch). */
+  lastWrite = 0;
+  /** The longest a write to this client has taken to complete: a draining reader's rhythm. */
+  writeGap = 0;
+  /** A write is under way; `inflight` is what it still has to write. */
+  flushing = false;
+  inflight: Uint8Array | null = null;
+  /** Waiting in the flusher's list of clients to flush at the end of this turn. */
+  dirty = false;
+  /** Who waits for the queue to empty (a goodbye before closing); usually nobody. */
+  drainWaiters: (() => void)[] | null = null;
+  /** The write op's callbacks, made once per client rather than once per write. */
+  readonly wrote: (n: number) => void;
+  readonly failed: (e: unknown) => void;
+  // Input.
+  /** When the client last sent anything (ms since the epoch). */
+  lastInput: number;
+  /** Flood control (section 4), made when the client first speaks. */
+  bucket: TokenBucket | null = null;
+  /** A command waiting on Redis; the client's next lines wait their turn behind it. */
+  busy: Promise<void> | null = null;
+  // Leaving.
+  /** Set when the client is sent off: why (`/quit` text, "idle", "flooding"). */
+  leaving: string | null = null;
+  closed = false;
+
+  constructor(link: Link, address: string, ip: string, room: Room, flusher: Flusher) {
+    this.link = link;
+    this.address = address;
+    this.ip = ip;
+    this.label = address;
+    this.room = room;
+    this.flusher = flusher;
+    this.wrote = (n) => flusher.afterWrite(this, n);
+    this.failed = (e) => flusher.writeFailed(this, e);
+    this.lastInput = Date.now();
+  }
+
+  /** Queues bytes for this client; they go out at the end of this turn, coalesced (section 2). */
+  send(bytes: Uint8Array): void {
+    this.flusher.enqueue(this, bytes);
+  }
+
+  /** Sends one line of text. */
+  tell(text: string): void {
+    this.send(encoder.encode(text + "\r\n"));
+  }
+
+  /** `[label] line\r\n`, as the room sees a line of this client's. */
+  framed(line: Uint8Array): Uint8Array {
+    const prefix = this.prefix ??= encoder.encode(`[${this.label}] `);
+    const message = new Uint8Array(prefix.length + line.length + 2);
+    message.set(prefix);
+    message.set(line, prefix.length);
+    message.set(CRLF, message.length - 2);
+    return message;
+  }
+
+  /** Makes the client's next lines wait for `pending` (a command that asks Redis). */
+  waitBehind(pending: Promise<void>): void {
+    const mine = this.busy = pending.catch((e) => console.error(`Error on ${this.address}: ${e}`));
+    mine.finally(() => {
+      if (this.busy === mine) this.busy = null;
+    });
+  }
+
+  /** Closes the connection (once; later calls do nothing); its reader then sees it end and leaves. */
+  close(reason: string | null = null): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue = [];
+    this.flusher.forget(this);
+    if (reason) console.error(`Dropped ${this.address}: ${reason}`);
+    try {
+      this.link.close();
+    } catch (e) {
+      if (!(e instanceof Deno.errors.BadResource)) throw e;
+    }
+  }
 }
 
 // =============================================================================================
