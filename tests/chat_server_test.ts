@@ -164,13 +164,24 @@ Deno.test("startChatServer() truncates an over-long line and tells the sender", 
 
 // --- Limits and slow consumers -----------------------------------------------------------------
 
-Deno.test("chat_server.ts paces a fast sender for a slow but live reader, which loses nothing", async () => {
+/** Runs chat_server.ts with no flood limit, reading its log as a terminal would; stop() ends it. */
+async function startFloodableServer() {
   const port = freePort();
   const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--rate", "0"]);
   await cli.readLine();
-  const cliLines = (async () => {
-    while (await cli.readLine() !== null); // keep the log flowing, as a terminal would
+  const logRead = (async () => {
+    while (await cli.readLine() !== null); // keep the log flowing
   })();
+  const stop = async () => {
+    cli.kill();
+    await logRead;
+    return await cli.finish();
+  };
+  return { port, cli, stop };
+}
+
+Deno.test("chat_server.ts paces a fast sender for a slow but live reader, which loses nothing", async () => {
+  const { port, stop } = await startFloodableServer();
   using reader = await joinChat(port);
   using sleeper = await TestClient.connect(port); // never reads a byte: it must still be cut off
   using other = await joinChat(port);
@@ -185,29 +196,17 @@ Deno.test("chat_server.ts paces a fast sender for a slow but live reader, which 
     readSlowly(other, sender.name, count, 64 * 1024, 0),
   ]);
   await sending;
-  if (slow !== count) {
-    cli.kill();
-    await cliLines;
-    console.log((await cli.finish()).stderr);
-  }
   assert.equal(slow, count, `the slow reader got ${slow} of ${count} lines`);
   assert.equal(fast, count, `the fast reader got ${fast} of ${count} lines`);
   assert.match(await sleeper.readToEnd(), /^You're connected/); // and then the server hung up
-  cli.kill();
-  await cliLines;
-  const { code, stderr } = await cli.finish();
+  const { code, stderr } = await stop();
   assert.equal(code, 0);
   assert.match(stderr, new RegExp(`Dropped ${sleeper.name.replaceAll(".", "\\.")}: send queue over`));
   assert.doesNotMatch(stderr, new RegExp(`Dropped ${reader.name.replaceAll(".", "\\.")}`));
 });
 
 Deno.test("chat_server.ts cuts off a client that never reads, and no one else misses a line", async () => {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--rate", "0"]);
-  await cli.readLine();
-  const cliLines = (async () => {
-    while (await cli.readLine() !== null); // keep the log flowing, as a terminal would
-  })();
+  const { port, cli, stop } = await startFloodableServer();
   using reader = await joinChat(port);
   using sleeper = await TestClient.connect(port); // never reads a byte
   using sender = await joinChat(port);
@@ -233,9 +232,7 @@ Deno.test("chat_server.ts cuts off a client that never reads, and no one else mi
   // Garbage is collected lazily (V8 lets ~64 MiB of buffers pile up), so the bound is loose, but
   // a server that kept what it could not deliver would grow by all 160 MB.
   assert.ok(growthMiB < 100, `server RSS grew by ${growthMiB.toFixed(1)} MiB while 160 MB went by`);
-  cli.kill();
-  await cliLines;
-  assert.equal((await cli.finish()).code, 0);
+  assert.equal((await stop()).code, 0);
 });
 
 Deno.test("chat_server.ts keeps its memory when a client streams megabytes with no newline", async () => {
