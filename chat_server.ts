@@ -72,6 +72,8 @@ export const DEFAULT_ANNOUNCE_LIMIT = 200;
 export const LOBBY = "lobby";
 /** How long a goodbye (or shutdown) waits for the last lines to be written before closing anyway. */
 export const SHUTDOWN_GRACE_MS = 1000;
+/** Longest pause between accepts that fail for want of descriptors or memory. */
+const ACCEPT_PAUSE_MS = 100;
 /** Bytes read per `read()` call: a client starts with the first size and grows to the second. */
 const FIRST_READ_SIZE = 64;
 const READ_SIZE = 16 * 1024;
@@ -176,17 +178,22 @@ export class ChatServer {
 
   /** The tutorial's run(): accepts connections until the listener closes. */
   async run(): Promise<void> {
+    let pause = 0;
     while (!this.closing) {
       let conn: Deno.Conn<Deno.NetAddr>;
       try {
         conn = await this.listener!.accept();
       } catch (e) {
         if (this.closing) return;
-        // Out of file descriptors and the like: say so, breathe, and keep serving who is here.
-        console.error(`accept failed: ${e instanceof Error ? e.message : e}`);
-        await new Promise((r) => setTimeout(r, 100));
+        if (isRefusedByPeer(e)) continue; // it reset before we took it: its loss, nobody else's
+        // Out of descriptors or memory: say so once, and try again soon (5 ms, doubling up to
+        // 100 ms) so that the backlog is served as soon as there is room; who is here goes on.
+        if (pause === 0) console.error(`accept failed: ${e instanceof Error ? e.message : e}; retrying`);
+        pause = Math.min(ACCEPT_PAUSE_MS, 2 * pause || 5);
+        await new Promise((r) => setTimeout(r, pause));
         continue;
       }
+      pause = 0;
       this.acceptNewConnection(conn);
     }
   }
@@ -2084,6 +2091,12 @@ function isDisconnect(e: unknown): boolean {
     e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||
     e instanceof Deno.errors.Interrupted || e instanceof Deno.errors.NotConnected ||
     e instanceof Deno.errors.UnexpectedEof; // a TLS peer that left without close_notify
+}
+
+/** True for an accept() that failed because the peer reset first: nothing is wrong with us. */
+function isRefusedByPeer(e: unknown): boolean {
+  return e instanceof Deno.errors.NotConnected || e instanceof Deno.errors.ConnectionReset ||
+    e instanceof Deno.errors.ConnectionAborted;
 }
 
 /**

@@ -96,16 +96,21 @@ function serveStreams(options: StreamServerOptions, defaultPort: number, handle:
   }
 
   async function acceptLoop(): Promise<void> {
+    let pause = 0;
     while (!closing) {
       let conn: Deno.TcpConn;
       try {
         conn = await listener.accept();
       } catch (e) {
         if (closing) return;
-        console.error(`accept failed: ${e instanceof Error ? e.message : e}`);
-        await new Promise((r) => setTimeout(r, 100));
+        if (isRefusedByPeer(e)) continue; // it reset before we took it: its loss, nobody else's
+        // Out of descriptors or memory: say so once, and try again soon (5 ms, doubling up to 100 ms).
+        if (pause === 0) console.error(`accept failed: ${e instanceof Error ? e.message : e}; retrying`);
+        pause = Math.min(100, 2 * pause || 5);
+        await new Promise((r) => setTimeout(r, pause));
         continue;
       }
+      pause = 0;
       const handler = runHandler(conn);
       handlers.add(handler);
       handler.finally(() => handlers.delete(handler));
@@ -479,6 +484,13 @@ function formatPeer(addr: Deno.NetAddr): string {
 }
 
 /** True for the errors a peer causes by going away. */
+/** True for an accept() that failed because the peer reset first: nothing is wrong with us. */
+function isRefusedByPeer(e: unknown): boolean {
+  return e instanceof Deno.errors.NotConnected || e instanceof Deno.errors.ConnectionReset ||
+    e instanceof Deno.errors.ConnectionAborted;
+}
+
+/** True for the errors a peer causes by going away: expected, and not worth a stack trace. */
 function isDisconnect(e: unknown): boolean {
   return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
     e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||

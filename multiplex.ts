@@ -305,6 +305,7 @@ async function writeAll(w: Writer, bytes: Uint8Array): Promise<void> {
   while (at < bytes.length) at += await w.write(bytes.subarray(at));
 }
 
+/** True for the errors a peer causes by going away: expected, and not worth a stack trace. */
 function isDisconnect(e: unknown): boolean {
   return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
     e instanceof Deno.errors.ConnectionAborted || e instanceof Deno.errors.BadResource ||

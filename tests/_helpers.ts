@@ -366,3 +366,21 @@ export async function readUntil(client: TestClient, test: (line: string) => bool
     if (test(line)) return line;
   }
 }
+
+/**
+ * Opens `count` connections to `port` and resets each at once (SO_LINGER 0, from Python, as Deno
+ * cannot set it), before the server has accepted them.
+ */
+export async function resetConnections(port: number, count: number): Promise<void> {
+  const script = `
+import socket, struct, sys
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+    s.close()
+`;
+  const out = await new Deno.Command("python3", { args: ["-c", script, String(port), String(count)] })
+    .output();
+  if (!out.success) throw new Error(`python3 failed: ${decoder.decode(out.stderr)}`);
+}

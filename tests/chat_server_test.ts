@@ -17,6 +17,7 @@ import {
   joinChat,
   needs,
   readSlowly,
+  resetConnections,
   rssKiB,
   sendNumberedLines,
   TestClient,
@@ -303,6 +304,22 @@ Deno.test("startChatServer() survives resets and half-closes, and the others car
     await b.write("still here?\r\n");
     assert.equal(await a.readLine(), `[${b.name}] still here?\r\n`);
   });
+});
+
+Deno.test({
+  ...needs("startChatServer() takes the next client at once after 50 resets before accept", ["python3"]),
+  async fn() {
+    await withServer({ host: "127.0.0.1" }, async (port, log) => {
+      await resetConnections(port, 50);
+      const started = Date.now();
+      using c = await joinChat(port);
+      const waited = Date.now() - started;
+      assert.ok(waited < 1000, `the next client waited ${waited} ms for its greeting`); // 5 s before
+      await c.write("/who\r\n");
+      assert.equal(await c.readLine(), "In lobby (1):\r\n");
+      assert.doesNotMatch(log.text, /Client joined .*\n.*Client joined/); // the resets never joined
+    });
+  },
 });
 
 Deno.test("startChatServer() names IPv6 peers as [addr]:port", async () => {

@@ -1,6 +1,16 @@
 import assert from "node:assert/strict";
 import { echoOnce, runBench, startEchoServer, startHelloServer } from "../echo_tcp.ts";
-import { Cli, decoder, encoder, freePort, needs, runScript, TestClient, within } from "./_helpers.ts";
+import {
+  Cli,
+  decoder,
+  encoder,
+  freePort,
+  needs,
+  resetConnections,
+  runScript,
+  TestClient,
+  within,
+} from "./_helpers.ts";
 
 /** Starts a silent echo server on a free loopback port for the length of `body`. */
 async function withEchoServer(body: (port: number) => Promise<void>, host = "127.0.0.1"): Promise<void> {
@@ -34,6 +44,21 @@ Deno.test("startEchoServer() answers the tutorial's client: Hello World!\\n come
     await c.write("Hello World!\n");
     assert.equal(await c.readLine(), "Hello World!\n");
   });
+});
+
+Deno.test({
+  ...needs("startEchoServer() serves the next client at once after 50 resets before accept", ["python3"]),
+  async fn() {
+    await withEchoServer(async (port) => {
+      await resetConnections(port, 50);
+      const started = Date.now();
+      using c = await TestClient.connect(port);
+      await c.write("still here?\n");
+      assert.equal(await c.readLine(), "still here?\n");
+      const waited = Date.now() - started;
+      assert.ok(waited < 1000, `the next client waited ${waited} ms for its echo`); // 5 s before
+    });
+  },
 });
 
 Deno.test("startEchoServer() returns 1 MiB of random bytes whole after a half-close", async () => {
