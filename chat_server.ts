@@ -47,6 +47,9 @@
 
 import { parseArgs } from "node:util";
 import { BlockList, isIP } from "node:net";
+import { Duplex } from "node:stream";
+import { Buffer } from "node:buffer";
+import * as tls from "node:tls";
 
 // =============================================================================================
 // 1. The tutorial's chat server
@@ -109,12 +112,13 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
  */
 export class ChatServer {
   readonly options: ChatServerOptions;
-  listener: Deno.Listener<Deno.Conn<Deno.NetAddr>, Deno.NetAddr> | null = null;
+  listener: Deno.TcpListener | null = null;
   readonly clients = new Set<Client>();
   readonly flusher: Flusher; // section 2
   readonly log: EventLog; // section 2
   readonly directory = new Directory(); // section 3
   readonly limits: Limits; // section 4
+  tls: TlsGate | null = null; // section 5
   web: WebGate | null = null; // section 5
   bus: RedisBus | null = null; // section 6
   /** Refusals, handshakes, goodbyes and readers still under way: close() waits for them. */
@@ -160,7 +164,8 @@ export class ChatServer {
   async start(): Promise<void> {
     const o = this.options;
     try {
-      this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT, o.tls);
+      if (o.tls) this.tls = new TlsGate(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
+      this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
       if (o.redis) this.bus = await startBus(o.redis, busHandlersFor(this));
       this.bus?.watch(LOBBY); // always: then a lobby line from another instance never beats the subscription
       if (o.http) this.web = new WebGate(this, o.http);
@@ -180,7 +185,7 @@ export class ChatServer {
   async run(): Promise<void> {
     let pause = 0;
     while (!this.closing) {
-      let conn: Deno.Conn<Deno.NetAddr>;
+      let conn: Deno.TcpConn;
       try {
         conn = await this.listener!.accept();
       } catch (e) {
@@ -199,22 +204,17 @@ export class ChatServer {
   }
 
   /** The tutorial's accept_new_connection(): refuses a connection, or admits it and reads it. */
-  acceptNewConnection(conn: Deno.Conn<Deno.NetAddr>): void {
+  acceptNewConnection(conn: Deno.TcpConn): void {
     const address = formatPeer(conn.remoteAddr);
     const ip = plainHost(conn.remoteAddr.hostname);
     const refused = this.limits.refusal(ip, this.clients.size); // section 4
+    conn.setNoDelay(true);
+    if (this.tls) return this.tasks.track(this.tls.accept(conn, address, ip, refused)); // section 5
     if (refused) {
       console.error(`Refused ${address}: ${refused}`);
-      this.tasks.track(refuse(conn, refused)); // section 5
-      return;
+      return this.tasks.track(refuse(conn, refused));
     }
-    if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
-    if ("handshake" in conn) { // TLS: section 5
-      const handshaken = handshake(conn as Deno.TlsConn, address);
-      this.tasks.track(handshaken.then((ok) => ok && this.read(this.admit(conn, address, ip), conn)));
-    } else {
-      this.read(this.admit(conn, address, ip), conn);
-    }
+    this.read(this.admit(conn, address, ip), conn);
   }
 
   /** Makes a connection a client: counts it, greets it, puts it in the lobby, and tells the room. */
@@ -235,7 +235,7 @@ export class ChatServer {
    * client then holds one pending read and little else, and at 10,000 clients that is what they
    * cost. While a slow reader is behind, the flusher's gate holds further reads (section 2).
    */
-  read(client: Client, conn: Deno.Conn): void {
+  read(client: Client, conn: Stream): void {
     this.tasks.hold();
     const framer = new LineFramer(this.maxLine, (line, truncated) => this.onLine(client, line, truncated));
     // Start small: most clients send a line now and then, and each holds its buffer while it
@@ -518,6 +518,11 @@ export interface Link {
   close(): void;
 }
 
+/** A link that is read as a byte stream (TCP and TLS): `read()` resolves to null at the end. */
+export interface Stream extends Link {
+  read(p: Uint8Array): Promise<number | null>;
+}
+
 /**
  * One connected client: its link, its names and room, its send queue, its flood bucket, and
  * whether it is leaving. Every field is set here, in one order, so the hot path stays monomorphic.
@@ -612,11 +617,7 @@ export class Client {
     this.queue = [];
     this.flusher.forget(this);
     if (reason) console.error(`Dropped ${this.address}: ${reason}`);
-    try {
-      this.link.close();
-    } catch (e) {
-      if (!(e instanceof Deno.errors.BadResource)) throw e;
-    }
+    closeQuietly(this.link);
   }
 }
 
@@ -1338,8 +1339,12 @@ class Limits {
     this.idleSeconds = options.idle ?? 0;
   }
 
+  /** Connections still in their TLS handshake: they count as clients until it ends. */
+  private pending = 0;
+
   /** Why a new connection from `ip` may not be served, with `clients` already here; or null. */
   refusal(ip: string, clients: number): string | null {
+    clients += this.pending;
     if ((this.allow && !inBlocks(this.allow, ip)) || (this.deny && inBlocks(this.deny, ip))) {
       return `Sorry, connections from ${ip} are not allowed`;
     }
@@ -1362,6 +1367,19 @@ class Limits {
     const left = (this.perIp.get(client.ip) ?? 1) - 1;
     if (left > 0) this.perIp.set(client.ip, left);
     else this.perIp.delete(client.ip);
+  }
+
+  /** Counts a connection that is still handshaking, as a client from `ip`. */
+  holdPending(ip: string): void {
+    this.pending++;
+    this.perIp.set(ip, (this.perIp.get(ip) ?? 0) + 1);
+  }
+
+  releasePending(ip: string): void {
+    this.pending--;
+    const left = (this.perIp.get(ip) ?? 1) - 1;
+    if (left > 0) this.perIp.set(ip, left);
+    else this.perIp.delete(ip);
   }
 
   /**
@@ -1493,8 +1511,12 @@ export function inBlocks(list: BlockList, ip: string): boolean {
 
 /** Pending connections the kernel may queue for us: a join storm should not meet SYN drops. */
 const TCP_BACKLOG = 4096;
-/** How long a TLS client may take to complete its handshake. */
-const HANDSHAKE_MS = 10_000;
+/** Seconds a TLS client may take to complete its handshake before its connection is closed. */
+export const DEFAULT_HANDSHAKE_TIMEOUT = 10;
+/** TLS refusals under way at once; past this, a refused connection is closed without a word. */
+const MAX_TLS_REFUSALS = 64;
+/** How long a refused TLS client gets to complete its handshake and read why. */
+const TLS_REFUSAL_MS = 1000;
 /**
  * Input a WebSocket client may have waiting while the room waits for a slow reader. A browser
  * cannot be told to stop sending (the runtime reads its socket for us), so its messages wait
@@ -1503,15 +1525,8 @@ const HANDSHAKE_MS = 10_000;
 const WS_BACKLOG_BYTES = 32 * 1024 * 1024;
 
 /** Listens for chat clients on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
-function listenForClients(
-  host: string | undefined,
-  port: number,
-  tls?: { cert: string; key: string },
-): Deno.Listener<Deno.Conn<Deno.NetAddr>, Deno.NetAddr> {
-  const listen = (hostname: string) =>
-    tls
-      ? Deno.listenTls({ hostname, port, tcpBacklog: TCP_BACKLOG, ...tls })
-      : Deno.listen({ hostname, port, tcpBacklog: TCP_BACKLOG });
+function listenForClients(host: string | undefined, port: number): Deno.TcpListener {
+  const listen = (hostname: string) => Deno.listen({ hostname, port, tcpBacklog: TCP_BACKLOG });
   if (host !== undefined) return listen(host);
   try {
     return listen("::");
@@ -1522,31 +1537,173 @@ function listenForClients(
 }
 
 /**
- * Completes a TLS handshake before the client joins, so that a failed one (a plain-text client
- * on the TLS port, a bad certificate) is one line in the log and never a join in the room.
+ * TLS for the chat port. Connections are accepted as plain TCP, and node:tls runs over each one,
+ * so the descriptor is ours to free: a peer that never completes its handshake is closed at the
+ * timeout. (Deno.listenTls keeps the descriptor of a connection closed before its handshake until
+ * the peer leaves: 500 silent peers held 500 descriptors.) Connections still handshaking count
+ * against --max-clients and --max-per-ip, and a failed handshake is one line in the log, never a
+ * join in the room.
  */
-async function handshake(conn: Deno.TlsConn, address: string): Promise<boolean> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new Error(`no handshake within ${HANDSHAKE_MS / 1000} s`)),
-        HANDSHAKE_MS,
-      );
+class TlsGate {
+  readonly server: ChatServer;
+  readonly context: tls.SecureContext;
+  readonly timeoutMs: number;
+  private refusing = 0;
+
+  /** Throws if the certificate and key are not a usable pair. */
+  constructor(server: ChatServer, pem: { cert: string; key: string }, timeoutSeconds: number) {
+    this.server = server;
+    this.context = tls.createSecureContext({ cert: pem.cert, key: pem.key });
+    this.timeoutMs = timeoutSeconds * 1000;
+  }
+
+  /** Completes the handshake, then admits the client and reads it, or tells it why not. */
+  async accept(conn: Deno.TcpConn, address: string, ip: string, refused: string | null): Promise<void> {
+    if (refused) {
+      console.error(`Refused ${address}: ${refused}`);
+      if (this.refusing >= MAX_TLS_REFUSALS) return closeQuietly(conn);
+      this.refusing++;
+      try {
+        const link = await startTls(conn, this.context, Math.min(this.timeoutMs, TLS_REFUSAL_MS), address);
+        if (link) await refuse(link, refused);
+      } finally {
+        this.refusing--;
+      }
+      return;
+    }
+    const limits = this.server.limits;
+    limits.holdPending(ip);
+    let link: TlsConn | null;
+    try {
+      link = await startTls(conn, this.context, this.timeoutMs, address);
+    } finally {
+      limits.releasePending(ip);
+    }
+    if (link && !this.server.closing) this.server.read(this.server.admit(link, address, ip), link);
+    else link?.close();
+  }
+}
+
+/**
+ * Runs a server-side TLS handshake over `conn`; resolves to the secure connection, or to null
+ * (logged, and `conn` closed) if it fails or takes longer than `ms`.
+ */
+function startTls(
+  conn: Deno.Conn,
+  context: tls.SecureContext,
+  ms: number,
+  address: string,
+): Promise<TlsConn | null> {
+  const socket = new tls.TLSSocket(duplexOver(conn), { isServer: true, secureContext: context });
+  return new Promise((resolve) => {
+    const fail = (why: string) => {
+      clearTimeout(timer);
+      console.error(`TLS handshake with ${address} failed: ${why}`);
+      socket.destroy();
+      closeQuietly(conn);
+      resolve(null);
+    };
+    const timer = setTimeout(() => fail(`no handshake within ${ms / 1000} s`), ms);
+    const onError = (e: Error) => fail(e.message);
+    socket.once("error", onError);
+    socket.once("secure", () => {
+      clearTimeout(timer);
+      socket.removeListener("error", onError);
+      resolve(new TlsConn(socket, conn));
     });
-    await Promise.race([conn.handshake(), timeout]);
-    return true;
-  } catch (e) {
-    console.error(`TLS handshake with ${address} failed: ${e instanceof Error ? e.message : e}`);
-    conn.close();
-    return false;
-  } finally {
-    clearTimeout(timer);
+  });
+}
+
+/** A Deno.Conn as a node stream, for node:tls to run over. */
+function duplexOver(conn: Deno.Conn): Duplex {
+  const buffer = new Uint8Array(READ_SIZE);
+  return new Duplex({
+    read() {
+      conn.read(buffer).then(
+        (n) => this.push(n === null ? null : Buffer.from(buffer.subarray(0, n))),
+        (e) => this.destroy(e),
+      );
+    },
+    write(chunk: Uint8Array, _encoding, done) {
+      writeAll(conn, chunk).then(() => done(), done);
+    },
+    destroy(e, done) {
+      closeQuietly(conn);
+      done(e);
+    },
+  });
+}
+
+/**
+ * A secure connection, read and written as the server reads and writes a Deno.Conn. What the peer
+ * sends waits here until read() asks for it; meanwhile the socket is paused, so TCP holds the
+ * peer back, as it does for a plain connection that is not read.
+ */
+class TlsConn implements Stream {
+  private readonly socket: tls.TLSSocket;
+  private readonly conn: Deno.Conn;
+  private readonly chunks: Uint8Array[] = [];
+  private ended = false;
+  private failure: Error | null = null;
+  private wake: (() => void) | null = null;
+
+  constructor(socket: tls.TLSSocket, conn: Deno.Conn) {
+    this.socket = socket;
+    this.conn = conn;
+    const woken = () => {
+      const wake = this.wake;
+      this.wake = null;
+      wake?.();
+    };
+    socket.on("data", (chunk: Uint8Array) => {
+      this.chunks.push(chunk);
+      socket.pause();
+      woken();
+    });
+    socket.on("end", () => (this.ended = true, woken()));
+    socket.on("close", () => (this.ended = true, woken()));
+    socket.on("error", (e: Error) => (this.failure = new Deno.errors.ConnectionReset(e.message), woken()));
+  }
+
+  async read(p: Uint8Array): Promise<number | null> {
+    while (this.chunks.length === 0) {
+      if (this.failure) throw this.failure;
+      if (this.ended) return null;
+      this.socket.resume();
+      await new Promise<void>((resolve) => this.wake = resolve);
+    }
+    const chunk = this.chunks[0];
+    const n = Math.min(p.length, chunk.length);
+    p.set(chunk.subarray(0, n));
+    if (n === chunk.length) this.chunks.shift();
+    else this.chunks[0] = chunk.subarray(n);
+    return n;
+  }
+
+  write(p: Uint8Array): Promise<number> {
+    return new Promise((resolve, reject) => {
+      if (this.failure || this.socket.destroyed) {
+        return reject(new Deno.errors.BrokenPipe("TLS connection closed"));
+      }
+      this.socket.write(p, (e) => e ? reject(new Deno.errors.BrokenPipe(e.message)) : resolve(p.length));
+    });
+  }
+
+  /** Ends the session with close_notify once what is written is out; gives up after the grace period. */
+  close(): void {
+    if (this.socket.destroyed) return;
+    const destroy = () => {
+      clearTimeout(timer);
+      this.socket.destroy();
+      closeQuietly(this.conn);
+    };
+    const timer = setTimeout(destroy, SHUTDOWN_GRACE_MS);
+    this.socket.end(destroy);
   }
 }
 
 /** Writes a one-line refusal to a connection we will not serve, then closes it. */
-async function refuse(conn: Deno.Conn, refusal: string): Promise<void> {
+async function refuse(conn: Link, refusal: string): Promise<void> {
   try {
     await settleWithin(SHUTDOWN_GRACE_MS, [writeAll(conn, encoder.encode(refusal + "\r\n"))]);
   } catch (e) {
@@ -2065,6 +2222,8 @@ export interface ChatServerOptions {
   redis?: RedisOptions;
   /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
   tls?: { cert: string; key: string };
+  /** Seconds a TLS client may take to handshake. Default {@linkcode DEFAULT_HANDSHAKE_TIMEOUT}. */
+  handshakeTimeout?: number;
   /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
   log?: Writer | null;
   /** `text`: the tutorial's lines; `json`: one JSON object per event. Default `text`. */
@@ -2135,6 +2294,15 @@ class TaskSet {
       if (this.held === 0) return;
       await new Promise<void>((resolve) => this.lastReleased = resolve);
     }
+  }
+}
+
+/** Closes a connection that may be closed already. */
+function closeQuietly(conn: { close(): void }): void {
+  try {
+    conn.close();
+  } catch (e) {
+    if (!(e instanceof Deno.errors.BadResource)) throw e;
   }
 }
 
@@ -2318,7 +2486,8 @@ connect();
 // 10. The command line
 
 const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
-  "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE] [--log text|json] " +
+  "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE [--handshake-timeout S]] " +
+  "[--log text|json] " +
   "[--http PORT [--http-host HOST] [--http-origin ORIGIN]...] [--redis URL [--redis-prefix P] [--redis-expiry S]] " +
   "[--help]";
 
@@ -2339,6 +2508,7 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --deny CIDR          these addresses may not connect (repeatable; wins over --allow)
   --tls-cert FILE      serve TLS with this PEM certificate chain...
   --tls-key FILE       ...and this PEM private key
+  --handshake-timeout S  seconds a TLS client may take to handshake (default ${DEFAULT_HANDSHAKE_TIMEOUT})
   --log FORMAT         text (the tutorial's lines, default) or json (one object per event)
   --http PORT          also serve the chat as a web page, and its WebSocket at /ws
   --http-host HOST     interface for the web page (default: as --host)
@@ -2370,37 +2540,37 @@ export interface ChatArgs {
   tlsFiles?: { cert: string; key: string };
 }
 
+/** The flags parseChatArgs() knows, as node:util's parseArgs wants them. */
+const CHAT_FLAGS = {
+  port: { type: "string" },
+  host: { type: "string" },
+  "max-line": { type: "string" },
+  sendq: { type: "string" },
+  "max-clients": { type: "string" },
+  "max-per-ip": { type: "string" },
+  idle: { type: "string" },
+  rate: { type: "string" },
+  "announce-limit": { type: "string" },
+  allow: { type: "string", multiple: true },
+  deny: { type: "string", multiple: true },
+  "tls-cert": { type: "string" },
+  "tls-key": { type: "string" },
+  "handshake-timeout": { type: "string" },
+  log: { type: "string" },
+  http: { type: "string" },
+  "http-host": { type: "string" },
+  "http-origin": { type: "string", multiple: true },
+  redis: { type: "string" },
+  "redis-prefix": { type: "string" },
+  "redis-expiry": { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
 /** Turns the command line into server options. */
 export function parseChatArgs(args: string[]): ChatArgs | "help" {
   let parsed;
   try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        port: { type: "string" },
-        host: { type: "string" },
-        "max-line": { type: "string" },
-        sendq: { type: "string" },
-        "max-clients": { type: "string" },
-        "max-per-ip": { type: "string" },
-        idle: { type: "string" },
-        rate: { type: "string" },
-        "announce-limit": { type: "string" },
-        allow: { type: "string", multiple: true },
-        deny: { type: "string", multiple: true },
-        "tls-cert": { type: "string" },
-        "tls-key": { type: "string" },
-        log: { type: "string" },
-        http: { type: "string" },
-        "http-host": { type: "string" },
-        "http-origin": { type: "string", multiple: true },
-        redis: { type: "string" },
-        "redis-prefix": { type: "string" },
-        "redis-expiry": { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    });
+    parsed = parseArgs({ args, allowPositionals: true, options: CHAT_FLAGS });
   } catch (e) {
     if (e instanceof TypeError && "code" in e) throw new UsageError(e.message);
     throw e;
@@ -2420,12 +2590,18 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   if ((v["tls-cert"] === undefined) !== (v["tls-key"] === undefined)) {
     throw new UsageError("--tls-cert and --tls-key go together");
   }
-  let idle: number | undefined;
-  if (v.idle !== undefined) {
-    idle = Number(v.idle);
-    if (v.idle.trim() === "" || !(idle >= 0 && idle <= 1e6)) {
-      throw new UsageError(`--idle wants seconds, not "${v.idle}"`);
+  const seconds = (flag: string, text: string | undefined, min: number) => {
+    if (text === undefined) return undefined;
+    const value = Number(text);
+    if (text.trim() === "" || !(value >= min && value <= 1e6)) {
+      throw new UsageError(`${flag} wants seconds, not "${text}"`);
     }
+    return value;
+  };
+  const idle = seconds("--idle", v.idle, 0);
+  const handshakeTimeout = seconds("--handshake-timeout", v["handshake-timeout"], 0.001);
+  if (handshakeTimeout !== undefined && v["tls-cert"] === undefined) {
+    throw new UsageError("--handshake-timeout goes with --tls-cert and --tls-key");
   }
   if (v.http === undefined && (v["http-host"] !== undefined || v["http-origin"] !== undefined)) {
     throw new UsageError("--http-host and --http-origin go with --http PORT");
@@ -2451,6 +2627,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       maxClients: count("--max-clients", v["max-clients"], 1, 1_000_000),
       maxPerIp: count("--max-per-ip", v["max-per-ip"], 0, 1_000_000),
       idle,
+      handshakeTimeout,
       rate: count("--rate", v.rate, 0, 1_000_000),
       announceLimit: count("--announce-limit", v["announce-limit"], 0, 1_000_000),
       allow: v.allow,

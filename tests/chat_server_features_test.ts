@@ -301,6 +301,60 @@ Deno.test({
   },
 });
 
+Deno.test({
+  ...needs("--tls-cert: a peer that never handshakes is closed at the timeout, and counts meanwhile", [
+    "openssl",
+  ]),
+  async fn() {
+    const dir = await Deno.makeTempDir();
+    try {
+      await makeCertificates(dir);
+      const tls = {
+        cert: Deno.readTextFileSync(`${dir}/server.crt`),
+        key: Deno.readTextFileSync(`${dir}/server.key`),
+      };
+      const caCerts = [Deno.readTextFileSync(`${dir}/ca.crt`)];
+      await withServer({ tls, host: "127.0.0.1", handshakeTimeout: 0.5, maxPerIp: 5 }, async (port, log) => {
+        const fds = () => [...Deno.readDirSync("/proc/self/fd")].length;
+        const before = fds();
+        const silent = await Promise.all(
+          [1, 2, 3, 4, 5].map(() => Deno.connect({ hostname: "127.0.0.1", port })),
+        );
+        try {
+          // While they wait, they hold the address's five places.
+          const sixth = await Deno.connectTls({ hostname: "localhost", port, caCerts });
+          const refusal = new TestClient(sixth as unknown as Deno.TcpConn);
+          assert.equal(
+            await refusal.readToEnd(),
+            "Sorry, too many connections from 127.0.0.1 (at most 5)\r\n",
+          );
+          refusal.close();
+          // At the timeout the server hangs up on each of them, and its descriptors are gone.
+          for (const peer of silent) {
+            const n = await within(
+              WAIT_MS,
+              peer.read(new Uint8Array(16)).catch(() => null),
+              "the server to hang up",
+            );
+            assert.equal(n, null);
+          }
+          assert.equal(fds(), before + 5, "the server still holds descriptors of the silent peers"); // ours are 5
+          assert.equal(log.text.includes("Client joined"), false);
+          // And the address's places are free again.
+          const conn = await Deno.connectTls({ hostname: "localhost", port, caCerts });
+          const a = new TestClient(conn as unknown as Deno.TcpConn);
+          assert.equal(await a.readLine(), GREETING);
+          a.close();
+        } finally {
+          for (const peer of silent) peer.close();
+        }
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
 // --- The JSON log ----------------------------------------------------------------------------------
 
 Deno.test("chat_server.ts --log json prints one JSON object per event", async () => {
