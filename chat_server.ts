@@ -50,6 +50,7 @@ import { BlockList, isIP } from "node:net";
 import { Duplex } from "node:stream";
 import { Buffer } from "node:buffer";
 import * as tls from "node:tls";
+import { createHash } from "node:crypto";
 
 // =============================================================================================
 // 1. The tutorial's chat server
@@ -181,13 +182,16 @@ export class ChatServer {
     }).then(this.#stopped);
   }
 
-  /** The tutorial's run(): accepts connections until the listener closes. */
-  async run(): Promise<void> {
+  /** The tutorial's run(): accepts connections until the listener closes (the web gate's too). */
+  async run(
+    listener: Deno.TcpListener = this.listener!,
+    take: (conn: Deno.TcpConn) => void = (conn) => this.acceptNewConnection(conn),
+  ): Promise<void> {
     let pause = 0;
     while (!this.closing) {
       let conn: Deno.TcpConn;
       try {
-        conn = await this.listener!.accept();
+        conn = await listener.accept();
       } catch (e) {
         if (this.closing) return;
         if (isRefusedByPeer(e)) continue; // it reset before we took it: its loss, nobody else's
@@ -199,7 +203,7 @@ export class ChatServer {
         continue;
       }
       pause = 0;
-      this.acceptNewConnection(conn);
+      take(conn);
     }
   }
 
@@ -1517,12 +1521,13 @@ export const DEFAULT_HANDSHAKE_TIMEOUT = 10;
 const MAX_TLS_REFUSALS = 64;
 /** How long a refused TLS client gets to complete its handshake and read why. */
 const TLS_REFUSAL_MS = 1000;
-/**
- * Input a WebSocket client may have waiting while the room waits for a slow reader. A browser
- * cannot be told to stop sending (the runtime reads its socket for us), so its messages wait
- * here, in order; one that sends this much more than the room can take is sent off.
- */
-const WS_BACKLOG_BYTES = 32 * 1024 * 1024;
+/** Seconds a browser may take to send its request head. */
+export const DEFAULT_HTTP_TIMEOUT = 5;
+/** Request heads that may be on their way at once from one address, and from everyone. */
+const HTTP_HEADS_PER_IP = 8;
+const HTTP_HEADS = 256;
+/** The longest request head read; a longer one is answered 431. */
+const HTTP_HEAD_BYTES = 8192;
 
 /** Listens for chat clients on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
 function listenForClients(host: string | undefined, port: number): Deno.TcpListener {
@@ -1724,73 +1729,108 @@ export class WebListenError extends Error {
   }
 }
 
-/** The web side: GET / is the page (section 9), GET /ws a WebSocket client of the chat. */
+/**
+ * The web side, on sockets of our own: GET / is the page (section 9), GET /ws a WebSocket client
+ * of the chat. The request head is read with a size cap and a deadline, and connections still
+ * sending theirs are capped per address and in all, so a trickling client costs a descriptor for
+ * `--http-timeout` seconds at most. A WebSocket is then a connection like any other, with
+ * RFC 6455 framing in place of telnet's: read() reads it, so it is paced by the same gate, and a
+ * message of any size costs what a telnet line does.
+ */
 class WebGate {
   readonly server: ChatServer;
   readonly origins: string[];
-  readonly http: Deno.HttpServer<Deno.NetAddr>;
+  readonly listener: Deno.TcpListener;
+  readonly timeoutMs: number;
+  /** Settles when the accept loop has stopped. */
+  readonly finished: Promise<void>;
+  /** Connections still sending their request head, by address, and all of them. */
+  private readonly reading = new Map<string, number>();
+  private readonly heads = new Set<Deno.Conn>();
 
   /** Listens for HTTP; throws WebListenError if the port cannot be had. */
   constructor(server: ChatServer, options: NonNullable<ChatServerOptions["http"]>) {
     this.server = server;
     this.origins = options.origins ?? [];
-    const serve = (hostname: string) =>
-      Deno.serve({ hostname, port: options.port, onListen() {} }, (r, info) => this.handle(r, info));
+    this.timeoutMs = (options.timeout ?? DEFAULT_HTTP_TIMEOUT) * 1000;
     const host = options.host ?? server.options.host;
     try {
-      this.http = serve(host ?? "::");
+      this.listener = listenForClients(host, options.port);
     } catch (e) {
-      if (host !== undefined || e instanceof Deno.errors.AddrInUse) {
-        throw new WebListenError(options.port, host, e);
-      }
-      this.http = serve("0.0.0.0"); // a host without IPv6
+      throw new WebListenError(options.port, host, e);
     }
+    this.finished = server.run(this.listener, (conn) => this.take(conn));
   }
 
   get addr(): Deno.NetAddr {
-    return this.http.addr;
+    return this.listener.addr;
   }
 
-  get finished(): Promise<void> {
-    return this.http.finished;
-  }
-
-  /** Stops taking requests; open WebSockets are closed by the server as clients. */
+  /** Stops taking requests and hangs up on heads still arriving; WebSockets close as clients. */
   shutdown(): Promise<void> {
-    return this.http.shutdown();
+    closeQuietly(this.listener);
+    for (const conn of this.heads) closeQuietly(conn);
+    return this.finished;
   }
 
-  /** Serves GET / (the page) and GET /ws (a WebSocket client, admitted like any other). */
-  handle(request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>): Response {
-    const url = new URL(request.url);
-    if (url.pathname === "/" && (request.method === "GET" || request.method === "HEAD")) {
-      return new Response(PAGE, {
-        headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" },
-      });
+  /** Takes one HTTP connection, unless its address (or everyone) has too many heads on the way. */
+  take(conn: Deno.TcpConn): void {
+    const ip = plainHost(conn.remoteAddr.hostname);
+    const mine = this.reading.get(ip) ?? 0;
+    if (mine >= HTTP_HEADS_PER_IP || this.heads.size >= HTTP_HEADS) {
+      this.server.tasks.track(respond(conn, 503, "Too many requests under way; try again later\n"));
+      return;
     }
-    if (url.pathname !== "/ws") return new Response("Not found\n", { status: 404 });
-    if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
-      return new Response("This is the chat's WebSocket: open / in a browser\n", { status: 426 });
+    this.reading.set(ip, mine + 1);
+    this.heads.add(conn);
+    const head = readHead(conn, this.timeoutMs).finally(() => {
+      this.heads.delete(conn);
+      const left = (this.reading.get(ip) ?? 1) - 1;
+      if (left > 0) this.reading.set(ip, left);
+      else this.reading.delete(ip);
+    });
+    this.server.tasks.track(
+      head.then((request) => request ? this.serve(conn, request, ip) : closeQuietly(conn)),
+    );
+  }
+
+  /** Answers one request: the page, a WebSocket upgrade, or a one-line error. */
+  serve(conn: Deno.TcpConn, request: HttpRequest, ip: string): Promise<void> | void {
+    const { method, path, headers } = request;
+    if (path === "/" && (method === "GET" || method === "HEAD")) {
+      return respond(conn, 200, method === "HEAD" ? "" : PAGE, "text/html; charset=utf-8");
     }
-    const address = formatPeer(info.remoteAddr); // before the upgrade: afterwards it throws
-    const origin = request.headers.get("origin");
-    if (origin !== null && !this.originAllowed(origin, request.headers.get("host"))) {
+    if (path !== "/ws") return respond(conn, 404, "Not found\n");
+    if (headers.get("upgrade")?.toLowerCase() !== "websocket") {
+      return respond(conn, 426, "This is the chat's WebSocket: open / in a browser\n");
+    }
+    const address = formatPeer(conn.remoteAddr);
+    const key = headers.get("sec-websocket-key");
+    if (method !== "GET" || !key || !/^[A-Za-z0-9+/]{22}==$/.test(key.trim())) {
+      return respond(conn, 400, "A WebSocket upgrade is a GET with a Sec-WebSocket-Key\n");
+    }
+    const origin = headers.get("origin");
+    if (origin !== undefined && !this.originAllowed(origin, headers.get("host"))) {
       console.error(`Refused ${address}: WebSocket from another site (${origin})`);
-      return new Response("Cross-origin WebSocket refused\n", { status: 403 });
+      return respond(conn, 403, "Cross-origin WebSocket refused\n");
     }
-    const ip = plainHost(info.remoteAddr.hostname);
     const refused = this.server.limits.refusal(ip, this.server.clients.size);
     if (refused) {
       console.error(`Refused ${address}: ${refused}`);
-      return new Response(refused + "\n", { status: 403 });
+      return respond(conn, 403, refused + "\n");
     }
-    const { socket, response } = Deno.upgradeWebSocket(request);
-    this.server.tasks.track(this.serveWebSocket(socket, address, ip));
-    return response;
+    const accept = createHash("sha1").update(key.trim() + WEBSOCKET_GUID).digest("base64");
+    const switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+      `Sec-WebSocket-Accept: ${accept}\r\n\r\n`;
+    return writeAll(conn, encoder.encode(switching)).then(() => {
+      const link = new WebSocketConn(conn, request.rest, this.server.maxLine);
+      if (this.server.closing) return link.close();
+      this.server.read(this.server.admit(link, address, ip), link);
+    }, () => closeQuietly(conn));
   }
 
   /** Same-origin pages may always connect; others only if --http-origin names them. */
-  originAllowed(origin: string, host: string | null): boolean {
+  originAllowed(origin: string, host: string | undefined): boolean {
     if (this.origins.includes("*") || this.origins.includes(origin)) return true;
     try {
       return new URL(origin).host === host;
@@ -1798,91 +1838,259 @@ class WebGate {
       return false; // "null" or garbage
     }
   }
+}
 
-  /**
-   * Owns one WebSocket client: each text message is one or more lines, as if typed in telnet.
-   * While the room waits for a slow reader, messages wait in a backlog and go through the same
-   * pacing gate as TCP input.
-   */
-  serveWebSocket(ws: WebSocket, address: string, ip: string): Promise<void> {
-    const server = this.server;
-    return new Promise((resolve) => {
-      let client: Client | null = null, framer: LineFramer | null = null, done = false;
-      const backlog: Uint8Array[] = [];
-      let head = 0, held = 0;
-      // Runs once: the client leaves (or never came), and close() may stop waiting for it.
-      const end = (c: Client | null) => {
-        if (done) return;
-        done = true;
-        try {
-          if (c) server.leave(c);
-        } finally {
-          resolve();
-        }
-      };
-      const take = (c: Client, data: Uint8Array) => {
-        framer!.push(data);
-        framer!.push(LF); // a message is a line, whether or not it ends in one
-        if (c.leaving !== null) end(c); // /quit or a flood: its goodbye closes the socket
-      };
-      // Takes waiting messages while the gate is open; after a wait at the gate it takes at least
-      // one, as read() reads once: a stalled reader opens the gate without freeing it.
-      const drain = (waited: boolean): void => {
-        const c = client!;
-        while (head < backlog.length && c.leaving === null && !c.closed) {
-          if (!waited && server.flusher.congested.size > 0) {
-            server.flusher.waitForRoom().then(() => drain(true));
-            return;
-          }
-          waited = false;
-          const data = backlog[head++];
-          held -= data.length;
-          take(c, data);
-        }
-        backlog.length = head = held = 0;
-      };
-      ws.onopen = () => {
-        const c = client = server.admit(webSocketLink(ws, server.flusher.sendq), address, ip);
-        framer = new LineFramer(server.maxLine, (line, truncated) => server.onLine(c, line, truncated));
-      };
-      ws.onmessage = (event) => {
-        const c = client;
-        if (!c || c.leaving !== null || c.closed) return;
-        c.lastInput = Date.now();
-        const data = typeof event.data === "string" ? encoder.encode(event.data) : new Uint8Array(event.data);
-        if (backlog.length === 0 && server.flusher.congested.size === 0) return take(c, data);
-        backlog.push(data);
-        held += data.length;
-        if (held > WS_BACKLOG_BYTES) {
-          server.sendOff(c, "Disconnected: you are sending faster than the room can read", "flooding");
-          end(c);
-        } else if (backlog.length === 1) drain(false);
-      };
-      ws.onclose = () => end(client);
-      ws.onerror = () => {}; // onclose follows
-    });
-  }
+/** One HTTP request head, and what came after it on the connection. */
+interface HttpRequest {
+  method: string;
+  path: string;
+  headers: Map<string, string>;
+  rest: Uint8Array;
 }
 
 /**
- * A WebSocket as a client connection: each line written becomes one text message, without its
- * CRLF. The browser's own buffer stands in for the send queue: past `sendq` bytes, the client is
- * as stuck as a telnet user who stopped reading, and is cut off the same way.
+ * Reads a request head (up to the blank line) within `ms` and HTTP_HEAD_BYTES; null if it is
+ * late, too big, malformed, or the peer leaves (then the connection is closed, or answered).
  */
-function webSocketLink(ws: WebSocket, sendq: number): Link {
-  return {
-    write(bytes) {
-      if (ws.readyState !== WebSocket.OPEN) {
-        return Promise.reject(new Deno.errors.BrokenPipe("WebSocket closed"));
+async function readHead(conn: Deno.Conn, ms: number): Promise<HttpRequest | null> {
+  const buffer = new Uint8Array(HTTP_HEAD_BYTES);
+  let filled = 0;
+  const timer = setTimeout(() => closeQuietly(conn), ms); // a pending read then fails
+  try {
+    for (;;) {
+      const end = findHeadEnd(buffer, filled);
+      if (end >= 0) return parseHead(buffer.subarray(0, end), buffer.slice(end + 4, filled));
+      if (filled === buffer.length) {
+        await respond(conn, 431, "Request head too large\n");
+        return null;
       }
-      if (ws.bufferedAmount > sendq) return Promise.reject(new Error(`WebSocket buffer over ${sendq} bytes`));
-      for (const line of decoder.decode(bytes).split("\r\n")) if (line) ws.send(line);
-      return Promise.resolve(bytes.length);
-    },
-    close() {
-      if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close();
-    },
-  };
+      const n = await conn.read(buffer.subarray(filled));
+      if (n === null) return null;
+      filled += n;
+    }
+  } catch (e) {
+    if (!isDisconnect(e)) throw e;
+    return null;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Where the blank line that ends a head starts (the CRLFCRLF), or -1. */
+function findHeadEnd(bytes: Uint8Array, length: number): number {
+  for (let i = 3; i < length; i++) {
+    if (bytes[i] === NL && bytes[i - 1] === CR && bytes[i - 2] === NL && bytes[i - 3] === CR) return i - 3;
+  }
+  return -1;
+}
+
+function parseHead(head: Uint8Array, rest: Uint8Array): HttpRequest | null {
+  const [requestLine, ...lines] = decoder.decode(head).split("\r\n");
+  const m = /^([A-Z]+) (\S+) HTTP\/1\.[01]$/.exec(requestLine);
+  if (!m) return null;
+  const headers = new Map<string, string>();
+  for (const line of lines) {
+    const colon = line.indexOf(":");
+    if (colon > 0) headers.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
+  }
+  return { method: m[1], path: m[2].split("?")[0], headers, rest };
+}
+
+const STATUS_TEXT: Record<number, string> = {
+  200: "OK",
+  400: "Bad Request",
+  403: "Forbidden",
+  404: "Not Found",
+  426: "Upgrade Required",
+  431: "Request Header Fields Too Large",
+  503: "Service Unavailable",
+};
+
+/** Writes a whole response (within the grace period) and closes the connection: one request each. */
+async function respond(conn: Deno.Conn, status: number, body: string, type = "text/plain; charset=utf-8") {
+  const bytes = encoder.encode(body);
+  const head = `HTTP/1.1 ${status} ${STATUS_TEXT[status]}\r\ncontent-type: ${type}\r\n` +
+    `content-length: ${bytes.length}\r\ncache-control: no-store\r\nconnection: close\r\n` +
+    (status === 426 ? "upgrade: websocket\r\n" : "") + "\r\n";
+  try {
+    await settleWithin(SHUTDOWN_GRACE_MS, [
+      writeAll(conn, concatBytes([encoder.encode(head), bytes], head.length + bytes.length)),
+    ]);
+  } finally {
+    closeQuietly(conn);
+  }
+}
+
+const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+const OP_CONTINUATION = 0, OP_TEXT = 1, OP_BINARY = 2, OP_CLOSE = 8, OP_PING = 9, OP_PONG = 10;
+
+/**
+ * A WebSocket (RFC 6455) over a TCP connection, read and written as the server reads and writes
+ * a telnet client. read() gives the payload of data frames as it arrives, with a newline at the
+ * end of each message, so the line framer sees what a telnet user types (a message of any size
+ * costs no more than a line of any size); it answers pings and a close itself. write() sends each
+ * line as one text frame. Writes are kept in order on one chain, so a pong never splits a frame.
+ */
+class WebSocketConn implements Stream {
+  private readonly conn: Deno.Conn;
+  private raw: Uint8Array;
+  private start = 0;
+  private end = 0;
+  /** Payload bytes still to come in the current data frame, its mask, and where in the mask we are. */
+  private remaining = 0;
+  private readonly mask = new Uint8Array(4);
+  private maskAt = 0;
+  private finalFrame = false;
+  private inMessage = false;
+  private newlineDue = false;
+  private closed = false;
+  private writing: Promise<unknown> = Promise.resolve();
+
+  constructor(conn: Deno.Conn, already: Uint8Array, maxLine: number) {
+    this.conn = conn;
+    this.raw = new Uint8Array(Math.max(256, Math.min(READ_SIZE, maxLine + 14)));
+    this.raw.set(already.subarray(0, this.raw.length));
+    this.end = Math.min(already.length, this.raw.length);
+  }
+
+  async read(p: Uint8Array): Promise<number | null> {
+    for (;;) {
+      if (this.newlineDue) {
+        this.newlineDue = false;
+        p[0] = NL; // a message is a line, whether or not it ends in one
+        return 1;
+      }
+      if (this.remaining > 0) {
+        if (this.start === this.end && !await this.fill()) return null;
+        const n = Math.min(this.remaining, this.end - this.start, p.length);
+        for (let i = 0; i < n; i++) p[i] = this.raw[this.start + i] ^ this.mask[(this.maskAt + i) & 3];
+        this.start += n;
+        this.maskAt = (this.maskAt + n) & 3;
+        this.remaining -= n;
+        if (this.remaining === 0 && this.finalFrame) this.endMessage();
+        return n;
+      }
+      if (await this.nextFrame() === null) return null;
+    }
+  }
+
+  private endMessage(): void {
+    this.inMessage = false;
+    this.newlineDue = true;
+  }
+
+  // Reads and handles one frame header (and a control frame's payload); null at the end.
+  private async nextFrame(): Promise<true | null> {
+    if (!await this.need(2)) return null;
+    const b0 = this.raw[this.start], b1 = this.raw[this.start + 1];
+    const opcode = b0 & 0x0f, fin = (b0 & 0x80) !== 0, masked = (b1 & 0x80) !== 0;
+    const lengthBytes = (b1 & 0x7f) === 126 ? 2 : (b1 & 0x7f) === 127 ? 8 : 0;
+    if (!await this.need(2 + lengthBytes + 4)) return null;
+    let length = lengthBytes === 0 ? b1 & 0x7f : 0, at = this.start + 2;
+    for (let i = 0; i < lengthBytes; i++) length = length * 256 + this.raw[at++];
+    const control = opcode >= OP_CLOSE;
+    const badStart = opcode === OP_CONTINUATION
+      ? !this.inMessage
+      : (opcode === OP_TEXT || opcode === OP_BINARY) && this.inMessage;
+    if (
+      !masked || (control && (!fin || length > 125)) || badStart || (opcode > OP_BINARY && !control) ||
+      opcode > OP_PONG || length > Number.MAX_SAFE_INTEGER
+    ) {
+      return this.fail(1002);
+    }
+    this.mask.set(this.raw.subarray(at, at + 4));
+    this.start = at + 4;
+    if (control) return this.control(opcode, length);
+    this.remaining = length;
+    this.maskAt = 0;
+    this.finalFrame = fin;
+    this.inMessage = true;
+    if (length === 0 && fin) this.endMessage();
+    return true;
+  }
+
+  // Ping: pong. Pong: nothing. Close: answer it and end.
+  private async control(opcode: number, length: number): Promise<true | null> {
+    if (!await this.need(length)) return null;
+    const payload = this.raw.slice(this.start, this.start + length);
+    for (let i = 0; i < length; i++) payload[i] ^= this.mask[i & 3];
+    this.start += length;
+    if (opcode === OP_PING) this.send(frame(OP_PONG, payload));
+    if (opcode !== OP_CLOSE) return true;
+    this.close(payload.length >= 2 ? payload.subarray(0, 2) : new Uint8Array(0));
+    return null;
+  }
+
+  // A protocol error: close with that code, and end.
+  private fail(code: number): null {
+    this.close(new Uint8Array([code >> 8, code & 0xff]));
+    return null;
+  }
+
+  // Makes `count` bytes available at `start` (count is at most a header or a control payload).
+  private async need(count: number): Promise<boolean> {
+    while (this.end - this.start < count) if (!await this.fill()) return false;
+    return true;
+  }
+
+  // Reads more bytes, after moving what is left to the front; false at the end.
+  private async fill(): Promise<boolean> {
+    if (this.closed) return false;
+    if (this.start > 0) {
+      this.raw.copyWithin(0, this.start, this.end);
+      this.end -= this.start;
+      this.start = 0;
+    }
+    const n = await this.conn.read(this.raw.subarray(this.end));
+    if (n === null) return false;
+    this.end += n;
+    return true;
+  }
+
+  /** Sends each CRLF-ended line of `p` as one text frame. */
+  write(p: Uint8Array): Promise<number> {
+    const frames: Uint8Array[] = [];
+    let total = 0, from = 0;
+    for (let i = 1; i < p.length; i++) {
+      if (p[i] !== NL || p[i - 1] !== CR) continue;
+      if (i - 1 > from) total += frames[frames.push(frame(OP_TEXT, p.subarray(from, i - 1))) - 1].length;
+      from = i + 1;
+    }
+    return this.send(concatBytes(frames, total)).then(() => p.length);
+  }
+
+  private send(bytes: Uint8Array): Promise<void> {
+    const sent = this.writing.then(() => writeAll(this.conn, bytes));
+    this.writing = sent.catch(() => {});
+    return sent;
+  }
+
+  /** Sends a close frame (with `code`, if given), once; the connection closes once it is out. */
+  close(code: Uint8Array = new Uint8Array([0x03, 0xe8])): void {
+    if (this.closed) return;
+    this.closed = true;
+    const goodbye = this.send(frame(OP_CLOSE, code));
+    settleWithin(SHUTDOWN_GRACE_MS, [goodbye]).finally(() => closeQuietly(this.conn));
+  }
+}
+
+/** One unmasked frame, as a server sends it. */
+function frame(opcode: number, payload: Uint8Array): Uint8Array {
+  const n = payload.length;
+  const header = n < 126 ? 2 : n < 65536 ? 4 : 10;
+  const out = new Uint8Array(header + n);
+  out[0] = 0x80 | opcode;
+  if (n < 126) out[1] = n;
+  else if (n < 65536) {
+    out[1] = 126;
+    out[2] = n >> 8;
+    out[3] = n & 0xff;
+  } else {
+    out[1] = 127;
+    for (let i = 0, rest = n; i < 8; i++, rest = Math.floor(rest / 256)) out[9 - i] = rest & 0xff;
+  }
+  out.set(payload, header);
+  return out;
 }
 
 // =============================================================================================
@@ -2216,8 +2424,9 @@ export interface ChatServerOptions {
   /** CIDR blocks that may not connect. */
   deny?: string[];
   /** Also serve the web page and its WebSocket: `port` (0 picks one), `host` (default: as `host`),
-   * and the `origins` allowed to open the WebSocket from other sites (`*` for any). */
-  http?: { port: number; host?: string; origins?: string[] };
+   * the `origins` allowed to open the WebSocket from other sites (`*` for any), and the seconds a
+   * browser may take to send its request (`timeout`, default {@linkcode DEFAULT_HTTP_TIMEOUT}). */
+  http?: { port: number; host?: string; origins?: string[]; timeout?: number };
   /** Share rooms with other instances through Redis. Default: this instance alone. */
   redis?: RedisOptions;
   /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
@@ -2488,7 +2697,7 @@ connect();
 const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
   "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE [--handshake-timeout S]] " +
   "[--log text|json] " +
-  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]...] [--redis URL [--redis-prefix P] [--redis-expiry S]] " +
+  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]... [--http-timeout S]] [--redis URL [--redis-prefix P] [--redis-expiry S]] " +
   "[--help]";
 
 const HELP = `${USAGE}
@@ -2513,6 +2722,7 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --http PORT          also serve the chat as a web page, and its WebSocket at /ws
   --http-host HOST     interface for the web page (default: as --host)
   --http-origin URL    another site whose pages may use the WebSocket (repeatable; * for any)
+  --http-timeout S     seconds a browser may take to send its request (default ${DEFAULT_HTTP_TIMEOUT})
   --redis URL          share rooms with other instances through Redis (redis://HOST:PORT[/DB])
   --redis-prefix P     prefix of Redis keys and channels (default chat)
   --redis-expiry S     seconds before a crashed instance's members leave the directory (default 30)
@@ -2560,6 +2770,7 @@ const CHAT_FLAGS = {
   http: { type: "string" },
   "http-host": { type: "string" },
   "http-origin": { type: "string", multiple: true },
+  "http-timeout": { type: "string" },
   redis: { type: "string" },
   "redis-prefix": { type: "string" },
   "redis-expiry": { type: "string" },
@@ -2603,8 +2814,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   if (handshakeTimeout !== undefined && v["tls-cert"] === undefined) {
     throw new UsageError("--handshake-timeout goes with --tls-cert and --tls-key");
   }
-  if (v.http === undefined && (v["http-host"] !== undefined || v["http-origin"] !== undefined)) {
-    throw new UsageError("--http-host and --http-origin go with --http PORT");
+  const webOnly = [v["http-host"], v["http-origin"], v["http-timeout"]];
+  if (v.http === undefined && webOnly.some((value) => value !== undefined)) {
+    throw new UsageError("--http-host, --http-origin and --http-timeout go with --http PORT");
   }
   if (v.redis === undefined && (v["redis-prefix"] !== undefined || v["redis-expiry"] !== undefined)) {
     throw new UsageError("--redis-prefix and --redis-expiry go with --redis URL");
@@ -2638,9 +2850,12 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
         prefix: v["redis-prefix"],
         expiry: count("--redis-expiry", v["redis-expiry"], 1, 86_400),
       },
-      http: v.http === undefined
-        ? undefined
-        : { port: parseCount("--http", v.http, 0, 65535), host: v["http-host"], origins: v["http-origin"] },
+      http: v.http === undefined ? undefined : {
+        port: parseCount("--http", v.http, 0, 65535),
+        host: v["http-host"],
+        origins: v["http-origin"],
+        timeout: seconds("--http-timeout", v["http-timeout"], 0.001),
+      },
     },
     tlsFiles: v["tls-cert"] === undefined ? undefined : { cert: v["tls-cert"], key: v["tls-key"]! },
   };

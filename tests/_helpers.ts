@@ -317,9 +317,9 @@ export class WsClient {
     this.#closed = new Promise((resolve) => this.ws.addEventListener("close", () => resolve()));
   }
 
-  opened(): Promise<void> {
+  opened(ms = WAIT_MS): Promise<void> {
     return within(
-      WAIT_MS,
+      ms,
       new Promise((resolve) => this.ws.addEventListener("open", () => resolve())),
       "open",
     );

@@ -2,14 +2,18 @@
 import assert from "node:assert/strict";
 import { type ChatServerOptions, PAGE, PAGE_READS, startChatServer, WebListenError } from "../chat_server.ts";
 import {
+  Cli,
   freePort,
   GREETING,
   hasProgram,
   joinChat,
+  needs,
   readSlowly,
+  rssKiB,
   runScript,
   TestClient,
   WAIT_MS,
+  within,
   WsClient,
 } from "./_helpers.ts";
 
@@ -326,3 +330,110 @@ function runPageScript() {
       ),
   };
 }
+
+// --- The web side under abuse ------------------------------------------------------------------
+
+Deno.test("startChatServer({ http }) answers an upgrade without Sec-WebSocket-Key with 400, quietly", async () => {
+  await withWebServer({}, async (_tcp, httpPort) => {
+    using c = await TestClient.connect(httpPort);
+    await c.write(`GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n`);
+    assert.equal(await c.readLine(), "HTTP/1.1 400 Bad Request\r\n");
+  });
+});
+
+Deno.test("startChatServer({ http }) closes request heads that trickle, and caps them per address", async () => {
+  await withWebServer({ http: { port: 0, timeout: 0.5 } }, async (_tcp, httpPort) => {
+    const trickle = await Promise.all(
+      Array.from({ length: 10 }, () => TestClient.connect(httpPort)),
+    );
+    try {
+      for (const c of trickle) await c.write("G"); // one byte of a head, and no more
+      // Eight may wait; the ninth and tenth from the same address are turned away at once.
+      const answers = await Promise.all(trickle.map((c) => c.readToEnd(3000)));
+      assert.equal(answers.filter((a) => a.startsWith("HTTP/1.1 503")).length, 2, answers.join("|"));
+      assert.equal(answers.filter((a) => a === "").length, 8, "the eight are hung up on at the timeout");
+      const page = await fetch(`http://127.0.0.1:${httpPort}/`); // and the address may ask again
+      assert.equal(page.status, 200);
+      await page.body?.cancel();
+    } finally {
+      for (const c of trickle) c.close();
+    }
+  });
+});
+
+Deno.test("chat_server.ts --http: a 20 MB WebSocket message costs what a long line costs", async () => {
+  const port = freePort(), httpPort = freePort();
+  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--http", String(httpPort)]);
+  await cli.readLine();
+  await cli.readLine();
+  using tcp = await joinChat(port);
+  const web = new WsClient(`ws://127.0.0.1:${httpPort}/ws`);
+  await web.opened();
+  assert.equal(await web.next(), GREETING.trimEnd());
+  const webName = /^Client joined (\S+)\r\n$/.exec((await tcp.readLine())!)![1];
+  const before = rssKiB(cli.child.pid);
+  web.ws.send("y".repeat(20 * 1024 * 1024));
+  web.ws.send("after");
+  assert.equal(await tcp.readLine(), `[${webName}] ${"y".repeat(4096)}\r\n`);
+  assert.equal(await tcp.readLine(), `[${webName}] after\r\n`);
+  assert.equal(await web.next(), "Your line was over 4096 bytes; the rest of it was discarded");
+  const grewMiB = (rssKiB(cli.child.pid) - before) / 1024;
+  assert.ok(grewMiB < 16, `the server grew by ${grewMiB.toFixed(1)} MiB for one message`);
+  await web.close();
+  cli.kill();
+  assert.equal((await cli.finish()).code, 0);
+});
+
+Deno.test({
+  ...needs("chat_server.ts --http keeps serving when it runs out of descriptors", ["sh"]),
+  async fn() {
+    const port = freePort(), httpPort = freePort();
+    const script =
+      `ulimit -n 80 && exec "${Deno.execPath()}" run -A chat_server.ts ${port} --host 127.0.0.1 ` +
+      `--http ${httpPort}`;
+    const child = new Deno.Command("sh", {
+      args: ["-c", script],
+      cwd: new URL("..", import.meta.url).pathname,
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let seen = "";
+    while (!seen.includes("Web page at")) {
+      seen += (await within(WAIT_MS, stdout.read(), "the start")).value ?? "";
+    }
+    const drained = (async () => {
+      while (!(await stdout.read()).done);
+    })();
+    const sockets: WsClient[] = [];
+    try {
+      for (let opened = true; opened && sockets.length < 200;) { // until one waits: the server is out of descriptors
+        const ws = new WsClient(`ws://127.0.0.1:${httpPort}/ws`);
+        sockets.push(ws);
+        opened = await ws.opened(500).then(() => true, () => false);
+      }
+      assert.ok(sockets.length < 200, "the server never ran out of descriptors");
+      for (const ws of sockets.splice(0, 60)) ws.ws.close(); // room again
+      const page = await within(
+        WAIT_MS,
+        fetch(`http://127.0.0.1:${httpPort}/`),
+        "the page after the squeeze",
+      );
+      assert.equal(page.status, 200);
+      await page.body?.cancel();
+      using tcp = await joinChat(port);
+      await tcp.write("/who\r\n");
+      assert.match((await tcp.readLine())!, /^In lobby \(\d+\):/);
+    } finally {
+      for (const ws of sockets) ws.ws.close();
+      child.kill("SIGTERM");
+    }
+    const status = await child.status;
+    await drained;
+    const stderr = await new Response(child.stderr).text();
+    assert.equal(status.code, 0, stderr);
+    assert.match(stderr, /accept failed: .*Too many open files.*; retrying/);
+    assert.doesNotMatch(stderr, /Uncaught/);
+  },
+});
