@@ -412,7 +412,9 @@ const enum Telnet {
  * Splits a byte stream into lines, whatever the read boundaries.
  *
  * CRLF, LF, bare CR and CR NUL each end a line. Telnet commands and negotiation are removed, as
- * are control characters other than tab. A line longer than `maxLine` bytes is handed over
+ * are control characters other than tab, C1 controls included (U+0080 to U+009F, which terminals
+ * take for escape sequences), and bytes that are not UTF-8 become U+FFFD: every line handed over
+ * is valid UTF-8 that is safe to show. A line longer than `maxLine` bytes is handed over
  * truncated (at a UTF-8 character boundary) with `truncated` set, and the rest of it is skipped,
  * so memory stays bounded whatever the peer sends. Empty lines are handed over too; the caller
  * decides what to do with them.
@@ -434,6 +436,8 @@ export class LineFramer {
   #state = Telnet.Data;
   #afterCR = false;
   #skipping = false;
+  /** The line has a byte over 0x7f: it is checked as UTF-8 before it is handed over. */
+  #high = false;
   #onLine: (line: Uint8Array, truncated: boolean) => void;
 
   constructor(maxLine: number, onLine: (line: Uint8Array, truncated: boolean) => void) {
@@ -479,6 +483,7 @@ export class LineFramer {
 
   #addByte(b: number): void {
     if (this.#skipping) return;
+    if (b > 0x7f) this.#high = true;
     if (this.#length < this.#line.length) {
       this.#line[this.#length++] = b;
       return;
@@ -496,16 +501,26 @@ export class LineFramer {
       while (end > 0 && (this.#line[end - 1] & 0xc0) === 0x80) end--;
       if (end > 0 && this.#line[end - 1] >= 0xc0) end--;
     }
-    this.#onLine(this.#line.subarray(0, end), true);
-    this.#length = 0;
+    this.#emit(this.#line.subarray(0, end), true);
     this.#skipping = true;
   }
 
   #endLine(): void {
     if (this.#skipping) this.#skipping = false;
-    else this.#onLine(this.#line.subarray(0, this.#length), false);
-    this.#length = 0;
+    else this.#emit(this.#line.subarray(0, this.#length), false);
   }
+
+  #emit(line: Uint8Array, truncated: boolean): void {
+    const high = this.#high;
+    this.#length = 0;
+    this.#high = false;
+    this.#onLine(high ? safeText(line) : line, truncated);
+  }
+}
+
+/** A line with bytes over 0x7f as valid UTF-8 without C1 controls (invalid bytes become U+FFFD). */
+function safeText(line: Uint8Array): Uint8Array {
+  return encoder.encode(decoder.decode(line).replace(/[\u0080-\u009f]/g, ""));
 }
 
 /** Formats a peer address as the tutorial prints it: IPv4-mapped IPv6 addresses as plain IPv4. */

@@ -283,13 +283,21 @@ export async function runMultiplex(options: MultiplexOptions): Promise<number> {
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
-/** Decodes a line for the terminal: a trailing CR goes, other control characters show as ^X. */
+/**
+ * Decodes a line for the terminal: a trailing CR goes, other control characters show as ^X, and
+ * C1 controls (U+0080 to U+009F, escape sequences to a terminal) as M-^X, as `cat -v` shows them.
+ * Bytes that are not UTF-8 show as U+FFFD.
+ */
 export function showText(bytes: Uint8Array): string {
   const text = decoder.decode(bytes).replace(/\r$/, "");
   return text.replace(
     // deno-lint-ignore no-control-regex
-    /[\x00-\x08\x0a-\x1f\x7f]/g,
-    (c) => c === "\x7f" ? "^?" : "^" + String.fromCharCode(c.charCodeAt(0) + 64),
+    /[\x00-\x08\x0a-\x1f\x7f\u0080-\u009f]/g,
+    (c) => {
+      const code = c.charCodeAt(0);
+      if (code === 0x7f) return "^?";
+      return (code >= 0x80 ? "M-^" : "^") + String.fromCharCode((code & 0x7f) + 64);
+    },
   );
 }
 

@@ -107,6 +107,24 @@ Deno.test("LineFramer removes telnet negotiation and control characters", () => 
   assert.deepEqual(frame([[255, 255], "y\n"]), ["y"]); // an escaped 255 is not UTF-8: dropped
 });
 
+Deno.test("LineFramer removes C1 controls, and hands over only valid UTF-8", () => {
+  // CSI as U+009B (C2 9B), then NEL (C2 85), then a raw 0x9B that is not UTF-8 at all
+  const line = [
+    0x41,
+    0xc2,
+    0x9b,
+    ...encoder.encode("31m"),
+    0xc2,
+    0x85,
+    0x9b,
+    0x42,
+    ...encoder.encode("é€\n"),
+  ];
+  assert.deepEqual(frame([line]), ["A31m\uFFFDBé€"]);
+  assert.deepEqual(frame([[0xc2], [0x9b], "x\n"]), ["x"]); // split inside the character
+  assert.deepEqual(frame(["plain ascii\n"]), ["plain ascii"]);
+});
+
 Deno.test("LineFramer truncates an over-long line at a character boundary and skips the rest", () => {
   assert.deepEqual(frame(["abcdefghij\r\nok\r\n"], 4), ["abcd!", "ok"]);
   assert.deepEqual(frame(["ab€€\n"], 4), ["ab!"]); // "€" is 3 bytes: never cut in half
@@ -148,6 +166,21 @@ Deno.test("startChatServer() strips telnet negotiation before relaying", async (
     await b.write(new Uint8Array([255, 253, 1, 255, 251, 31, 255, 250, 31, 0, 80, 0, 24, 255, 240]));
     await b.write("bell\x07 and \x1b[2Jclear\r\n");
     assert.equal(await a.readLine(), `[${b.name}] bell and [2Jclear\r\n`);
+  });
+});
+
+Deno.test("startChatServer() relays no C1 control and no byte that is not UTF-8", async () => {
+  await withServer({}, async (port) => {
+    using a = await joinChat(port);
+    using b = await joinChat(port);
+    await a.readLine();
+    await b.write(new Uint8Array([0xc2, 0x9b, ...encoder.encode("2J wiped?"), 0x9b, 0x85, 0x0d, 0x0a]));
+    const bytes = (await a.readLineBytes())!;
+    assert.equal(decoder.decode(bytes), `[${b.name}] 2J wiped?\uFFFD\uFFFD\r\n`);
+    assert.ok(
+      ![...bytes].some((x, i) => x >= 0x80 && x <= 0x9f && bytes[i - 1] === 0xc2),
+      "a C1 control got through",
+    );
   });
 });
 

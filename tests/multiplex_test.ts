@@ -36,6 +36,11 @@ Deno.test("parseEndpoint() reads host:port and [v6]:port, and rejects the rest",
 Deno.test("showText() drops the CR of CRLF and shows control characters as ^X", () => {
   assert.equal(showText(encoder.encode("plain\r")), "plain");
   assert.equal(showText(encoder.encode("a\x1b[31mb\x07\tc\x7f")), "a^[[31mb^G\tc^?");
+  // C1 controls (CSI, NEL) as cat -v shows them; a byte that is not UTF-8 as U+FFFD
+  assert.equal(
+    showText(new Uint8Array([0x61, 0xc2, 0x9b, 0x32, 0x4a, 0xc2, 0x85, 0x9b, 0x62])),
+    "aM-^[2JM-^E\uFFFDb",
+  );
 });
 
 Deno.test("runMultiplex() prefixes lines by source, fans stdin out, and exits when all peers close", async () => {
