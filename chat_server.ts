@@ -255,7 +255,10 @@ export class ChatServer {
       else conn.read(buffer).then(got, finish);
     };
     const got = (n: number | null): void => {
-      if (n === null) return finish(null);
+      if (n === null) {
+        framer.end(); // `printf 'bye' | nc -N host 2626` says bye
+        return finish(null);
+      }
       try {
         client.lastInput = Date.now();
         framer.push(buffer.subarray(0, n));
@@ -443,6 +446,11 @@ export class LineFramer {
   constructor(maxLine: number, onLine: (line: Uint8Array, truncated: boolean) => void) {
     this.#maxLine = maxLine;
     this.#onLine = onLine;
+  }
+
+  /** The stream has ended: a last line without its line ending is still a line. */
+  end(): void {
+    if (this.#length > 0 && !this.#skipping) this.#endLine();
   }
 
   /** Feeds bytes; calls `onLine` for each line completed. The bytes are not kept. */

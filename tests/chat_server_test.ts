@@ -355,6 +355,18 @@ Deno.test({
   },
 });
 
+Deno.test("startChatServer() relays a last line that has no newline before the sender half-closes", async () => {
+  await withServer({}, async (port) => {
+    using a = await joinChat(port);
+    using b = await joinChat(port);
+    await a.readLine();
+    await b.write("bye"); // as printf 'bye' | nc -N host 2626 sends it
+    await b.conn.closeWrite();
+    assert.equal(await a.readLine(), `[${b.name}] bye\r\n`);
+    assert.equal(await a.readLine(), `Client left ${b.name}\r\n`);
+  });
+});
+
 Deno.test("startChatServer() names IPv6 peers as [addr]:port", async () => {
   await withServer({}, async (port) => {
     using a = await joinChat(port);
