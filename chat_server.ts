@@ -1014,9 +1014,13 @@ export class Directory {
   private readonly rooms = new Map<string, Room>([[Directory.key(LOBBY), this.lobby]]);
   private readonly nicks = new Map<string, Client>();
 
-  /** The case rule for every name: how two names are compared. */
+  /**
+   * The rule for comparing names, here and across instances: Unicode compatibility
+   * normalisation, then case folding (upper then lower case folds `ß` to `ss`), so that `Ann`,
+   * `ANN` and `ａｎｎ` are one name, and so are `straße` and `STRASSE`.
+   */
   static key(name: string): string {
-    return name.toLowerCase();
+    return name.normalize("NFKC").toUpperCase().toLowerCase().normalize("NFKC");
   }
 
   /** True if two names are the same name. */
@@ -1324,12 +1328,24 @@ function joinRoom(server: ChatServer, client: Client, name: string): void {
   });
 }
 
-/** Why `name` cannot be a nick or room name, or null if it can. */
+/**
+ * Why `name` cannot be a nick or room name, or null if it can. The rules keep one name from
+ * passing for another: no invisible or direction-changing characters (format characters such as
+ * U+200B and U+202E), no name that starts with a combining mark, and no mixing of the Latin,
+ * Greek and Cyrillic scripts, whose look-alikes (`bоb` with a Cyrillic о) would let a name pass
+ * for someone else's. A name wholly in one script is allowed, whatever it looks like.
+ */
 export function checkName(name: string, what: string): string | null {
   const length = [...name].length;
   if (length < 1 || length > MAX_NAME) return `A ${what} has 1 to ${MAX_NAME} characters`;
   // Spaces would split commands; ':' and brackets would let a name pass for an address.
   if (/[\s:[\]\p{Cc}]/u.test(name)) return `A ${what} has no spaces, ':' or brackets`;
+  if (/\p{Cf}/u.test(name)) return `A ${what} has no invisible or direction-changing characters`;
+  if (/^\p{M}/u.test(name)) return `A ${what} starts with a letter, digit or sign, not an accent`;
+  const scripts = [/\p{Script=Latin}/u, /\p{Script=Greek}/u, /\p{Script=Cyrillic}/u].filter((s) =>
+    s.test(name)
+  );
+  if (scripts.length > 1) return `A ${what} does not mix Latin, Greek and Cyrillic letters`;
   return null;
 }
 
@@ -2276,7 +2292,9 @@ class RedisBus implements Bus {
 
   /** Every key and channel: `<prefix>:room:<name>`, `:instance:<id>`, `:presence:<id>`, `:nick:<nick>`. */
   #key(kind: "room" | "instance" | "presence" | "nick" | "instances", name = ""): string {
-    return kind === "instances" ? `${this.prefix}:instances` : `${this.prefix}:${kind}:${name.toLowerCase()}`;
+    return kind === "instances"
+      ? `${this.prefix}:instances`
+      : `${this.prefix}:${kind}:${Directory.key(name)}`;
   }
 
   // Each message is JSON: the sending instance, and a line for a room or a nick.
@@ -2330,7 +2348,7 @@ class RedisBus implements Bus {
   }
 
   async claimNick(nick: string): Promise<boolean> {
-    const lower = nick.toLowerCase();
+    const lower = Directory.key(nick);
     if (!this.up) {
       this.myNicks.add(lower); // written to Redis when it returns; a clash then is resolved by its owner
       return true;
@@ -2347,7 +2365,7 @@ class RedisBus implements Bus {
   }
 
   releaseNick(nick: string): void {
-    if (!this.myNicks.delete(nick.toLowerCase()) || !this.up) return;
+    if (!this.myNicks.delete(Directory.key(nick)) || !this.up) return;
     // Delete only our own claim: a key that expired and was taken by another instance stays.
     const key = this.#key("nick", nick);
     this.pub.get(key).then((owner) => owner === this.instance ? this.pub.del(key) : 0).catch(ignore);
@@ -2364,14 +2382,14 @@ class RedisBus implements Bus {
   }
 
   watch(room: string): void {
-    const key = room.toLowerCase();
+    const key = Directory.key(room);
     if (this.watched.has(key)) return;
     this.watched.add(key);
     if (this.sub.isReady) this.sub.subscribe(this.#key("room", key), this.onMessage).catch(ignore);
   }
 
   unwatch(room: string): void {
-    const key = room.toLowerCase();
+    const key = Directory.key(room);
     if (!this.watched.delete(key)) return;
     if (this.sub.isReady) this.sub.unsubscribe(this.#key("room", key)).catch(ignore);
   }

@@ -41,6 +41,33 @@ Deno.test("/nick renames a client, once per name whatever the case, and its line
   });
 });
 
+Deno.test("/nick refuses names that pass for someone else's: invisible, reversed, look-alike, folded", async () => {
+  await withServer({}, async (port) => {
+    using bob = await joinChat(port);
+    using eve = await joinChat(port);
+    await bob.readLine();
+    await ask(bob, "/nick bob", "You are now known as bob");
+    assert.equal(await eve.readLine(), `${bob.name} is now known as bob\r\n`);
+    await ask(bob, "/join STRASSE", "You are now in STRASSE (1); /who lists who is here");
+    assert.equal(await eve.readLine(), "bob has left lobby for STRASSE\r\n");
+    const still = `; you are still ${eve.name}`;
+    for (
+      const [nick, why] of [
+        ["bob\u200b", "A nick has no invisible or direction-changing characters"], // zero-width space
+        ["b\u202eob", "A nick has no invisible or direction-changing characters"], // right-to-left override
+        ["b\u043eb", "A nick does not mix Latin, Greek and Cyrillic letters"], // a Cyrillic о
+        ["\u0301\u0301", "A nick starts with a letter, digit or sign, not an accent"], // marks alone
+        ["ｂｏｂ", "The nick ｂｏｂ is taken"], // full-width letters are the same name
+        ["BOB", "The nick BOB is taken"],
+      ]
+    ) await ask(eve, `/nick ${nick}`, `${why}${still}`);
+    await ask(eve, "/nick straße", "You are now known as straße");
+    await ask(bob, "/nick STRASSE", "The nick STRASSE is taken; you are still bob"); // ß folds to ss
+    await ask(eve, "/join straße", "You are now in STRASSE (2); /who lists who is here"); // rooms too
+    await ask(eve, "/nick Боб", "You are now known as Боб"); // one script, whatever it looks like
+  });
+});
+
 Deno.test("/who, /me, /help, //text and unknown commands answer as documented", async () => {
   await withServer({}, async (port) => {
     using a = await joinChat(port);
