@@ -522,7 +522,15 @@ export class LineFramer {
     const high = this.#high;
     this.#length = 0;
     this.#high = false;
-    this.#onLine(high ? safeText(line) : line, truncated);
+    if (!high) return this.#onLine(line, truncated);
+    let safe = safeText(line);
+    if (safe.length > this.#maxLine) { // U+FFFD is three bytes: cut back to a character's start
+      let end = this.#maxLine;
+      while (end > 0 && (safe[end] & 0xc0) === 0x80) end--;
+      safe = safe.subarray(0, end);
+      truncated = true;
+    }
+    this.#onLine(safe, truncated);
   }
 }
 
