@@ -66,8 +66,12 @@ export const DEFAULT_MAX_LINE = 4096;
 export const DEFAULT_SENDQ = 1024 * 1024;
 /** Clients served at once; one more is refused with a line of explanation. */
 export const DEFAULT_MAX_CLIENTS = 1000;
-/** Clients per remote address; 0 is no limit. */
-export const DEFAULT_MAX_PER_IP = 0;
+/**
+ * Clients per remote address; 0 is no limit. The default leaves loopback alone (the operator's
+ * own machine, and benchmarks) but keeps one stranger from taking every place: ngIRCd's
+ * MaxConnectionsIP defaults to 5. A --max-per-ip that is given applies to loopback too.
+ */
+export const DEFAULT_MAX_PER_IP = 10;
 /** Lines a client may send per 10 seconds before its extra lines are dropped; 0 is no limit. */
 export const DEFAULT_RATE = 50;
 /** Members above which a room no longer announces each join and leave. */
@@ -1369,11 +1373,13 @@ const FLOOD_STRIKES = 3;
 const FLOOD_MEMORY_MS = 60_000;
 
 /** Who may connect, how many at once, how fast they may talk, and how long they may be silent. */
-class Limits {
+export class Limits {
   readonly allow: BlockList | null;
   readonly deny: BlockList | null;
   readonly maxClients: number;
   readonly maxPerIp: number;
+  /** False while maxPerIp is the default, which does not apply to loopback addresses. */
+  readonly limitsLoopback: boolean;
   readonly rate: number;
   readonly announceLimit: number;
   readonly idleSeconds: number;
@@ -1385,6 +1391,7 @@ class Limits {
     this.deny = options.deny?.length ? parseBlocks(options.deny) : null;
     this.maxClients = options.maxClients ?? DEFAULT_MAX_CLIENTS;
     this.maxPerIp = options.maxPerIp ?? DEFAULT_MAX_PER_IP;
+    this.limitsLoopback = options.maxPerIp !== undefined;
     this.rate = options.rate ?? DEFAULT_RATE;
     this.announceLimit = options.announceLimit ?? DEFAULT_ANNOUNCE_LIMIT;
     this.idleSeconds = options.idle ?? 0;
@@ -1402,7 +1409,8 @@ class Limits {
     if (clients >= this.maxClients) {
       return `Sorry, the server is full (${this.maxClients} clients); try again later`;
     }
-    if (this.maxPerIp > 0 && (this.perIp.get(ip) ?? 0) >= this.maxPerIp) {
+    const limited = this.maxPerIp > 0 && (this.limitsLoopback || !isLoopback(ip));
+    if (limited && (this.perIp.get(ip) ?? 0) >= this.maxPerIp) {
       return `Sorry, too many connections from ${ip} (at most ${this.maxPerIp})`;
     }
     return null;
@@ -1544,6 +1552,11 @@ export function parseBlocks(texts: string[]): BlockList {
     list.addSubnet(address, prefix, family === 6 ? "ipv6" : "ipv4");
   }
   return list;
+}
+
+/** True for this machine's own addresses: 127.0.0.0/8 and ::1. */
+function isLoopback(ip: string): boolean {
+  return ip === "::1" || ip.startsWith("127.");
 }
 
 /** True if `ip` (a plain address, as `plainHost()` gives it) is in one of the blocks. */
@@ -2460,7 +2473,7 @@ export interface ChatServerOptions {
   sendq?: number;
   /** Clients served at once. Default {@linkcode DEFAULT_MAX_CLIENTS}. */
   maxClients?: number;
-  /** Clients per remote address; 0 is no limit. Default {@linkcode DEFAULT_MAX_PER_IP}. */
+  /** Clients per remote address; 0 is no limit. Default {@linkcode DEFAULT_MAX_PER_IP}, which spares loopback. */
   maxPerIp?: number;
   /** Seconds of silence after which a client is told and closed; 0 is never. Default 0. */
   idle?: number;
@@ -2758,7 +2771,7 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --max-line BYTES     longest line relayed (default ${DEFAULT_MAX_LINE})
   --sendq BYTES        send queue per client before it is cut off (default ${DEFAULT_SENDQ}; K and M work)
   --max-clients N      clients at once (default ${DEFAULT_MAX_CLIENTS})
-  --max-per-ip N       clients at once from one address (default ${DEFAULT_MAX_PER_IP}: no limit)
+  --max-per-ip N       clients at once from one address (default ${DEFAULT_MAX_PER_IP}, not counting loopback; 0: no limit)
   --idle SECONDS       close clients silent this long (default 0: never)
   --rate N             lines per 10 s per client, bursts of twice that; 0 is off (default ${DEFAULT_RATE})
   --announce-limit N   rooms bigger than this stop announcing joins and leaves (default ${DEFAULT_ANNOUNCE_LIMIT})

@@ -1,6 +1,6 @@
 // chat_server.ts beyond the tutorial: commands, rooms, limits, TLS and the JSON log.
 import assert from "node:assert/strict";
-import { checkName, inBlocks, parseBlocks } from "../chat_server.ts";
+import { checkName, type Client, inBlocks, Limits, parseBlocks } from "../chat_server.ts";
 import {
   ask,
   Cli,
@@ -435,4 +435,27 @@ Deno.test("chat_server.ts rejects bad feature options with one line and exit cod
     .finish();
   assert.equal(missing.code, 1);
   assert.equal(missing.stderr.split("\n").length, 2, missing.stderr); // one line
+});
+
+Deno.test("Limits: by default ten clients per address, loopback spared; a --max-per-ip given applies to all", () => {
+  const fill = (limits: Limits, ip: string, n: number) => {
+    for (let i = 0; i < n; i++) limits.count({ ip } as Client);
+  };
+  const byDefault = new Limits({});
+  fill(byDefault, "192.168.1.5", 10);
+  assert.equal(
+    byDefault.refusal("192.168.1.5", 10),
+    "Sorry, too many connections from 192.168.1.5 (at most 10)",
+  );
+  assert.equal(byDefault.refusal("192.168.1.6", 10), null);
+  fill(byDefault, "127.0.0.1", 50);
+  fill(byDefault, "::1", 50);
+  assert.equal(byDefault.refusal("127.0.0.1", 60), null, "loopback is the operator's own machine");
+  assert.equal(byDefault.refusal("::1", 60), null);
+  const given = new Limits({ maxPerIp: 2 });
+  fill(given, "127.0.0.1", 2);
+  assert.equal(given.refusal("127.0.0.1", 2), "Sorry, too many connections from 127.0.0.1 (at most 2)");
+  const none = new Limits({ maxPerIp: 0 });
+  fill(none, "10.0.0.1", 500);
+  assert.equal(none.refusal("10.0.0.1", 500), null);
 });
