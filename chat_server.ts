@@ -50,7 +50,7 @@ import { BlockList, isIP } from "node:net";
 import { Duplex } from "node:stream";
 import { Buffer } from "node:buffer";
 import * as tls from "node:tls";
-import { createHash } from "node:crypto";
+import { createHash, createPrivateKey, X509Certificate } from "node:crypto";
 
 // =============================================================================================
 // 1. The tutorial's chat server
@@ -1615,9 +1615,24 @@ class TlsGate {
   readonly timeoutMs: number;
   private refusing = 0;
 
-  /** Throws if the certificate and key are not a usable pair. */
+  /** Throws a TlsSetupError if the certificate and key are not a usable pair. */
   constructor(server: ChatServer, pem: { cert: string; key: string }, timeoutSeconds: number) {
     this.server = server;
+    let certificate: X509Certificate;
+    try {
+      certificate = new X509Certificate(pem.cert);
+    } catch (e) {
+      throw new TlsSetupError(`the certificate is not a PEM certificate (${(e as Error).message})`);
+    }
+    let key;
+    try {
+      key = createPrivateKey(pem.key);
+    } catch (e) {
+      throw new TlsSetupError(`the key is not a PEM private key (${(e as Error).message})`);
+    }
+    if (!certificate.checkPrivateKey(key)) {
+      throw new TlsSetupError("the key does not belong to the certificate");
+    }
     this.context = tls.createSecureContext({ cert: pem.cert, key: pem.key });
     this.timeoutMs = timeoutSeconds * 1000;
   }
@@ -1777,6 +1792,9 @@ async function refuse(conn: Link, refusal: string): Promise<void> {
     conn.close();
   }
 }
+
+/** The TLS certificate or key cannot be used. */
+export class TlsSetupError extends Error {}
 
 /** The web page's port could not be listened on (the chat port itself was fine). */
 export class WebListenError extends Error {
@@ -2883,7 +2901,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   if (v.redis === undefined && (v["redis-prefix"] !== undefined || v["redis-expiry"] !== undefined)) {
     throw new UsageError("--redis-prefix and --redis-expiry go with --redis URL");
   }
-  if (v.redis !== undefined && !/^rediss?:\/\/[^/\s]+(\/\d+)?$/.test(v.redis)) {
+  if (v.redis !== undefined && !isRedisUrl(v.redis)) {
     throw new UsageError(`--redis wants redis://HOST:PORT[/DB], not "${v.redis}"`);
   }
   try {
@@ -2923,6 +2941,51 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   };
 }
 
+/** True for `redis://HOST[:PORT][/DB]` (or `rediss://`) with a host and a port that can be. */
+function isRedisUrl(text: string): boolean {
+  if (!/^rediss?:\/\/[^/\s]+(\/\d+)?$/.test(text)) return false;
+  try {
+    return new URL(text).hostname !== ""; // a port over 65535, or a bad host, does not parse
+  } catch {
+    return false;
+  }
+}
+
+/** Reads a PEM file named by `flag`; a file that cannot be read is one line and exit code 1. */
+function readPem(flag: string, path: string): string {
+  try {
+    return Deno.readTextFileSync(path);
+  } catch (e) {
+    const why = e instanceof Deno.errors.NotFound
+      ? "no such file"
+      : e instanceof Deno.errors.IsADirectory
+      ? "it is a directory"
+      : e instanceof Deno.errors.PermissionDenied || e instanceof Deno.errors.NotCapable
+      ? "not allowed to read it"
+      : (e as Error).message;
+    throw new TlsSetupError(`cannot read ${flag} ${path}: ${why}`);
+  }
+}
+
+/** The one line that says why the server could not start; rethrows what is not an expected failure. */
+function whyNotStarted(e: unknown, options: ChatServerOptions): string {
+  const port = options.port;
+  if (e instanceof WebListenError) return e.message;
+  if (e instanceof TlsSetupError) return `cannot serve TLS: ${e.message}`;
+  if (e instanceof Deno.errors.AddrInUse) return `port ${port} is already in use`;
+  if (e instanceof Deno.errors.PermissionDenied) {
+    return `not allowed to listen on port ${port} (ports below 1024 need privileges)`;
+  }
+  if (e instanceof Deno.errors.AddrNotAvailable || e instanceof Deno.errors.NotFound) {
+    return `cannot listen on ${options.host}: ${(e as Error).message}`;
+  }
+  // Deno reports a name that does not resolve as a plain Error, known only by its message.
+  if (e instanceof Error && e.message.startsWith("failed to lookup address")) {
+    return `cannot listen on ${options.host}: the name does not resolve`;
+  }
+  throw e;
+}
+
 /** The command line: parse, listen, serve until SIGINT or SIGTERM. */
 async function main(): Promise<void> {
   let args;
@@ -2942,24 +3005,13 @@ async function main(): Promise<void> {
   try {
     if (args.tlsFiles) {
       options.tls = {
-        cert: Deno.readTextFileSync(args.tlsFiles.cert),
-        key: Deno.readTextFileSync(args.tlsFiles.key),
+        cert: readPem("--tls-cert", args.tlsFiles.cert),
+        key: readPem("--tls-key", args.tlsFiles.key),
       };
     }
     server = await startChatServer(options);
   } catch (e) {
-    const port = options.port;
-    if (e instanceof WebListenError) console.error(`chat_server: ${e.message}`);
-    else if (e instanceof Deno.errors.AddrInUse) console.error(`chat_server: port ${port} is already in use`);
-    else if (e instanceof Deno.errors.PermissionDenied) {
-      console.error(`chat_server: not allowed to listen on port ${port} (ports below 1024 need privileges)`);
-    } else if (e instanceof Deno.errors.NotFound && !options.tls) {
-      console.error(`chat_server: cannot read ${(e as Error).message.replace(/^.*?: /, "")}`);
-    } else if (e instanceof Deno.errors.AddrNotAvailable || e instanceof Deno.errors.NotFound) {
-      console.error(`chat_server: cannot listen on ${options.host}: ${(e as Error).message}`);
-    } else if (options.tls && e instanceof Error && !(e instanceof Deno.errors.AddrInUse)) {
-      console.error(`chat_server: cannot serve TLS with that certificate and key: ${e.message}`);
-    } else throw e;
+    console.error(`chat_server: ${whyNotStarted(e, options)}`);
     Deno.exit(1);
   }
   console.log(`ChatServer started on port ${server.addr.port}`);

@@ -604,7 +604,14 @@ export function parseEchoArgs(args: string[]): Command {
   for (const flag of Object.keys(v)) {
     if (!allowed[kind].includes(flag)) throw new UsageError(`--${flag} does not apply to ${kind}`);
   }
-  const port = parseInteger("--port", v.port, kind === "hello" ? DEFAULT_HELLO_PORT : DEFAULT_PORT, 0, 65535);
+  const listens = kind === "server" || kind === "hello"; // 0 picks a free port; a client needs a real one
+  const port = parseInteger(
+    "--port",
+    v.port,
+    kind === "hello" ? DEFAULT_HELLO_PORT : DEFAULT_PORT,
+    listens ? 0 : 1,
+    65535,
+  );
   if (kind === "server" || kind === "hello") {
     return { kind, options: { host: v.host, port }, quiet: v.quiet ?? false };
   }
@@ -703,6 +710,13 @@ async function main(): Promise<void> {
       console.error(`echo_tcp: not allowed to listen on port ${portOf(command)}`);
     } else if (e instanceof Deno.errors.AddrNotAvailable) {
       console.error(`echo_tcp: cannot listen there: ${e.message}`);
+    } else if (e instanceof Error && e.message.startsWith("failed to lookup address")) {
+      // Deno reports a name that does not resolve as a plain Error, known only by its message.
+      console.error(
+        `echo_tcp: cannot listen on ${
+          "options" in command ? command.options.host : ""
+        }: the name does not resolve`,
+      );
     } else if (isDisconnect(e)) console.error(`echo_tcp: the connection was lost (${(e as Error).message})`);
     else throw e;
     Deno.exit(1);

@@ -485,7 +485,7 @@ export function parseUdpArgs(args: string[]): Command {
   for (const flag of Object.keys(v)) {
     if (!allowed[kind].includes(flag)) throw new UsageError(`--${flag} does not apply to ${kind}`);
   }
-  const port = parseInteger("--port", v.port, DEFAULT_PORT, 0, 65535);
+  const port = parseInteger("--port", v.port, DEFAULT_PORT, kind === "server" ? 0 : 1, 65535); // 0: a free port
   if (kind === "server") return { kind, options: { host: v.host, port } };
   const host = v.host ?? "localhost";
   if (kind === "client") {
@@ -595,6 +595,13 @@ async function main(): Promise<void> {
       );
     } else if (e instanceof Deno.errors.AddrNotAvailable) {
       console.error(`echo_udp: cannot listen there: ${e.message}`);
+    } else if (e instanceof Error && e.message.startsWith("failed to lookup address")) {
+      // Deno reports a name that does not resolve as a plain Error, known only by its message.
+      console.error(
+        `echo_udp: cannot listen on ${
+          "options" in command ? command.options.host : ""
+        }: the name does not resolve`,
+      );
     } else throw e;
     Deno.exit(1);
   }
