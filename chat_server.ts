@@ -2814,6 +2814,20 @@ Try it: deno run -A chat_server.ts 2626, then telnet localhost 2626 in two other
 /** A bad command line: main() prints the message and the usage line and exits 2. */
 class UsageError extends Error {}
 
+/** node:util's parseArgs errors, said in one line of our own words. */
+function inOurWords(e: TypeError): string {
+  const option = /--[\w-]+/.exec(e.message)?.[0] ?? /'(-\w)'/.exec(e.message)?.[1] ?? "that option";
+  if ((e as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") {
+    return `unknown option ${option}; try --help`;
+  }
+  if (e.message.includes("ambiguous")) {
+    return `${option} wants a value; for one that starts with "-", write ${option}=VALUE`;
+  }
+  if (e.message.includes("argument missing")) return `${option} wants a value`;
+  if (e.message.includes("does not take an argument")) return `${option} takes no value`;
+  return e.message.split("\n")[0];
+}
+
 /** Parses a whole number in [min, max], with an optional K or M suffix when `sizes` is set. */
 function parseCount(flag: string, text: string, min: number, max: number, sizes = false): number {
   const match = /^(\d+)([kKmM]?)$/.exec(text);
@@ -2863,7 +2877,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   try {
     parsed = parseArgs({ args, allowPositionals: true, options: CHAT_FLAGS });
   } catch (e) {
-    if (e instanceof TypeError && "code" in e) throw new UsageError(e.message);
+    if (e instanceof TypeError && "code" in e) throw new UsageError(inOurWords(e));
     throw e;
   }
   const { values: v, positionals } = parsed;
@@ -2893,6 +2907,14 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   const handshakeTimeout = seconds("--handshake-timeout", v["handshake-timeout"], 0.001);
   if (handshakeTimeout !== undefined && v["tls-cert"] === undefined) {
     throw new UsageError("--handshake-timeout goes with --tls-cert and --tls-key");
+  }
+  for (const flag of ["host", "http-host", "redis-prefix"] as const) {
+    if (v[flag] !== undefined && v[flag].trim() === "") throw new UsageError(`--${flag} wants a value, not ""`);
+  }
+  for (const origin of v["http-origin"] ?? []) {
+    if (origin !== "*" && !/^https?:\/\/[^/\s]+$/.test(origin)) {
+      throw new UsageError(`--http-origin wants an origin like https://chat.example (or *), not "${origin}"`);
+    }
   }
   const webOnly = [v["http-host"], v["http-origin"], v["http-timeout"]];
   if (v.http === undefined && webOnly.some((value) => value !== undefined)) {

@@ -419,6 +419,20 @@ const HELP = `${USAGE}
 /** A bad command line: main() prints it with the usage and exits 2. */
 class UsageError extends Error {}
 
+/** node:util's parseArgs errors, said in one line of our own words. */
+function inOurWords(e: TypeError): string {
+  const option = /--[\w-]+/.exec(e.message)?.[0] ?? /'(-\w)'/.exec(e.message)?.[1] ?? "that option";
+  if ((e as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") {
+    return `unknown option ${option}; try --help`;
+  }
+  if (e.message.includes("ambiguous")) {
+    return `${option} wants a value; for one that starts with "-", write ${option}=VALUE`;
+  }
+  if (e.message.includes("argument missing")) return `${option} wants a value`;
+  if (e.message.includes("does not take an argument")) return `${option} takes no value`;
+  return e.message.split("\n")[0];
+}
+
 function parseNumber(
   flag: string,
   text: string | undefined,
@@ -468,7 +482,7 @@ export function parseUdpArgs(args: string[]): Command {
       },
     });
   } catch (e) {
-    if (e instanceof TypeError && "code" in e) throw new UsageError(e.message);
+    if (e instanceof TypeError && "code" in e) throw new UsageError(inOurWords(e));
     throw e;
   }
   const { values: v, positionals } = parsed;

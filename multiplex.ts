@@ -489,6 +489,20 @@ Try it: deno run -A multiplex.ts localhost:2626, with chat_server.ts running.`;
 /** A bad command line: main() prints it with the usage and exits 2. */
 class UsageError extends Error {}
 
+/** node:util's parseArgs errors, said in one line of our own words. */
+function inOurWords(e: TypeError): string {
+  const option = /--[\w-]+/.exec(e.message)?.[0] ?? /'(-\w)'/.exec(e.message)?.[1] ?? "that option";
+  if ((e as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") {
+    return `unknown option ${option}; try --help`;
+  }
+  if (e.message.includes("ambiguous")) {
+    return `${option} wants a value; for one that starts with "-", write ${option}=VALUE`;
+  }
+  if (e.message.includes("argument missing")) return `${option} wants a value`;
+  if (e.message.includes("does not take an argument")) return `${option} takes no value`;
+  return e.message.split("\n")[0];
+}
+
 /** The parsed command line: a multiplexer (less its streams), a load run, or help. */
 type Command =
   | { kind: "multiplex"; options: Omit<MultiplexOptions, "input" | "output" | "errors"> }
@@ -532,7 +546,7 @@ export function parseMultiplexArgs(args: string[]): Command {
       },
     });
   } catch (e) {
-    if (e instanceof TypeError && "code" in e) throw new UsageError(e.message);
+    if (e instanceof TypeError && "code" in e) throw new UsageError(inOurWords(e));
     throw e;
   }
   const { values: v, positionals } = parsed;

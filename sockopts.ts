@@ -146,6 +146,20 @@ export class LibcError extends Error {}
 /** The kernel refused a value given with --set: a bad argument, so main() exits 2. */
 export class RefusedSettingError extends LibcError {}
 
+/** node:util's parseArgs errors, said in one line of our own words. */
+function inOurWords(e: TypeError): string {
+  const option = /--[\w-]+/.exec(e.message)?.[0] ?? /'(-\w)'/.exec(e.message)?.[1] ?? "that option";
+  if ((e as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") {
+    return `unknown option ${option}; try --help`;
+  }
+  if (e.message.includes("ambiguous")) {
+    return `${option} wants a value; for one that starts with "-", write ${option}=VALUE`;
+  }
+  if (e.message.includes("argument missing")) return `${option} wants a value`;
+  if (e.message.includes("does not take an argument")) return `${option} takes no value`;
+  return e.message.split("\n")[0];
+}
+
 /** Raised when a name does not resolve. */
 export class LookupError extends Error {}
 
@@ -485,7 +499,7 @@ async function main(): Promise<void> {
     });
   } catch (e) {
     if (!(e instanceof TypeError && "code" in e)) throw e;
-    console.error(`sockopts: ${e.message}\n${USAGE}`);
+    console.error(`sockopts: ${inOurWords(e)}\n${USAGE}`);
     Deno.exit(2);
   }
   const { values: v, positionals } = parsed;

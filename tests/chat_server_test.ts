@@ -438,7 +438,7 @@ Deno.test("chat_server.ts rejects bad arguments with a usage line and exit code 
     const [args, problem] of [
       [["--port", "http"], 'port wants a whole number, not "http"'],
       [["70000"], "port must be from 0 to 65535"],
-      [["--bogus"], "Unknown option '--bogus'"],
+      [["--bogus"], "unknown option --bogus; try --help"],
       [["--max-line", "0"], "--max-line must be from 1 to 1048576"],
       [["2626", "2627"], 'unexpected argument "2627"'],
     ] as const

@@ -220,7 +220,7 @@ Deno.test("echo_tcp.ts rejects bad arguments with a usage line and exit code 2",
       [["server", "--port", "x"], '--port wants a number, not "x"'],
       [["bench", "--mode", "fast"], '--mode is pingpong or stream, not "fast"'],
       [["server", "--conns", "3"], "--conns does not apply to server"],
-      [["client", "--nope"], "Unknown option '--nope'"],
+      [["client", "--nope"], "unknown option --nope; try --help"],
     ] as const
   ) {
     const r = await runScript("echo_tcp.ts", [...args]);

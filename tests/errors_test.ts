@@ -60,6 +60,23 @@ const CASES: [script: string, args: string[], code: number, line: string][] = [
     1,
     `cannot listen on ${NO_SUCH_HOST}: the name does not resolve`,
   ],
+  ["chat_server.ts", ["0", "--host", ""], 2, '--host wants a value, not ""'],
+  [
+    "chat_server.ts",
+    ["--port", "-1"],
+    2,
+    '--port wants a value; for one that starts with "-", write --port=VALUE',
+  ],
+  ["chat_server.ts", ["--bogus"], 2, "unknown option --bogus; try --help"],
+  [
+    "chat_server.ts",
+    ["0", "--http", "0", "--http-origin", "evil"],
+    2,
+    '--http-origin wants an origin like https://chat.example (or *), not "evil"',
+  ],
+  ["echo_tcp.ts", ["server", "--port"], 2, "--port wants a value"],
+  ["sockopts.ts", ["--json=1"], 2, "--json takes no value"],
+  ["multiplex.ts", ["--frob", "localhost:1"], 2, "unknown option --frob; try --help"],
   ["echo_tcp.ts", ["client", "--port", "0", "hi"], 2, "--port must be from 1 to 65535"],
   ["echo_tcp.ts", ["bench", "--port", "0"], 2, "--port must be from 1 to 65535"],
   [

@@ -140,7 +140,7 @@ Deno.test("sockopts.ts rejects an unknown option or a bad value in one line, exi
       [["--set", "SO_NOPE=1"], "sockopts: unknown option SO_NOPE; known: SO_SNDBUF,"],
       [["--set", "SO_SNDBUF=big"], 'sockopts: --set wants NAME=INTEGER, not "SO_SNDBUF=big"'],
       [["--set", "TCP_KEEPIDLE=0"], "sockopts: setsockopt(TCP_KEEPIDLE, 0) was refused"],
-      [["--bogus"], "sockopts: Unknown option '--bogus'"],
+      [["--bogus"], "sockopts: unknown option --bogus; try --help"],
     ] as const
   ) {
     const r = await runScript("sockopts.ts", [...args]);
