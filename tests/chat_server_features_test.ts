@@ -262,6 +262,20 @@ Deno.test("--announce-limit quiets a big room's joins and leaves, and logs the c
 
 // --- TLS ---------------------------------------------------------------------------------------
 
+/** Runs `body` with a localhost certificate and key (PEM) and the CA that signed them, then cleans up. */
+async function withCertificates(
+  body: (tls: { cert: string; key: string }, caCerts: string[], dir: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir();
+  try {
+    await makeCertificates(dir);
+    const read = (name: string) => Deno.readTextFileSync(`${dir}/${name}`);
+    await body({ cert: read("server.crt"), key: read("server.key") }, [read("ca.crt")], dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 /** Makes a CA and a leaf certificate for localhost with openssl, in `dir`. */
 async function makeCertificates(dir: string): Promise<void> {
   const script = `
@@ -279,14 +293,7 @@ async function makeCertificates(dir: string): Promise<void> {
 Deno.test({
   ...needs("--tls-cert/--tls-key serve TLS: Deno and ncat --ssl clients chat through it", ["openssl"]),
   async fn() {
-    const dir = await Deno.makeTempDir();
-    try {
-      await makeCertificates(dir);
-      const tls = {
-        cert: Deno.readTextFileSync(`${dir}/server.crt`),
-        key: Deno.readTextFileSync(`${dir}/server.key`),
-      };
-      const caCerts = [Deno.readTextFileSync(`${dir}/ca.crt`)];
+    await withCertificates(async (tls, caCerts, dir) => {
       await withServer({ tls, host: "127.0.0.1" }, async (port) => {
         const conn = await Deno.connectTls({ hostname: "localhost", port, caCerts });
         const a = new TestClient(conn as unknown as Deno.TcpConn);
@@ -322,9 +329,7 @@ Deno.test({
           a.close();
         }
       });
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+    });
   },
 });
 
@@ -333,14 +338,7 @@ Deno.test({
     "openssl",
   ]),
   async fn() {
-    const dir = await Deno.makeTempDir();
-    try {
-      await makeCertificates(dir);
-      const tls = {
-        cert: Deno.readTextFileSync(`${dir}/server.crt`),
-        key: Deno.readTextFileSync(`${dir}/server.key`),
-      };
-      const caCerts = [Deno.readTextFileSync(`${dir}/ca.crt`)];
+    await withCertificates(async (tls, caCerts) => {
       await withServer({ tls, host: "127.0.0.1", handshakeTimeout: 0.5, maxPerIp: 5 }, async (port, log) => {
         const fds = () => [...Deno.readDirSync("/proc/self/fd")].length;
         const before = fds();
@@ -376,9 +374,7 @@ Deno.test({
           for (const peer of silent) peer.close();
         }
       });
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+    });
   },
 });
 
