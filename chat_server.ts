@@ -2909,7 +2909,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
     throw new UsageError("--handshake-timeout goes with --tls-cert and --tls-key");
   }
   for (const flag of ["host", "http-host", "redis-prefix"] as const) {
-    if (v[flag] !== undefined && v[flag].trim() === "") throw new UsageError(`--${flag} wants a value, not ""`);
+    if (v[flag] !== undefined && v[flag].trim() === "") {
+      throw new UsageError(`--${flag} wants a value, not ""`);
+    }
   }
   for (const origin of v["http-origin"] ?? []) {
     if (origin !== "*" && !/^https?:\/\/[^/\s]+$/.test(origin)) {
