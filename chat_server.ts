@@ -2991,6 +2991,26 @@ function readPem(flag: string, path: string): string {
   }
 }
 
+/**
+ * What a feature asked for on the command line needs beyond --allow-net, if it was not granted:
+ * TLS reads its two files, and the Redis client reads environment variables (without them it
+ * would only look unreachable).
+ */
+function missingPermission(args: ChatArgs): string | null {
+  const granted = (descriptor: Deno.PermissionDescriptor) =>
+    Deno.permissions.querySync(descriptor).state === "granted";
+  const net = granted({ name: "net" }) ? null : "chat_server.ts needs --allow-net";
+  if (net) return net;
+  const files = args.tlsFiles ? [args.tlsFiles.cert, args.tlsFiles.key] : [];
+  if (files.some((path) => !granted({ name: "read", path }))) {
+    return `--tls-cert and --tls-key need --allow-read (or --allow-read=${files.join(",")})`;
+  }
+  if (args.options.redis && !granted({ name: "env" })) {
+    return "--redis needs --allow-env (the Redis client reads environment variables)";
+  }
+  return null;
+}
+
 /** The one line that says why the server could not start; rethrows what is not an expected failure. */
 function whyNotStarted(e: unknown, options: ChatServerOptions): string {
   const port = options.port;
@@ -3025,6 +3045,11 @@ async function main(): Promise<void> {
     return;
   }
   const options = args.options;
+  const missing = missingPermission(args);
+  if (missing) {
+    console.error(`chat_server: ${missing}`);
+    Deno.exit(1);
+  }
   let server: ChatServer;
   try {
     if (args.tlsFiles) {
@@ -3038,9 +3063,10 @@ async function main(): Promise<void> {
     console.error(`chat_server: ${whyNotStarted(e, options)}`);
     Deno.exit(1);
   }
-  console.log(`ChatServer started on port ${server.addr.port}`);
   const stop = () => server.close();
+  // Listen for signals before saying "started": a supervisor may send SIGTERM as soon as it reads it.
   for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
+  console.log(`ChatServer started on port ${server.addr.port}`);
   if (server.httpAddr) {
     const { hostname, port } = server.httpAddr;
     const shown = hostname === "::" || hostname === "0.0.0.0"

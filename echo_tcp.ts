@@ -680,10 +680,10 @@ async function main(): Promise<void> {
         const start = command.kind === "server" ? startEchoServer : startHelloServer;
         const server = start({ ...command.options, log: command.quiet ? null : Deno.stdout });
         const what = command.kind === "server" ? "Echo server" : "Hello World server";
-        console.log(`${what} listening on ${formatPeer(server.addr)}`);
         const stop = () => server.close();
-        Deno.addSignalListener("SIGINT", stop);
+        Deno.addSignalListener("SIGINT", stop); // before saying so: a SIGTERM may follow at once
         Deno.addSignalListener("SIGTERM", stop);
+        console.log(`${what} listening on ${formatPeer(server.addr)}`);
         await server.finished;
         Deno.removeSignalListener("SIGINT", stop);
         Deno.removeSignalListener("SIGTERM", stop);

@@ -553,10 +553,10 @@ async function main(): Promise<void> {
         return;
       case "server": {
         const server = startUdpEchoServer(command.options);
-        console.log(`UDP echo server listening on ${formatPeer(server.addr)}`);
         const stop = () => server.close();
-        Deno.addSignalListener("SIGINT", stop);
+        Deno.addSignalListener("SIGINT", stop); // before saying so: a SIGTERM may follow at once
         Deno.addSignalListener("SIGTERM", stop);
+        console.log(`UDP echo server listening on ${formatPeer(server.addr)}`);
         await server.finished;
         Deno.removeSignalListener("SIGINT", stop);
         Deno.removeSignalListener("SIGTERM", stop);

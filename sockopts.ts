@@ -10,7 +10,8 @@
  * this script asks the C library directly through FFI (`Deno.dlopen`): it makes its own sockets
  * with `socket()`, and reads and sets options with `getsockopt()` and `setsockopt()`, exactly as
  * Python's socket module does underneath. It also finds the descriptors behind Deno's own sockets
- * (through /proc on Linux) to show what `Deno.listen`, `setNoDelay` and `setKeepAlive` change.
+ * (asking each descriptor its ports, with getsockname) to show what `Deno.listen`, `setNoDelay` and
+ * `setKeepAlive` change.
  *
  * @module
  */
@@ -138,7 +139,14 @@ const SYMBOLS = {
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
   setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  getpeername: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
 } as const;
+
+/** SO_TYPE, to tell a stream socket from a datagram one. */
+const SO_TYPE = { linux: 3, darwin: 0x1008 };
+/** Descriptors findSocketFd() looks through. */
+const MAX_FD_SEARCHED = 4096;
 
 /** Raised when the C library cannot be loaded or a call fails. */
 export class LibcError extends Error {}
@@ -232,6 +240,24 @@ export class SocketOptions {
     return out;
   }
 
+  /**
+   * The local (or, with `peer`, the remote) port of the socket on `fd`, or null if `fd` is no
+   * socket, or has no peer. The port sits at the same place in sockaddr_in and sockaddr_in6.
+   */
+  port(fd: number, peer = false): number | null {
+    const address = new Uint8Array(128), length = new Uint32Array([128]);
+    const call = peer ? this.#lib.symbols.getpeername : this.#lib.symbols.getsockname;
+    if (call(fd, address, length) !== 0) return null;
+    return (address[2] << 8) | address[3];
+  }
+
+  /** SOCK_STREAM or SOCK_DGRAM for a socket, or null for a descriptor that is not one. */
+  socketType(fd: number): number | null {
+    const value = new Int32Array(1), length = new Uint32Array([4]);
+    const level = LEVELS.SOL_SOCKET[this.#os];
+    return this.#lib.symbols.getsockopt(fd, level, SO_TYPE[this.#os], value, length) === 0 ? value[0] : null;
+  }
+
   close(): void {
     this.#lib.close();
   }
@@ -273,33 +299,21 @@ export function inspectFreshSockets(settings: Record<string, number> = {}): Opti
 // Deno's own sockets
 
 /**
- * Finds the descriptor behind one of this process's sockets by its ports: its inode in
- * /proc/net/tcp{,6} (or udp{,6}), then the /proc/self/fd link that names that inode. Linux only;
- * null elsewhere, or when no such socket is open.
+ * Finds the descriptor behind one of this process's sockets by its ports: the one whose
+ * getsockname() gives `localPort` and whose getpeername() gives `remotePort` (0: no peer, as for a
+ * listener). It asks the sockets themselves, through the C library, so it needs no access to /proc.
+ * Null when no such socket is open.
  */
 export function findSocketFd(
+  lib: SocketOptions,
   localPort: number,
   remotePort = 0,
   transport: "tcp" | "udp" = "tcp",
 ): number | null {
-  if (Deno.build.os !== "linux") return null;
-  const hex = (n: number) => ":" + n.toString(16).toUpperCase().padStart(4, "0");
-  const inodes = new Set<string>();
-  for (const table of [`/proc/net/${transport}`, `/proc/net/${transport}6`]) {
-    for (const row of Deno.readTextFileSync(table).split("\n").slice(1)) {
-      const cols = row.trim().split(/\s+/);
-      if (cols.length >= 10 && cols[1].endsWith(hex(localPort)) && cols[2].endsWith(hex(remotePort))) {
-        inodes.add(cols[9]);
-      }
-    }
-  }
-  for (const entry of Deno.readDirSync("/proc/self/fd")) {
-    try {
-      const inode = /^socket:\[(\d+)\]$/.exec(Deno.readLinkSync(`/proc/self/fd/${entry.name}`))?.[1];
-      if (inode && inodes.has(inode)) return Number(entry.name);
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e; // closed while we looked
-    }
+  const type = transport === "tcp" ? SOCK_STREAM : SOCK_DGRAM;
+  for (let fd = 0; fd < MAX_FD_SEARCHED; fd++) {
+    if (lib.port(fd) !== localPort || lib.socketType(fd) !== type) continue;
+    if ((lib.port(fd, true) ?? 0) === remotePort) return fd;
   }
   return null;
 }
@@ -315,25 +329,25 @@ export interface DenoKnobs {
 /**
  * Opens a loopback listener and a connection with Deno's API, and reads their options through
  * their descriptors: `Deno.listen` sets SO_REUSEADDR, and `setNoDelay`/`setKeepAlive` flip
- * TCP_NODELAY/SO_KEEPALIVE on the live connection. Null where /proc is not there to find them.
+ * TCP_NODELAY/SO_KEEPALIVE on the live connection. Null if their descriptors cannot be found.
  */
 export async function inspectDenoSockets(): Promise<DenoKnobs | null> {
   using lib = new SocketOptions();
   using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   using conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
   using _accepted = await listener.accept();
-  const listenFd = findSocketFd(listener.addr.port);
-  const connFd = findSocketFd(conn.localAddr.port, listener.addr.port);
+  const listenFd = findSocketFd(lib, listener.addr.port);
+  const connFd = findSocketFd(lib, conn.localAddr.port, listener.addr.port);
   if (listenFd === null || connFd === null) return null;
   const noDelayBefore = lib.get(connFd, "TCP_NODELAY");
   conn.setNoDelay(true);
   const keepAliveBefore = lib.get(connFd, "SO_KEEPALIVE");
   conn.setKeepAlive(true);
-  // UDP sockets are in /proc/net/udp rather than tcp; Deno.listenDatagram needs --unstable-net.
+  // Deno.listenDatagram needs --unstable-net.
   const udp = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
   let datagramBroadcast: number | null;
   try {
-    const udpFd = findSocketFd((udp.addr as Deno.NetAddr).port, 0, "udp");
+    const udpFd = findSocketFd(lib, (udp.addr as Deno.NetAddr).port, 0, "udp");
     datagramBroadcast = udpFd === null ? null : lib.get(udpFd, "SO_BROADCAST");
   } finally {
     udp.close();
@@ -458,7 +472,7 @@ export function formatTable(table: OptionTable, settings: Record<string, number>
 
 function formatKnobs(k: DenoKnobs | null): string {
   if (!k) {
-    return "Deno's own sockets: not shown (their descriptors are found through /proc, which this system lacks)";
+    return "Deno's own sockets: not shown (their descriptors could not be found)";
   }
   const lines = [
     "Deno's own sockets, read on live loopback sockets",
@@ -537,7 +551,7 @@ async function main(): Promise<void> {
     }
     if (e instanceof Deno.errors.NotCapable || e instanceof Deno.errors.PermissionDenied) {
       console.error(
-        `sockopts: ${e.message} (run with -A, or --allow-ffi --allow-net --allow-read --allow-sys)`,
+        `sockopts: ${e.message.split("\n")[0]} (it needs --allow-ffi --allow-net, and --allow-sys for host)`,
       );
       Deno.exit(1);
     }

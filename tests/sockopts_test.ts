@@ -5,6 +5,7 @@ import {
   inspectFreshSockets,
   OPTIONS,
   type OptionTable,
+  SocketOptions,
 } from "../sockopts.ts";
 import { hasProgram, runScript } from "./_helpers.ts";
 
@@ -98,7 +99,8 @@ Deno.test({
       connKeepAlive: [0, 1],
       datagramBroadcast: 1,
     });
-    assert.equal(findSocketFd(1), null); // nobody here listens on port 1
+    using lib = new SocketOptions();
+    assert.equal(findSocketFd(lib, 1), null); // nobody here listens on port 1
   },
 });
 
