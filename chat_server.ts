@@ -690,8 +690,15 @@ const GATHER_FANOUT = 256;
 const GATHER_MS = 10;
 /** Pooled write buffers kept for reuse when no flush needs them. */
 const SPARE_BUFFERS = 32;
-/** stdout lines that may wait for a slow terminal or pipe before the log starts dropping. */
+/**
+ * The log drops lines only for a stdout that has stopped, or falls far behind: more than
+ * LOG_BACKLOG_BYTES waiting and no write completed for LOG_STALL_MS, or more than
+ * LOG_MAX_BACKLOG_BYTES waiting. A file that keeps up loses nothing: a burst of 30,000 lines of
+ * 1 KB to a file on local disk is all logged (with the 4 MiB bound alone, thousands were dropped).
+ */
 const LOG_BACKLOG_BYTES = 4 * 1024 * 1024;
+const LOG_STALL_MS = 1000;
+const LOG_MAX_BACKLOG_BYTES = 16 * 1024 * 1024;
 
 /**
  * Writes every client's queue in rounds, and paces the senders for slow readers. All of the
@@ -939,8 +946,8 @@ const LF = encoder.encode("\n");
 /**
  * The event log: the tutorial's lines (or one JSON object per event) for stdout, written in
  * batches so that logging costs one write per turn of the loop. A stdout that stops draining (a
- * paused terminal, a full pipe) costs lines, never the chat: past {@linkcode LOG_BACKLOG_BYTES}
- * lines are dropped and counted.
+ * paused terminal, a full pipe) costs lines, never the chat: lines are dropped and counted once it
+ * has stood still for LOG_STALL_MS with {@linkcode LOG_BACKLOG_BYTES} waiting.
  */
 class EventLog {
   #out: Writer | null;
@@ -950,6 +957,8 @@ class EventLog {
   #dropped = 0;
   #writing: Promise<void> | null = null;
   #scratch = new Uint8Array(WRITE_SIZE);
+  /** When stdout last took a write (or the current batch began). */
+  #lastProgress = 0;
 
   constructor(out: Writer | null, format: "text" | "json" = "text") {
     this.#out = out;
@@ -977,7 +986,7 @@ class EventLog {
   }
 
   #append(line: Uint8Array): void {
-    if (this.#bytes > LOG_BACKLOG_BYTES) {
+    if (this.#bytes > LOG_BACKLOG_BYTES && this.#stalled()) {
       this.#dropped++;
       return;
     }
@@ -986,7 +995,12 @@ class EventLog {
     this.#writing ??= this.#drain();
   }
 
+  #stalled(): boolean {
+    return this.#bytes > LOG_MAX_BACKLOG_BYTES || Date.now() - this.#lastProgress > LOG_STALL_MS;
+  }
+
   async #drain(): Promise<void> {
+    this.#lastProgress = Date.now();
     await Promise.resolve(); // let the rest of this turn's lines join the batch
     try {
       while (this.#parts.length > 0) {
@@ -998,7 +1012,10 @@ class EventLog {
         }
         const parts = this.#parts;
         this.#parts = [];
-        await writeCoalesced(this.#out!, parts, this.#scratch, (n) => this.#bytes -= n);
+        await writeCoalesced(this.#out!, parts, this.#scratch, (n) => {
+          this.#bytes -= n;
+          this.#lastProgress = Date.now();
+        });
       }
     } catch (e) {
       if (!isDisconnect(e)) throw e;
@@ -1316,7 +1333,7 @@ function takeNick(server: ChatServer, client: Client, nick: string): void {
 }
 
 /** /join ROOM: leaves this room for ROOM, making it if need be. */
-function joinRoom(server: ChatServer, client: Client, name: string): void {
+function joinRoom(server: ChatServer, client: Client, name: string): void | Promise<void> {
   const problem = checkName(name, "room name");
   if (problem) return client.tell(`${problem}; you are still in ${client.room.name}`);
   const room = server.directory.openRoom(name);
@@ -1331,12 +1348,16 @@ function joinRoom(server: ChatServer, client: Client, name: string): void {
     peer: client.address,
     nick: client.nick,
   }, old.members.size + 1);
-  client.tell(PAGE_READS.nowIn(room.name, room.members.size));
   announce(server, room, client, PAGE_READS.hasJoined(client.label, room.name), {
     event: "enter",
     room: room.name,
     peer: client.address,
     nick: client.nick,
+  });
+  // The count is of everyone in the room, on every instance, as /who's is.
+  return withOthers(server, client, (others) => {
+    const remote = others.filter((p) => Directory.same(p.room, room.name)).length;
+    client.tell(PAGE_READS.nowIn(room.name, room.members.size + remote));
   });
 }
 
@@ -1455,7 +1476,9 @@ export class Limits {
       server.sendOff(client, "Disconnected for flooding", "flooding");
     } else if (flood > 0) {
       client.tell(
-        `You are sending more than ${this.rate} lines in 10 seconds; lines are dropped until you slow down ` +
+        `You are sending more than ${
+          plural(this.rate, "line")
+        } in 10 seconds; lines are dropped until you slow down ` +
           `(warning ${flood} of ${FLOOD_STRIKES - 1})`,
       );
     }
@@ -1470,7 +1493,11 @@ export class Limits {
       const now = Date.now();
       for (const client of server.clients) {
         if (now - client.lastInput >= idleMs) {
-          server.sendOff(client, `Closing: nothing from you for ${this.idleSeconds} seconds`, "idle");
+          server.sendOff(
+            client,
+            `Closing: nothing from you for ${plural(this.idleSeconds, "second")}`,
+            "idle",
+          );
         }
       }
     }, Math.max(50, Math.min(1000, idleMs / 4)));
@@ -2611,6 +2638,11 @@ async function settleWithin(ms: number, promises: Promise<unknown>[]): Promise<v
   }
 }
 
+/** `1 second`, `2 seconds`, `0.3 seconds`. */
+function plural(n: number, unit: string): string {
+  return `${n} ${unit}${n === 1 ? "" : "s"}`;
+}
+
 /** True if a line holds nothing but spaces and tabs. */
 function isBlank(line: Uint8Array): boolean {
   for (const b of line) if (b !== 32 && b !== TAB) return false;
@@ -3066,21 +3098,27 @@ async function main(): Promise<void> {
   const stop = () => server.close();
   // Listen for signals before saying "started": a supervisor may send SIGTERM as soon as it reads it.
   for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(signal, stop);
-  console.log(`ChatServer started on port ${server.addr.port}`);
+  // With --log json, every line of stdout is JSON, these included.
+  const say = (text: string, fields: Record<string, unknown>) =>
+    console.log(
+      options.logFormat === "json" ? JSON.stringify({ time: new Date().toISOString(), ...fields }) : text,
+    );
+  say(`ChatServer started on port ${server.addr.port}`, { event: "started", port: server.addr.port });
   if (server.httpAddr) {
     const { hostname, port } = server.httpAddr;
     const shown = hostname === "::" || hostname === "0.0.0.0"
       ? "localhost"
       : formatPeer(server.httpAddr).replace(/:\d+$/, "");
-    console.log(`Web page at http://${shown}:${port}/`);
+    say(`Web page at http://${shown}:${port}/`, { event: "web", url: `http://${shown}:${port}/` });
   }
   if (server.redisReady && options.redis) {
     const url = options.redis.url;
     const ready = server.redisReady.then(() => true, () => false);
     const early = await Promise.race([ready, delay(1000).then(() => false)]);
-    if (early) console.log(`Sharing rooms through Redis at ${url}`);
+    const sharing = () => say(`Sharing rooms through Redis at ${url}`, { event: "shared", redis: url });
+    if (early) sharing();
     else {
-      ready.then((reached) => reached && console.log(`Sharing rooms through Redis at ${url}`));
+      ready.then((reached) => reached && sharing());
       console.error(
         `chat_server: Redis at ${url} is unreachable: serving local clients only while retrying`,
       );
@@ -3089,7 +3127,7 @@ async function main(): Promise<void> {
 
   await server.finished;
   for (const signal of ["SIGINT", "SIGTERM"] as const) Deno.removeSignalListener(signal, stop);
-  console.log("ChatServer shutdown complete");
+  say("ChatServer shutdown complete", { event: "stopped" });
 }
 
 if (import.meta.main) await main();

@@ -380,10 +380,11 @@ Deno.test({
 
 // --- The JSON log ----------------------------------------------------------------------------------
 
-Deno.test("chat_server.ts --log json prints one JSON object per event", async () => {
+Deno.test("chat_server.ts --log json prints one JSON object per event, and nothing else on stdout", async () => {
   const port = freePort();
   const cli = new Cli("chat_server.ts", [String(port), "--log", "json"]);
-  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  const { time: _started, ...started } = JSON.parse((await cli.readLine())!);
+  assert.deepEqual(started, { event: "started", port });
   using a = await joinChat(port);
   await cli.readLine();
   await ask(a, "/nick ann", "You are now known as ann");
@@ -404,7 +405,9 @@ Deno.test("chat_server.ts --log json prints one JSON object per event", async ()
     { event: "leave", room: "dev", peer: a.name, nick: "ann", reason: null },
   ]);
   cli.kill();
-  assert.equal((await cli.finish()).code, 0);
+  const { code, stdout } = await cli.finish();
+  assert.equal(code, 0);
+  assert.deepEqual(stdout.map((line) => JSON.parse(line).event), ["stopped"]);
 });
 
 Deno.test("chat_server.ts rejects bad feature options with one line and exit code 2", async () => {

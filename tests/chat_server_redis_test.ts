@@ -276,3 +276,21 @@ Deno.test("chat_server.ts starts local-only, in one line, when Redis is unreacha
     `chat_server: Redis at redis://127.0.0.1:${dead} is unreachable: serving local clients only while retrying`,
   );
 });
+
+redisTest("/join counts the room's members on every instance, as /who does", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers } = await instances(redis, 2);
+  try {
+    using a = await joinChat(servers[0].addr.port);
+    using b = await joinChat(servers[1].addr.port);
+    await a.readLine();
+    await sync(a, b);
+    await ask(b, "/join dev", "You are now in dev (1); /who lists who is here");
+    assert.equal(await a.readLine(), `${b.name} has left lobby for dev\r\n`);
+    await ask(a, "/join dev", "You are now in dev (2); /who lists who is here"); // b is on the other one
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});

@@ -670,3 +670,39 @@ Deno.test("README's map of chat_server.ts gives each section's lines as the file
     assert.equal(last, next ? next[1] - 1 : source.length - 1, `section ${section} ends at line ${last}`);
   }
 });
+
+Deno.test("chat_server.ts logs every line of a 30,000-line burst to a file that keeps up", async () => {
+  const port = freePort();
+  const file = await Deno.makeTempFile();
+  try {
+    const script =
+      `exec "${Deno.execPath()}" run -A chat_server.ts ${port} --host 127.0.0.1 --rate 0 > "${file}"`;
+    const child = new Deno.Command("sh", {
+      args: ["-c", script],
+      cwd: new URL("..", import.meta.url).pathname,
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    let sender: TestClient | null = null;
+    for (let i = 0; i < 100 && !sender; i++) { // until it listens: its stdout is the file
+      sender = await joinChat(port).catch(() => null);
+      if (!sender) await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.ok(sender, "the server never listened");
+    try {
+      await sendNumberedLines(sender, 30_000, 1000);
+      await sender.write("/who\r\n"); // answered once every line before it has been handled (and logged)
+      assert.equal(await sender.readLine(), "In lobby (1):\r\n");
+    } finally {
+      sender.close();
+    }
+    child.kill("SIGTERM");
+    assert.equal((await child.status).code, 0);
+    await child.stderr.cancel();
+    const log = Deno.readTextFileSync(file);
+    assert.doesNotMatch(log, /log lines dropped/);
+    assert.equal(log.split("\n").filter((l) => l.startsWith(`[${sender!.name}] `)).length, 30_000);
+  } finally {
+    await Deno.remove(file);
+  }
+});

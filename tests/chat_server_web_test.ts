@@ -74,7 +74,7 @@ Deno.test("startChatServer({ http }) applies the same limits to WebSocket client
     web.ws.send("a");
     web.ws.send("b"); // a burst of two is the most --rate 1 allows
     web.ws.send("c");
-    assert.match(await web.next(), /^You are sending more than 1 lines in 10 seconds/);
+    assert.match(await web.next(), /^You are sending more than 1 line in 10 seconds/);
     assert.equal(await tcp.readLine(), `[${webName}] a\r\n`);
     await tcp.write("/who\r\n");
     assert.equal(await tcp.readLine(), "In lobby (2):\r\n"); // "b" and "c" never came
@@ -436,4 +436,14 @@ Deno.test({
     assert.match(stderr, /accept failed: .*Too many open files.*; retrying/);
     assert.doesNotMatch(stderr, /Uncaught/);
   },
+});
+
+Deno.test("startChatServer({ http }).close() says goodbye to WebSocket clients as to telnet users", async () => {
+  const server = await startChatServer({ port: 0, host: "127.0.0.1", log: null, http: { port: 0 } });
+  const web = new WsClient(`ws://127.0.0.1:${server.httpAddr!.port}/ws`);
+  await web.opened();
+  assert.equal(await web.next(), GREETING.trimEnd());
+  await server.close();
+  assert.equal(await web.next(), "Server shutting down, goodbye");
+  await web.close();
 });
