@@ -657,10 +657,10 @@ Deno.test("SharedJoin.join() gives clients with the same lines queued one buffer
   assert.equal(decoder.decode(first), "[x] one\r\n[x] two\r\n", "a shared buffer is never written again");
 });
 
-Deno.test("README's map of chat_server.ts gives each section's lines as the file has them", () => {
+Deno.test("DESIGN.md's map of chat_server.ts gives each section's lines as the file has them", () => {
   const root = new URL("..", import.meta.url);
   const source = Deno.readTextFileSync(new URL("chat_server.ts", root)).split("\n");
-  const readme = Deno.readTextFileSync(new URL("README.md", root));
+  const readme = Deno.readTextFileSync(new URL("DESIGN.md", root));
   const rows = [...readme.matchAll(/^\| (\d+) +\| (\d+)–(\d+) +\|/gm)].map((m) => m.slice(1).map(Number));
   assert.equal(rows.length, 11, "one row for the header and each of the ten sections");
   for (const [section, first, last] of rows.slice(1)) {
