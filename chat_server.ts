@@ -2340,6 +2340,13 @@ class RedisBus implements Bus {
       this.up = false;
     });
     this.sub.on("error", () => {}); // reported through pub, which shares its fate
+    // A room first watched while Redis was away has no subscription yet: make it (again) on every
+    // connection. Subscribing twice with the same listener changes nothing.
+    this.sub.on("ready", () => {
+      for (const room of this.watched) {
+        this.sub.subscribe(this.#key("room", room), this.onMessage).catch(ignore);
+      }
+    });
     this.pub.on("ready", () => {
       this.up = true;
       if (this.everUp) handlers.say("Redis is back: rooms are shared again");
@@ -2363,17 +2370,21 @@ class RedisBus implements Bus {
       : `${this.prefix}:${kind}:${Directory.key(name)}`;
   }
 
-  // Each message is JSON: the sending instance, and a line for a room or a nick.
+  // Each message is JSON: the sending instance, and a line for a room or a nick. Anything with
+  // access to Redis can publish, so a message is input like a client's line: its shape is checked,
+  // and its text gets the same character rules (no controls, no escapes, one line).
   private readonly onMessage = (raw: string): void => {
-    let m: { i: string; room?: string; nick?: string; text: string };
+    let m: unknown;
     try {
       m = JSON.parse(raw);
     } catch {
       return; // not ours
     }
-    if (m.i === this.instance || typeof m.text !== "string") return;
-    if (m.room !== undefined) this.handlers.onRoomLine(m.room, m.text);
-    else if (m.nick !== undefined) this.handlers.onWhisper(m.nick, m.text);
+    if (!isBusMessage(m) || m.i === this.instance) return;
+    const text = safeBusText(m.text);
+    if (text === "") return;
+    if (typeof m.room === "string") this.handlers.onRoomLine(m.room, text);
+    else if (typeof m.nick === "string") this.handlers.onWhisper(m.nick, text);
   };
 
   // Writes this instance's presence and nicks back, when Redis has (re)connected.
@@ -2389,14 +2400,19 @@ class RedisBus implements Bus {
     await multi.exec();
   }
 
-  // Renews the expiry of this instance's presence and nicks.
+  // Renews the expiry of this instance's presence and nicks; if one of them is gone (a FLUSHALL,
+  // or a Redis restarted empty), writes them all back at once rather than waiting for a reconnect.
   private beat(): void {
     if (!this.up) return;
     const multi = this.pub.multi();
     multi.expire(this.#key("presence", this.instance), this.expiry);
     multi.zAdd(this.#key("instances"), { score: Date.now(), value: this.instance });
     for (const nick of this.myNicks) multi.expire(this.#key("nick", nick), this.expiry);
-    multi.exec().catch(ignore);
+    multi.exec().then((replies) => {
+      const renewed = [replies[0], ...replies.slice(2)];
+      const someLocal = this.handlers.locals().length > 0;
+      if (renewed.some((r, i) => Number(r) === 0 && (i > 0 || someLocal))) return this.restore();
+    }).catch(ignore);
   }
 
   publish(room: string, text: string): void {
@@ -2472,7 +2488,8 @@ class RedisBus implements Bus {
       for (const id of alive) {
         if (id === this.instance) continue;
         for (const value of Object.values(await this.pub.hGetAll(this.#key("presence", id)))) {
-          found.push(JSON.parse(value));
+          const entry = parsePresence(value); // written by anything with access to Redis: checked
+          if (entry) found.push(entry);
         }
       }
       return found;
@@ -2493,6 +2510,52 @@ class RedisBus implements Bus {
     }
     for (const client of [this.sub, this.pub]) client.destroy();
   }
+}
+
+/** A message on the bus, as instances publish them. */
+interface BusMessage {
+  i: string;
+  room?: string;
+  nick?: string;
+  text: string;
+}
+
+/** The longest text a bus message may carry: a line of the longest --max-line, and its prefix. */
+const MAX_BUS_TEXT = 1 << 21;
+
+function isBusMessage(m: unknown): m is BusMessage {
+  if (typeof m !== "object" || m === null) return false;
+  const { i, room, nick, text } = m as Record<string, unknown>;
+  return typeof i === "string" && typeof text === "string" && text.length <= MAX_BUS_TEXT &&
+    (typeof room === "string" || typeof nick === "string");
+}
+
+/** A bus line under the client line's rules: controls, C1 and line ends removed. */
+function safeBusText(text: string): string {
+  // deno-lint-ignore no-control-regex
+  return text.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, "");
+}
+
+/** A presence entry from Redis, or null if it is not one. */
+function parsePresence(value: string): Presence | null {
+  let p: unknown;
+  try {
+    p = JSON.parse(value);
+  } catch {
+    return null;
+  }
+  if (typeof p !== "object" || p === null) return null;
+  const { address, nick, room } = p as Record<string, unknown>;
+  if (
+    typeof address !== "string" || typeof room !== "string" || !(nick === null || typeof nick === "string")
+  ) {
+    return null;
+  }
+  return {
+    address: safeBusText(address),
+    nick: nick === null ? null : safeBusText(nick),
+    room: safeBusText(room),
+  };
 }
 
 /** For promises whose failure is already handled elsewhere (Redis being away). */

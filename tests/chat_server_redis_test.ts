@@ -42,6 +42,15 @@ class Redis {
     }
   }
 
+  /** Sends one command (as RESP) and returns the first line of the answer. */
+  async command(...args: string[]): Promise<string> {
+    using c = await TestClient.connect(this.port);
+    const enc = new TextEncoder();
+    const bulk = args.map((a) => `$${enc.encode(a).length}\r\n${a}\r\n`).join("");
+    await c.write(`*${args.length}\r\n${bulk}`);
+    return (await c.readLine())!.trimEnd();
+  }
+
   /** Freezes or thaws the server: up, but answering nothing. */
   signal(signal: "SIGSTOP" | "SIGCONT"): void {
     this.#child?.kill(signal);
@@ -289,6 +298,103 @@ redisTest("/join counts the room's members on every instance, as /who does", asy
     await ask(b, "/join dev", "You are now in dev (1); /who lists who is here");
     assert.equal(await a.readLine(), `${b.name} has left lobby for dev\r\n`);
     await ask(a, "/join dev", "You are now in dev (2); /who lists who is here"); // b is on the other one
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});
+
+/** Until `test` passes (it polls: what it waits for lives in Redis, not in a line), or WAIT_MS. */
+async function eventually(what: string, test: () => Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + WAIT_MS;
+  while (!await test()) {
+    if (Date.now() > deadline) throw new Error(`never: ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+redisTest("a room joined while Redis is away is shared again once it is back", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers, logs } = await instances(redis, 2);
+  try {
+    using a = await joinChat(servers[0].addr.port);
+    using b = await joinChat(servers[1].addr.port);
+    await a.readLine();
+    await sync(a, b);
+    await redis.kill();
+    await logs[0].waitFor("Redis unavailable");
+    await logs[1].waitFor("Redis unavailable");
+    await ask(
+      a,
+      "/join dev",
+      "You are now in dev (1); /who lists who is here",
+      "(other servers cannot be asked right now)",
+    );
+    await ask(
+      b,
+      "/join dev",
+      "You are now in dev (1); /who lists who is here",
+      "(other servers cannot be asked right now)",
+    );
+    await redis.start();
+    await logs[0].waitFor("Redis is back");
+    await logs[1].waitFor("Redis is back");
+    let i = 0;
+    await eventually("a's line in dev reaches b", async () => {
+      await a.write(`probe ${++i}\r\n`);
+      return (await b.readLine(1000).catch(() => null))?.startsWith(`[${a.name}] probe`) ?? false;
+    });
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});
+
+redisTest("after FLUSHALL the instances write back who is where and whose nick is whose", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers } = await instances(redis, 2, 2); // a heartbeat every 0.67 s
+  try {
+    using a = await joinChat(servers[0].addr.port);
+    using b = await joinChat(servers[1].addr.port);
+    await a.readLine();
+    await sync(a, b);
+    await ask(a, "/nick ann", "You are now known as ann");
+    await readUntil(b, (l) => l === `${a.name} is now known as ann\r\n`);
+    assert.equal(await redis.command("FLUSHALL"), "+OK");
+    await eventually("b's /who lists ann again", async () => (await who(b)).includes(`ann (${a.name})`));
+    await ask(b, "/nick ANN", `The nick ANN is taken; you are still ${b.name}`);
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+});
+
+redisTest("what the bus carries is checked like a client's line: no escapes, no broken entries", async () => {
+  const redis = new Redis();
+  await redis.start();
+  const { servers } = await instances(redis, 1);
+  try {
+    using a = await joinChat(servers[0].addr.port);
+    for (const raw of ['{"i":"x","room":5,"text":[]}', "null", "[]", '{"i":"x","room":"lobby"}']) {
+      await redis.command("PUBLISH", "chat:room:lobby", raw); // shapes that are not ours: ignored
+    }
+    await redis.command(
+      "PUBLISH",
+      "chat:room:lobby",
+      JSON.stringify({ i: "x", room: "lobby", text: "\u001b[2Jhi\u009b\r\nthere" }),
+    );
+    assert.equal(await a.readLine(), "[2Jhithere\r\n");
+    await redis.command("ZADD", "chat:instances", String(Date.now() + 60_000), "intruder");
+    await redis.command("HSET", "chat:presence:intruder", "1.2.3.4:5", "null");
+    await redis.command(
+      "HSET",
+      "chat:presence:intruder",
+      "1.2.3.4:6",
+      '{"address":"1.2.3.4:6","nick":null,"room":"lobby"}',
+    );
+    assert.deepEqual(await who(a), [`${a.name} (you)`, "1.2.3.4:6"]);
   } finally {
     await Promise.all(servers.map((s) => s.close()));
     await redis.kill();
