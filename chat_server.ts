@@ -1903,7 +1903,7 @@ class WebGate {
   serve(conn: Deno.TcpConn, request: HttpRequest, ip: string): Promise<void> | void {
     const { method, path, headers } = request;
     if (path === "/" && (method === "GET" || method === "HEAD")) {
-      return respond(conn, 200, method === "HEAD" ? "" : PAGE, "text/html; charset=utf-8");
+      return respond(conn, 200, PAGE, "text/html; charset=utf-8", method !== "HEAD");
     }
     if (path !== "/ws") return respond(conn, 404, "Not found\n");
     if (headers.get("upgrade")?.toLowerCase() !== "websocket") {
@@ -2011,11 +2011,21 @@ const STATUS_TEXT: Record<number, string> = {
   503: "Service Unavailable",
 };
 
-/** Writes a whole response (within the grace period) and closes the connection: one request each. */
-async function respond(conn: Deno.Conn, status: number, body: string, type = "text/plain; charset=utf-8") {
-  const bytes = encoder.encode(body);
+/**
+ * Writes a whole response (within the grace period) and closes the connection: one request each.
+ * A HEAD is answered with the same head and no body.
+ */
+async function respond(
+  conn: Deno.Conn,
+  status: number,
+  body: string,
+  type = "text/plain; charset=utf-8",
+  withBody = true,
+) {
+  const full = encoder.encode(body);
+  const bytes = withBody ? full : full.subarray(0, 0);
   const head = `HTTP/1.1 ${status} ${STATUS_TEXT[status]}\r\ncontent-type: ${type}\r\n` +
-    `content-length: ${bytes.length}\r\ncache-control: no-store\r\nconnection: close\r\n` +
+    `content-length: ${full.length}\r\ncache-control: no-store\r\nconnection: close\r\n` +
     (status === 426 ? "upgrade: websocket\r\n" : "") + "\r\n";
   try {
     await settleWithin(SHUTDOWN_GRACE_MS, [

@@ -447,3 +447,126 @@ Deno.test("startChatServer({ http }).close() says goodbye to WebSocket clients a
   assert.equal(await web.next(), "Server shutting down, goodbye");
   await web.close();
 });
+
+// --- RFC 6455 framing, byte by byte --------------------------------------------------------------
+
+/** A client frame: masked, as RFC 6455 requires of clients (unless `masked` is false). */
+function clientFrame(opcode: number, payload: Uint8Array | string, fin = true, masked = true): Uint8Array {
+  const data = typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
+  const n = data.length;
+  const header = n < 126
+    ? [n]
+    : n < 65536
+    ? [126, n >> 8, n & 0xff]
+    : [127, 0, 0, 0, 0, n >>> 24, (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff];
+  const mask = masked ? [0x12, 0x34, 0x56, 0x78] : [];
+  const out = new Uint8Array(1 + header.length + mask.length + n);
+  out[0] = (fin ? 0x80 : 0) | opcode;
+  out.set(header, 1);
+  out[1] |= masked ? 0x80 : 0;
+  out.set(mask, 1 + header.length);
+  for (let i = 0; i < n; i++) {
+    out[1 + header.length + mask.length + i] = masked ? data[i] ^ mask[i & 3] : data[i];
+  }
+  return out;
+}
+
+/** A WebSocket opened by hand on a raw TCP connection: frames written and read as bytes. */
+class RawWebSocket {
+  readonly conn: Deno.TcpConn;
+  #have = new Uint8Array(0);
+
+  private constructor(conn: Deno.TcpConn) {
+    this.conn = conn;
+  }
+
+  static async open(httpPort: number): Promise<RawWebSocket> {
+    const ws = new RawWebSocket(await Deno.connect({ hostname: "127.0.0.1", port: httpPort }));
+    await ws.write(new TextEncoder().encode(
+      `GET /ws HTTP/1.1\r\nHost: 127.0.0.1:${httpPort}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+        `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+    ));
+    let end;
+    while ((end = new TextDecoder().decode(ws.#have).indexOf("\r\n\r\n")) < 0) await ws.#fill();
+    assert.match(new TextDecoder().decode(ws.#have), /^HTTP\/1\.1 101 Switching Protocols\r\n/);
+    ws.#have = ws.#have.slice(end + 4);
+    return ws;
+  }
+
+  async write(bytes: Uint8Array): Promise<void> {
+    while (bytes.length > 0) bytes = bytes.subarray(await this.conn.write(bytes));
+  }
+
+  async #fill(): Promise<void> {
+    const buf = new Uint8Array(65536);
+    const n = await within(WAIT_MS, this.conn.read(buf), "bytes from the server");
+    if (n === null) throw new Error("closed");
+    const next = new Uint8Array(this.#have.length + n);
+    next.set(this.#have);
+    next.set(buf.subarray(0, n), this.#have.length);
+    this.#have = next;
+  }
+
+  /** Reads one server frame (short, as the server's are here): its opcode and payload. */
+  async frame(): Promise<[number, Uint8Array]> {
+    while (this.#have.length < 2) await this.#fill();
+    const length = this.#have[1] & 0x7f;
+    while (this.#have.length < 2 + length) await this.#fill();
+    const frame: [number, Uint8Array] = [this.#have[0] & 0x0f, this.#have.slice(2, 2 + length)];
+    this.#have = this.#have.slice(2 + length);
+    return frame;
+  }
+
+  /** True once the server has closed the connection. */
+  async closed(): Promise<boolean> {
+    try {
+      await this.#fill();
+      return false;
+    } catch {
+      return true;
+    }
+  }
+
+  [Symbol.dispose](): void {
+    try {
+      this.conn.close();
+    } catch { /* closed already */ }
+  }
+}
+
+Deno.test("the WebSocket joins fragments, answers pings, and closes on an unmasked frame", async () => {
+  await withWebServer({}, async (tcpPort, httpPort) => {
+    using tcp = await joinChat(tcpPort);
+    using ws = await RawWebSocket.open(httpPort);
+    const name = /^Client joined (\S+)\r\n$/.exec((await tcp.readLine())!)![1];
+    assert.deepEqual(await ws.frame(), [1, new TextEncoder().encode(GREETING.trimEnd())]);
+    await ws.write(clientFrame(1, "hel", false)); // a message in two fragments...
+    await ws.write(clientFrame(9, "are you there")); // ...with a ping between them
+    await ws.write(clientFrame(0, "lo"));
+    const [op, payload] = await ws.frame();
+    assert.deepEqual([op, new TextDecoder().decode(payload)], [10, "are you there"]); // the pong
+    assert.equal(await tcp.readLine(), `[${name}] hello\r\n`);
+    await ws.write(clientFrame(1, "x".repeat(70_000))); // a 64-bit length: cut like a long line
+    assert.equal(await tcp.readLine(), `[${name}] ${"x".repeat(4096)}\r\n`);
+    const [notice] = await ws.frame();
+    assert.equal(notice, 1); // "Your line was over 4096 bytes..."
+    await ws.write(clientFrame(1, "naked", true, false));
+    const [closing, code] = await ws.frame();
+    assert.deepEqual([closing, [...code]], [8, [0x03, 0xea]]); // 1002: protocol error
+    assert.equal(await tcp.readLine(), `Client left ${name}\r\n`);
+  });
+});
+
+Deno.test("the WebSocket answers a close with a close, and the room hears the leave", async () => {
+  await withWebServer({}, async (tcpPort, httpPort) => {
+    using tcp = await joinChat(tcpPort);
+    using ws = await RawWebSocket.open(httpPort);
+    const name = /^Client joined (\S+)\r\n$/.exec((await tcp.readLine())!)![1];
+    await ws.frame(); // the greeting
+    await ws.write(clientFrame(8, new Uint8Array([0x03, 0xe8])));
+    const [op, code] = await ws.frame();
+    assert.deepEqual([op, [...code]], [8, [0x03, 0xe8]]);
+    assert.equal(await tcp.readLine(), `Client left ${name}\r\n`);
+    assert.ok(await ws.closed());
+  });
+});
