@@ -76,6 +76,8 @@ export const DEFAULT_MAX_PER_IP = 10;
 export const DEFAULT_RATE = 50;
 /** Members above which a room no longer announces each join and leave. */
 export const DEFAULT_ANNOUNCE_LIMIT = 200;
+/** Chat lines each room keeps for /history; 0 keeps none. */
+export const DEFAULT_HISTORY_LINES = 100;
 /** The room everyone starts in. */
 export const LOBBY = "lobby";
 /** How long a goodbye (or shutdown) waits for the last lines to be written before closing anyway. */
@@ -122,6 +124,7 @@ export class ChatServer {
   readonly flusher: Flusher; // section 2
   readonly log: EventLog; // section 2
   readonly directory = new Directory(); // section 3
+  readonly history: RoomHistory; // section 3
   readonly limits: Limits; // section 4
   tls: TlsGate | null = null; // section 5
   web: WebGate | null = null; // section 5
@@ -141,6 +144,7 @@ export class ChatServer {
     this.flusher = new Flusher(options.sendq ?? DEFAULT_SENDQ);
     this.log = new EventLog(options.log === undefined ? Deno.stdout : options.log, options.logFormat);
     this.limits = new Limits(options);
+    this.history = new RoomHistory(options.historyLines ?? DEFAULT_HISTORY_LINES);
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
     this.tooLong = encoder.encode(
       `Your line was over ${this.maxLine} bytes; the rest of it was discarded\r\n`,
@@ -318,7 +322,8 @@ export class ChatServer {
   relay(client: Client, line: Uint8Array): void {
     const message = client.framed(line);
     client.room.broadcastExcept(client, message);
-    this.bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)));
+    this.history.keep(client.room.name, message);
+    this.bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)), true);
     this.log.line(client, line, message);
   }
 
@@ -1158,10 +1163,21 @@ function announce(
   server.log.event(text, event);
 }
 
-/** Says a line to the client's room (`/me`, a nick change): to the room, the bus and the log. */
-function sayToRoom(server: ChatServer, client: Client, text: string, event: Record<string, unknown>): void {
-  client.room.broadcastExcept(client, encoder.encode(text + "\r\n"));
-  server.bus?.publish(client.room.name, text);
+/**
+ * Says a line to the client's room (`/me`, a nick change): to the room, the bus and the log, and,
+ * if it is chat (`kept`), to the room's history.
+ */
+function sayToRoom(
+  server: ChatServer,
+  client: Client,
+  text: string,
+  event: Record<string, unknown>,
+  kept = false,
+): void {
+  const message = encoder.encode(text + "\r\n");
+  client.room.broadcastExcept(client, message);
+  if (kept) server.history.keep(client.room.name, message);
+  server.bus?.publish(client.room.name, text, kept);
   server.log.event(text, event);
 }
 
@@ -1189,6 +1205,11 @@ const COMMANDS: Map<string, Command> = new Map([
   ["msg", { usage: "/msg NAME TEXT", help: "a private message to one person", run: sendPrivate }],
   ["join", { usage: "/join ROOM", help: "leave this room for ROOM, making it if need be", run: joinRoom }],
   ["rooms", { usage: "/rooms", help: "the rooms and how many are in each", run: listRooms }],
+  ["history", {
+    usage: "/history [N]",
+    help: "the last N lines said in this room (default 20)",
+    run: showHistory,
+  }],
   ["quit", {
     usage: "/quit [REASON]",
     help: "leave",
@@ -1219,7 +1240,13 @@ function runCommand(server: ChatServer, client: Client, line: string): void | Pr
 function sayAction(server: ChatServer, client: Client, action: string): void {
   if (!action) return client.tell("Usage: /me ACTION");
   const text = `* ${client.label} ${action}`;
-  sayToRoom(server, client, text, { event: "me", room: client.room.name, from: client.label, text: action });
+  sayToRoom(
+    server,
+    client,
+    text,
+    { event: "me", room: client.room.name, from: client.label, text: action },
+    true,
+  );
 }
 
 /** /msg NAME TEXT: only NAME (a nick, or a host:port) hears it; the log says who wrote to whom, never what. */
@@ -1359,6 +1386,70 @@ function joinRoom(server: ChatServer, client: Client, name: string): void | Prom
     const remote = others.filter((p) => Directory.same(p.room, room.name)).length;
     client.tell(PAGE_READS.nowIn(room.name, room.members.size + remote));
   });
+}
+
+/** /history [N]: the room's last N chat lines, each with the time it was said. */
+function showHistory(server: ChatServer, client: Client, rest: string): void {
+  const history = server.history;
+  if (history.limit === 0) return client.tell("This server keeps no history (--history-lines 0)");
+  const n = rest === "" ? HISTORY_SHOWN : Number(rest);
+  if (!Number.isInteger(n) || n < 1) return client.tell("Usage: /history [N], N a whole number from 1");
+  const lines = history.last(client.room.name, Math.min(n, history.limit));
+  if (lines.length === 0) return client.tell(`Nothing has been said in ${client.room.name} yet`);
+  client.tell(`History of ${client.room.name} (the last ${plural(lines.length, "line")}):`);
+  for (const { time, message } of lines) {
+    const clock = new Date(time).toTimeString().slice(0, 5);
+    client.tell(`  (${clock}) ${decoder.decode(message.subarray(0, message.length - 2))}`);
+  }
+}
+
+/** How many lines /history shows when it is not told. */
+const HISTORY_SHOWN = 20;
+/** Rooms whose history is kept at once; past that, the room that started keeping first loses its own. */
+const HISTORY_ROOMS = 64;
+
+/**
+ * The recent chat lines of each room (lines and `/me`; never joins, leaves or private messages,
+ * which carry addresses and private text), kept in memory as the bytes the room was sent.
+ */
+export class RoomHistory {
+  readonly limit: number;
+  private readonly rooms = new Map<string, { lines: Uint8Array[]; times: number[]; next: number }>();
+
+  constructor(limit: number) {
+    this.limit = limit;
+  }
+
+  /** Keeps a line (`message`, with its CRLF) said in a room at `now`. */
+  keep(room: string, message: Uint8Array, now = Date.now()): void {
+    if (this.limit === 0) return;
+    const key = Directory.key(room);
+    let ring = this.rooms.get(key);
+    if (!ring) {
+      if (this.rooms.size >= HISTORY_ROOMS) this.rooms.delete(this.rooms.keys().next().value!);
+      this.rooms.set(key, ring = { lines: [], times: [], next: 0 });
+    }
+    if (ring.lines.length < this.limit) {
+      ring.lines.push(message);
+      ring.times.push(now);
+    } else {
+      ring.lines[ring.next] = message;
+      ring.times[ring.next] = now;
+      ring.next = (ring.next + 1) % this.limit;
+    }
+  }
+
+  /** The last `n` lines kept for a room, oldest first. */
+  last(room: string, n: number): { time: number; message: Uint8Array }[] {
+    const ring = this.rooms.get(Directory.key(room));
+    if (!ring) return [];
+    const count = ring.lines.length, out = [];
+    for (let i = Math.max(0, count - n); i < count; i++) {
+      const at = (ring.next + i) % count;
+      out.push({ time: ring.times[at], message: ring.lines[at] });
+    }
+    return out;
+  }
 }
 
 /**
@@ -2246,8 +2337,8 @@ interface Presence {
 /** The bus, as the server uses it. Calls made while Redis is away are dropped, not queued. */
 interface Bus {
   readonly instance: string;
-  /** Sends a line (without CRLF) to the other instances' members of a room. */
-  publish(room: string, text: string): void;
+  /** Sends a line (without CRLF) to the other instances' members of a room; `kept` for chat lines. */
+  publish(room: string, text: string, kept?: boolean): void;
   /** Delivers a private line to a nick on another instance; false if nobody has that nick. */
   whisper(nick: string, text: string): Promise<boolean>;
   /** Takes a nick across all instances; false if another instance's client has it. */
@@ -2266,8 +2357,8 @@ interface Bus {
 
 /** What the bus needs from the server. */
 interface BusHandlers {
-  /** A line for a room, from another instance. */
-  onRoomLine(room: string, text: string): void;
+  /** A line for a room, from another instance; `kept` if it belongs in the room's history. */
+  onRoomLine(room: string, text: string, kept: boolean): void;
   /** A private line for a local nick, from another instance. */
   onWhisper(nick: string, text: string): void;
   /** Everyone local, to write back to Redis after it returns. */
@@ -2279,8 +2370,10 @@ interface BusHandlers {
 /** How the bus reaches this server: lines for its rooms and nicks, and who is here. */
 function busHandlersFor(server: ChatServer): BusHandlers {
   return {
-    onRoomLine(room, text) {
-      server.directory.room(room)?.broadcastExcept(null, encoder.encode(text + "\r\n"));
+    onRoomLine(room, text, kept) {
+      const message = encoder.encode(text + "\r\n");
+      server.directory.room(room)?.broadcastExcept(null, message);
+      if (kept) server.history.keep(room, message);
     },
     onWhisper(nick, text) {
       server.directory.holder(nick)?.tell(text);
@@ -2393,7 +2486,7 @@ class RedisBus implements Bus {
     if (!isBusMessage(m) || m.i === this.instance) return;
     const text = safeBusText(m.text);
     if (text === "") return;
-    if (typeof m.room === "string") this.handlers.onRoomLine(m.room, text);
+    if (typeof m.room === "string") this.handlers.onRoomLine(m.room, text, m.k === 1);
     else if (typeof m.nick === "string") this.handlers.onWhisper(m.nick, text);
   };
 
@@ -2425,9 +2518,12 @@ class RedisBus implements Bus {
     }).catch(ignore);
   }
 
-  publish(room: string, text: string): void {
+  publish(room: string, text: string, kept = false): void {
     if (!this.up) return;
-    this.pub.publish(this.#key("room", room), JSON.stringify({ i: this.instance, room, text })).catch(ignore);
+    const message = JSON.stringify(
+      kept ? { i: this.instance, room, text, k: 1 } : { i: this.instance, room, text },
+    );
+    this.pub.publish(this.#key("room", room), message).catch(ignore);
   }
 
   async whisper(nick: string, text: string): Promise<boolean> {
@@ -2528,6 +2624,8 @@ interface BusMessage {
   room?: string;
   nick?: string;
   text: string;
+  /** 1 for a chat line, which the room's history keeps. */
+  k?: number;
 }
 
 /** The longest text a bus message may carry: a line of the longest --max-line, and its prefix. */
@@ -2597,6 +2695,8 @@ export interface ChatServerOptions {
   idle?: number;
   /** Lines per 10 seconds per client, with bursts of twice that; 0 is no limit. Default {@linkcode DEFAULT_RATE}. */
   rate?: number;
+  /** Chat lines each room keeps for /history; 0 keeps none. Default {@linkcode DEFAULT_HISTORY_LINES}. */
+  historyLines?: number;
   /** Members above which a room stops announcing joins and leaves. Default {@linkcode DEFAULT_ANNOUNCE_LIMIT}. */
   announceLimit?: number;
   /** CIDR blocks that may connect (empty: everyone). Checked at accept, before `deny`. */
@@ -2898,6 +2998,7 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --idle SECONDS       close clients silent this long (default 0: never)
   --rate N             lines per 10 s per client, bursts of twice that; 0 is off (default ${DEFAULT_RATE})
   --announce-limit N   rooms bigger than this stop announcing joins and leaves (default ${DEFAULT_ANNOUNCE_LIMIT})
+  --history-lines N    chat lines each room keeps for /history (default ${DEFAULT_HISTORY_LINES}; 0: none)
   --allow CIDR         only these addresses may connect (repeatable; e.g. 192.168.0.0/16, fd00::/8)
   --deny CIDR          these addresses may not connect (repeatable; wins over --allow)
   --tls-cert FILE      serve TLS with this PEM certificate chain...
@@ -2960,6 +3061,7 @@ const CHAT_FLAGS = {
   idle: { type: "string" },
   rate: { type: "string" },
   "announce-limit": { type: "string" },
+  "history-lines": { type: "string" },
   allow: { type: "string", multiple: true },
   deny: { type: "string", multiple: true },
   "tls-cert": { type: "string" },
@@ -3051,6 +3153,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       handshakeTimeout,
       rate: count("--rate", v.rate, 0, 1_000_000),
       announceLimit: count("--announce-limit", v["announce-limit"], 0, 1_000_000),
+      historyLines: count("--history-lines", v["history-lines"], 0, 100_000),
       allow: v.allow,
       deny: v.deny,
       logFormat: v.log as "text" | "json" | undefined,

@@ -41,6 +41,41 @@ Deno.test("/nick renames a client, once per name whatever the case, and its line
   });
 });
 
+Deno.test("/history shows a room's recent lines and /me, with their times; never joins or private text", async () => {
+  await withServer({ historyLines: 3 }, async (port) => {
+    using a = await joinChat(port);
+    await ask(a, "/history", "Nothing has been said in lobby yet");
+    using b = await joinChat(port);
+    await a.readLine();
+    await ask(b, "/nick bob", "You are now known as bob");
+    await a.readLine();
+    for (const line of ["one", "two", "/me waves", "three", "/msg " + a.name + " secret"]) {
+      await b.write(line + "\r\n");
+    }
+    for (let i = 0; i < 5; i++) await a.readLine();
+    await a.write("/history\r\n");
+    assert.equal(await a.readLine(), "History of lobby (the last 3 lines):\r\n");
+    const shown = [await a.readLine(), await a.readLine(), await a.readLine()];
+    assert.deepEqual(
+      shown.map((l) => l!.replace(/^ {2}\(\d\d:\d\d\) /, "")),
+      ["two\r\n", "* bob waves\r\n", "three\r\n"].map((t, i) => i === 1 ? t : `[bob] ${t}`),
+    );
+    await ask(
+      a,
+      "/history 1",
+      "History of lobby (the last 1 line):",
+      `  (${shown[2]!.slice(3, 8)}) [bob] three`,
+    );
+    await ask(a, "/history many", "Usage: /history [N], N a whole number from 1");
+    await ask(a, "/join dev", "You are now in dev (1); /who lists who is here");
+    await ask(a, "/history", "Nothing has been said in dev yet"); // history is per room
+  });
+  await withServer({ historyLines: 0 }, async (port) => {
+    using a = await joinChat(port);
+    await ask(a, "/history", "This server keeps no history (--history-lines 0)");
+  });
+});
+
 Deno.test("/nick refuses names that pass for someone else's: invisible, reversed, look-alike, folded", async () => {
   await withServer({}, async (port) => {
     using bob = await joinChat(port);
@@ -84,8 +119,10 @@ Deno.test("/who, /me, /help, //text and unknown commands answer as documented", 
     await b.write("/help\r\n");
     assert.equal(await b.readLine(), "Commands:\r\n");
     const help = [];
-    for (let i = 0; i < 9; i++) help.push(await b.readLine());
+    for (let i = 0; i < 10; i++) help.push(await b.readLine());
     assert.ok(help.some((l) => l!.startsWith("  /msg NAME TEXT")), help.join(""));
+    assert.ok(help.some((l) => l!.startsWith("  /history [N]")), help.join(""));
+    assert.equal(help.at(-1), "  //text           send a line that starts with /\r\n");
     await b.write("after\r\n");
     assert.equal(await a.readLine(), "[bob] after\r\n"); // nothing of the above reached a
   });
