@@ -46,11 +46,10 @@
  */
 
 import { parseArgs } from "node:util";
-import { BlockList, isIP } from "node:net";
-import { Duplex } from "node:stream";
-import { Buffer } from "node:buffer";
-import * as tls from "node:tls";
-import { createHash, createPrivateKey, X509Certificate } from "node:crypto";
+import process from "node:process";
+import type { BlockList } from "node:net";
+import type { Duplex } from "node:stream";
+import type { SecureContext, TLSSocket } from "node:tls";
 
 // =============================================================================================
 // 1. The tutorial's chat server
@@ -173,7 +172,7 @@ export class ChatServer {
   async start(): Promise<void> {
     const o = this.options;
     try {
-      if (o.tls) this.tls = new TlsGate(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
+      if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
       if (o.redis) this.bus = await startBus(o.redis, busHandlersFor(this));
       this.bus?.watch(LOBBY); // always: then a lobby line from another instance never beats the subscription
@@ -255,7 +254,7 @@ export class ChatServer {
     let buffer = new Uint8Array(FIRST_READ_SIZE);
     const next = (): void => {
       if (client.closed || client.leaving !== null) finish(null);
-      else if (this.flusher.congested.size > 0) this.flusher.waitForRoom().then(read, finish);
+      else if (this.flusher.congested.size > 0 || this.log.behind) this.paced().then(read, finish);
       else read();
     };
     const read = (): void => {
@@ -289,6 +288,12 @@ export class ChatServer {
       }
     };
     next();
+  }
+
+  /** Waits until no live reader is far behind (section 2), and stdout neither. */
+  async paced(): Promise<void> {
+    await this.flusher.waitForRoom();
+    await this.log.caughtUp();
   }
 
   /** Takes a line from a client, in order: behind a command still waiting on Redis, if any. */
@@ -696,14 +701,13 @@ const GATHER_MS = 10;
 /** Pooled write buffers kept for reuse when no flush needs them. */
 const SPARE_BUFFERS = 32;
 /**
- * The log drops lines only for a stdout that has stopped, or falls far behind: more than
- * LOG_BACKLOG_BYTES waiting and no write completed for LOG_STALL_MS, or more than
- * LOG_MAX_BACKLOG_BYTES waiting. A file that keeps up loses nothing: a burst of 30,000 lines of
- * 1 KB to a file on local disk is all logged (with the 4 MiB bound alone, thousands were dropped).
+ * A stdout more than LOG_BACKLOG_BYTES behind paces the senders, as a slow reader does, so a file
+ * or pipe that keeps up loses nothing (a burst of 30,000 lines of 1 KB to a file: all logged; with
+ * dropping at 4 MiB, thousands were lost). One that takes nothing for LOG_STALL_MS has stopped (a
+ * paused terminal): then its lines are dropped and counted, and the chat goes on.
  */
 const LOG_BACKLOG_BYTES = 4 * 1024 * 1024;
 const LOG_STALL_MS = 1000;
-const LOG_MAX_BACKLOG_BYTES = 16 * 1024 * 1024;
 
 /**
  * Writes every client's queue in rounds, and paces the senders for slow readers. All of the
@@ -962,8 +966,9 @@ class EventLog {
   #dropped = 0;
   #writing: Promise<void> | null = null;
   #scratch = new Uint8Array(WRITE_SIZE);
-  /** When stdout last took a write (or the current batch began). */
+  /** When stdout last took a write (or the current batch began), and who waits for it to catch up. */
   #lastProgress = 0;
+  #waiters: (() => void)[] = [];
 
   constructor(out: Writer | null, format: "text" | "json" = "text") {
     this.#out = out;
@@ -990,6 +995,18 @@ class EventLog {
     while (this.#writing) await this.#writing;
   }
 
+  /** True while stdout is far behind but still taking writes: the senders should wait (read()). */
+  get behind(): boolean {
+    return this.#bytes > LOG_BACKLOG_BYTES && !this.#stalled();
+  }
+
+  /** Resolves once stdout is no longer behind: caught up, or stopped (then lines are dropped). */
+  async caughtUp(): Promise<void> {
+    while (this.behind) {
+      await settleWithin(LOG_STALL_MS, [new Promise<void>((resolve) => this.#waiters.push(resolve))]);
+    }
+  }
+
   #append(line: Uint8Array): void {
     if (this.#bytes > LOG_BACKLOG_BYTES && this.#stalled()) {
       this.#dropped++;
@@ -1001,7 +1018,7 @@ class EventLog {
   }
 
   #stalled(): boolean {
-    return this.#bytes > LOG_MAX_BACKLOG_BYTES || Date.now() - this.#lastProgress > LOG_STALL_MS;
+    return Date.now() - this.#lastProgress > LOG_STALL_MS;
   }
 
   async #drain(): Promise<void> {
@@ -1020,6 +1037,9 @@ class EventLog {
         await writeCoalesced(this.#out!, parts, this.#scratch, (n) => {
           this.#bytes -= n;
           this.#lastProgress = Date.now();
+          if (this.#waiters.length > 0 && this.#bytes <= LOG_BACKLOG_BYTES) {
+            for (const wake of this.#waiters.splice(0)) wake();
+          }
         });
       }
     } catch (e) {
@@ -1027,6 +1047,7 @@ class EventLog {
       this.#out = null; // stdout is gone: go on serving without a log
     } finally {
       this.#writing = null;
+      for (const wake of this.#waiters.splice(0)) wake();
     }
   }
 }
@@ -1656,6 +1677,7 @@ export class TokenBucket {
  * (`::ffff:10.0.0.0/104`) match the IPv4 addresses they map.
  */
 export function parseBlocks(texts: string[]): BlockList {
+  const { BlockList, isIP } = nodeNet();
   const list = new BlockList();
   for (const text of texts) {
     const [address, bits, extra] = text.split("/");
@@ -1672,6 +1694,11 @@ export function parseBlocks(texts: string[]): BlockList {
   return list;
 }
 
+/** node:net, loaded the first time an allow or deny list needs it: a server without one does not pay for it. */
+function nodeNet(): typeof import("node:net") {
+  return process.getBuiltinModule("node:net") as typeof import("node:net");
+}
+
 /** True for this machine's own addresses: 127.0.0.0/8 and ::1. */
 function isLoopback(ip: string): boolean {
   return ip === "::1" || ip.startsWith("127.");
@@ -1679,7 +1706,7 @@ function isLoopback(ip: string): boolean {
 
 /** True if `ip` (a plain address, as `plainHost()` gives it) is in one of the blocks. */
 export function inBlocks(list: BlockList, ip: string): boolean {
-  const family = isIP(ip);
+  const family = nodeNet().isIP(ip);
   return family !== 0 && list.check(ip, family === 6 ? "ipv6" : "ipv4");
 }
 
@@ -1727,16 +1754,42 @@ function listenForClients(host: string | undefined, port: number): Deno.TcpListe
  * against --max-clients and --max-per-ip, and a failed handshake is one line in the log, never a
  * join in the room.
  */
+/** What TLS needs of node's modules, loaded by TlsGate.open() when the server serves TLS. */
+let nodeTls: {
+  TLSSocket: typeof TLSSocket;
+  Duplex: typeof Duplex;
+  Buffer: typeof import("node:buffer").Buffer;
+};
+
 class TlsGate {
   readonly server: ChatServer;
-  readonly context: tls.SecureContext;
+  readonly context: SecureContext;
   readonly timeoutMs: number;
   private refusing = 0;
 
-  /** Throws a TlsSetupError if the certificate and key are not a usable pair. */
-  constructor(server: ChatServer, pem: { cert: string; key: string }, timeoutSeconds: number) {
+  private constructor(server: ChatServer, context: SecureContext, timeoutSeconds: number) {
     this.server = server;
-    let certificate: X509Certificate;
+    this.context = context;
+    this.timeoutMs = timeoutSeconds * 1000;
+  }
+
+  /**
+   * Loads node:tls (only a TLS server pays for it) and checks that the certificate and key are a
+   * usable pair; throws a TlsSetupError if not.
+   */
+  static async open(
+    server: ChatServer,
+    pem: { cert: string; key: string },
+    timeoutSeconds: number,
+  ): Promise<TlsGate> {
+    const [{ createPrivateKey, X509Certificate }, tls, stream, buffer] = await Promise.all([
+      import("node:crypto"),
+      import("node:tls"),
+      import("node:stream"),
+      import("node:buffer"),
+    ]);
+    nodeTls = { TLSSocket: tls.TLSSocket, Duplex: stream.Duplex, Buffer: buffer.Buffer };
+    let certificate;
     try {
       certificate = new X509Certificate(pem.cert);
     } catch (e) {
@@ -1751,8 +1804,7 @@ class TlsGate {
     if (!certificate.checkPrivateKey(key)) {
       throw new TlsSetupError("the key does not belong to the certificate");
     }
-    this.context = tls.createSecureContext({ cert: pem.cert, key: pem.key });
-    this.timeoutMs = timeoutSeconds * 1000;
+    return new TlsGate(server, tls.createSecureContext({ cert: pem.cert, key: pem.key }), timeoutSeconds);
   }
 
   /** Completes the handshake, then admits the client and reads it, or tells it why not. */
@@ -1788,11 +1840,11 @@ class TlsGate {
  */
 function startTls(
   conn: Deno.Conn,
-  context: tls.SecureContext,
+  context: SecureContext,
   ms: number,
   address: string,
 ): Promise<TlsConn | null> {
-  const socket = new tls.TLSSocket(duplexOver(conn), { isServer: true, secureContext: context });
+  const socket = new nodeTls.TLSSocket(duplexOver(conn), { isServer: true, secureContext: context });
   return new Promise((resolve) => {
     const fail = (why: string) => {
       clearTimeout(timer);
@@ -1815,10 +1867,10 @@ function startTls(
 /** A Deno.Conn as a node stream, for node:tls to run over. */
 function duplexOver(conn: Deno.Conn): Duplex {
   const buffer = new Uint8Array(READ_SIZE);
-  return new Duplex({
+  return new nodeTls.Duplex({
     read() {
       conn.read(buffer).then(
-        (n) => this.push(n === null ? null : Buffer.from(buffer.subarray(0, n))),
+        (n) => this.push(n === null ? null : nodeTls.Buffer.from(buffer.subarray(0, n))),
         (e) => this.destroy(e),
       );
     },
@@ -1838,14 +1890,14 @@ function duplexOver(conn: Deno.Conn): Duplex {
  * peer back, as it does for a plain connection that is not read.
  */
 class TlsConn implements Stream {
-  private readonly socket: tls.TLSSocket;
+  private readonly socket: TLSSocket;
   private readonly conn: Deno.Conn;
   private readonly chunks: Uint8Array[] = [];
   private ended = false;
   private failure: Error | null = null;
   private wake: (() => void) | null = null;
 
-  constructor(socket: tls.TLSSocket, conn: Deno.Conn) {
+  constructor(socket: TLSSocket, conn: Deno.Conn) {
     this.socket = socket;
     this.conn = conn;
     const woken = () => {
@@ -2015,10 +2067,13 @@ class WebGate {
       console.error(`Refused ${address}: ${refused}`);
       return respond(conn, 403, refused + "\n");
     }
-    const accept = createHash("sha1").update(key.trim() + WEBSOCKET_GUID).digest("base64");
-    const switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-      `Sec-WebSocket-Accept: ${accept}\r\n\r\n`;
-    return writeAll(conn, encoder.encode(switching)).then(() => {
+    const digest = crypto.subtle.digest("SHA-1", encoder.encode(key.trim() + WEBSOCKET_GUID));
+    return digest.then((sha1) => {
+      const accept = btoa(String.fromCharCode(...new Uint8Array(sha1)));
+      const switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+        `Sec-WebSocket-Accept: ${accept}\r\n\r\n`;
+      return writeAll(conn, encoder.encode(switching));
+    }).then(() => {
       const link = new WebSocketConn(conn, request.rest, this.server.maxLine);
       if (this.server.closing) return link.close();
       this.server.read(this.server.admit(link, address, ip), link);
