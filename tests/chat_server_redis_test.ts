@@ -79,6 +79,23 @@ async function instances(
   return { servers, logs };
 }
 
+/** Starts a redis-server and `n` instances sharing it, runs `body`, and stops them all. */
+async function withInstances(
+  n: number,
+  body: (ctx: { redis: Redis; servers: ChatServer[]; logs: Capture[] }) => Promise<void>,
+  expiry = 30,
+): Promise<void> {
+  const redis = new Redis();
+  await redis.start();
+  const { servers, logs } = await instances(redis, n, expiry);
+  try {
+    await body({ redis, servers, logs });
+  } finally {
+    await Promise.all(servers.map((s) => s.close()));
+    await redis.kill();
+  }
+}
+
 let syncs = 0;
 
 /**
@@ -108,10 +125,7 @@ const redisTest = (name: string, fn: () => Promise<void>) =>
   Deno.test({ ...needs(name, ["redis-server"]), sanitizeOps: false, sanitizeResources: false, fn });
 
 redisTest("two instances relay lines, joins and leaves both ways, once each", async () => {
-  const redis = new Redis();
-  await redis.start();
-  const { servers } = await instances(redis, 2);
-  try {
+  await withInstances(2, async ({ servers }) => {
     using a = await joinChat(servers[0].addr.port);
     using b = await joinChat(servers[1].addr.port);
     assert.equal(await a.readLine(), `Client joined ${b.name}\r\n`); // through Redis
@@ -134,17 +148,11 @@ redisTest("two instances relay lines, joins and leaves both ways, once each", as
     assert.equal(await c.readLine(), `* ${bName} waves\r\n`);
     assert.equal(await c.readLine(), `Client left ${bName}\r\n`);
     assert.equal(await c.readLine(), `[${a.name}] still here\r\n`);
-  } finally {
-    await Promise.all(servers.map((s) => s.close()));
-    await redis.kill();
-  }
+  });
 });
 
 redisTest("nicks are unique across instances, /msg crosses, /who and /rooms list everyone", async () => {
-  const redis = new Redis();
-  await redis.start();
-  const { servers } = await instances(redis, 2);
-  try {
+  await withInstances(2, async ({ servers }) => {
     using a = await joinChat(servers[0].addr.port);
     using b = await joinChat(servers[1].addr.port);
     await a.readLine();
@@ -168,17 +176,11 @@ redisTest("nicks are unique across instances, /msg crosses, /who and /rooms list
       if (!free) await new Promise((r) => setTimeout(r, 50));
     }
     assert.ok(free, "bob's nick was never freed");
-  } finally {
-    await Promise.all(servers.map((s) => s.close()));
-    await redis.kill();
-  }
+  });
 });
 
 redisTest("local chat goes on while Redis is down, and the instances rejoin when it is back", async () => {
-  const redis = new Redis();
-  await redis.start();
-  const { servers, logs } = await instances(redis, 2);
-  try {
+  await withInstances(2, async ({ servers, logs, redis }) => {
     using a = await joinChat(servers[0].addr.port);
     using b = await joinChat(servers[1].addr.port);
     await a.readLine();
@@ -203,10 +205,7 @@ redisTest("local chat goes on while Redis is down, and the instances rejoin when
     assert.ok(crossed, "lines never crossed again");
     assert.equal(logs[0].text.split("Redis unavailable").length, 2, "the loss is logged once");
     assert.deepEqual(await who(c), [a.name, `${c.name} (you)`, b.name]);
-  } finally {
-    await Promise.all(servers.map((s) => s.close()));
-    await redis.kill();
-  }
+  });
 });
 
 redisTest("a frozen Redis costs a command two seconds at most, never the client", async () => {
@@ -287,10 +286,7 @@ Deno.test("chat_server.ts starts local-only, in one line, when Redis is unreacha
 });
 
 redisTest("/join counts the room's members on every instance, as /who does", async () => {
-  const redis = new Redis();
-  await redis.start();
-  const { servers } = await instances(redis, 2);
-  try {
+  await withInstances(2, async ({ servers }) => {
     using a = await joinChat(servers[0].addr.port);
     using b = await joinChat(servers[1].addr.port);
     await a.readLine();
@@ -298,10 +294,7 @@ redisTest("/join counts the room's members on every instance, as /who does", asy
     await ask(b, "/join dev", "You are now in dev (1); /who lists who is here");
     assert.equal(await a.readLine(), `${b.name} has left lobby for dev\r\n`);
     await ask(a, "/join dev", "You are now in dev (2); /who lists who is here"); // b is on the other one
-  } finally {
-    await Promise.all(servers.map((s) => s.close()));
-    await redis.kill();
-  }
+  });
 });
 
 /** Until `test` passes (it polls: what it waits for lives in Redis, not in a line), or WAIT_MS. */
@@ -314,10 +307,7 @@ async function eventually(what: string, test: () => Promise<boolean>): Promise<v
 }
 
 redisTest("a room joined while Redis is away is shared again once it is back", async () => {
-  const redis = new Redis();
-  await redis.start();
-  const { servers, logs } = await instances(redis, 2);
-  try {
+  await withInstances(2, async ({ servers, logs, redis }) => {
     using a = await joinChat(servers[0].addr.port);
     using b = await joinChat(servers[1].addr.port);
     await a.readLine();
@@ -352,17 +342,11 @@ redisTest("a room joined while Redis is away is shared again once it is back", a
     await readUntil(b, (l) => l.startsWith(`[${a.name}] probe`));
     heard = true;
     await saying;
-  } finally {
-    await Promise.all(servers.map((s) => s.close()));
-    await redis.kill();
-  }
+  });
 });
 
 redisTest("after FLUSHALL the instances write back who is where and whose nick is whose", async () => {
-  const redis = new Redis();
-  await redis.start();
-  const { servers } = await instances(redis, 2, 2); // a heartbeat every 0.67 s
-  try {
+  await withInstances(2, async ({ servers, redis }) => { // a heartbeat every 0.67 s
     using a = await joinChat(servers[0].addr.port);
     using b = await joinChat(servers[1].addr.port);
     await a.readLine();
@@ -372,17 +356,11 @@ redisTest("after FLUSHALL the instances write back who is where and whose nick i
     assert.equal(await redis.command("FLUSHALL"), "+OK");
     await eventually("b's /who lists ann again", async () => (await who(b)).includes(`ann (${a.name})`));
     await ask(b, "/nick ANN", `The nick ANN is taken; you are still ${b.name}`);
-  } finally {
-    await Promise.all(servers.map((s) => s.close()));
-    await redis.kill();
-  }
+  }, 2);
 });
 
 redisTest("what the bus carries is checked like a client's line: no escapes, no broken entries", async () => {
-  const redis = new Redis();
-  await redis.start();
-  const { servers } = await instances(redis, 1);
-  try {
+  await withInstances(1, async ({ servers, redis }) => {
     using a = await joinChat(servers[0].addr.port);
     for (const raw of ['{"i":"x","room":5,"text":[]}', "null", "[]", '{"i":"x","room":"lobby"}']) {
       await redis.command("PUBLISH", "chat:room:lobby", raw); // shapes that are not ours: ignored
@@ -402,8 +380,5 @@ redisTest("what the bus carries is checked like a client's line: no escapes, no 
       '{"address":"1.2.3.4:6","nick":null,"room":"lobby"}',
     );
     assert.deepEqual(await who(a), [`${a.name} (you)`, "1.2.3.4:6"]);
-  } finally {
-    await Promise.all(servers.map((s) => s.close()));
-    await redis.kill();
-  }
+  });
 });
