@@ -1428,48 +1428,104 @@ function showHistory(server: ChatServer, client: Client, rest: string): void {
 const HISTORY_SHOWN = 20;
 /** Rooms whose history is kept at once; past that, the room that started keeping first loses its own. */
 const HISTORY_ROOMS = 64;
+/** Bytes of lines a room keeps at most, whatever --history-lines says: 64 rooms then hold 32 MiB. */
+const HISTORY_ROOM_BYTES = 512 * 1024;
+
+/** Where a room's history stands: its epoch, and the position of its last line (0 before any). */
+export interface Position {
+  epoch: string;
+  seq: number;
+}
+
+/** A line in a room's history: its position, when it was said, and the bytes the room was sent. */
+export interface Kept {
+  seq: number;
+  time: number;
+  message: Uint8Array;
+}
+
+/** One room's history: a ring of its last lines, the position of the newest, and its epoch. */
+interface Ring {
+  epoch: string;
+  seq: number;
+  kept: Kept[];
+  /** Where the oldest line is in `kept`, once it is full. */
+  next: number;
+  bytes: number;
+}
 
 /**
  * The recent chat lines of each room (lines and `/me`; never joins, leaves or private messages,
  * which carry addresses and private text), kept in memory as the bytes the room was sent.
+ *
+ * Every kept line has a position: the room's sequence, 1, 2, 3... with no gaps, and the room's
+ * epoch, a random value made when its history starts. A history that is lost (the process
+ * restarts, or the room is forgotten to make room for another) starts again under a new epoch,
+ * so that a reader that knew the old one can tell that what it missed is gone.
  */
 export class RoomHistory {
   readonly limit: number;
-  private readonly rooms = new Map<string, { lines: Uint8Array[]; times: number[]; next: number }>();
+  private readonly rooms = new Map<string, Ring>();
 
   constructor(limit: number) {
     this.limit = limit;
   }
 
-  /** Keeps a line (`message`, with its CRLF) said in a room at `now`. */
-  keep(room: string, message: Uint8Array, now = Date.now()): void {
-    if (this.limit === 0) return;
+  private ring(room: string): Ring {
     const key = Directory.key(room);
     let ring = this.rooms.get(key);
     if (!ring) {
       if (this.rooms.size >= HISTORY_ROOMS) this.rooms.delete(this.rooms.keys().next().value!);
-      this.rooms.set(key, ring = { lines: [], times: [], next: 0 });
+      ring = { epoch: crypto.randomUUID().slice(0, 8), seq: 0, kept: [], next: 0, bytes: 0 };
+      this.rooms.set(key, ring);
     }
-    if (ring.lines.length < this.limit) {
-      ring.lines.push(message);
-      ring.times.push(now);
+    return ring;
+  }
+
+  /** Where a room stands now; a room that has kept nothing yet starts at 0 under a new epoch. */
+  position(room: string): Position {
+    const { epoch, seq } = this.ring(room);
+    return { epoch, seq };
+  }
+
+  /** Keeps a line (`message`, with its CRLF) said in a room at `now`, and returns its position. */
+  keep(room: string, message: Uint8Array, now = Date.now()): number {
+    const ring = this.ring(room);
+    const line = { seq: ++ring.seq, time: now, message };
+    if (this.limit === 0) return line.seq;
+    ring.bytes += message.length;
+    if (ring.kept.length < this.limit) {
+      ring.kept.push(line);
     } else {
-      ring.lines[ring.next] = message;
-      ring.times[ring.next] = now;
+      ring.bytes -= ring.kept[ring.next].message.length;
+      ring.kept[ring.next] = line;
       ring.next = (ring.next + 1) % this.limit;
     }
+    while (ring.bytes > HISTORY_ROOM_BYTES && ring.kept.length > 1) this.dropOldest(ring);
+    return line.seq;
+  }
+
+  // Over its bytes (a rare path): the ring becomes a plain list, oldest first, and loses its head.
+  private dropOldest(ring: Ring): void {
+    if (ring.next !== 0) ring.kept = [...ring.kept.slice(ring.next), ...ring.kept.slice(0, ring.next)];
+    ring.next = 0;
+    ring.bytes -= ring.kept.shift()!.message.length;
   }
 
   /** The last `n` lines kept for a room, oldest first. */
-  last(room: string, n: number): { time: number; message: Uint8Array }[] {
+  last(room: string, n: number): Kept[] {
     const ring = this.rooms.get(Directory.key(room));
     if (!ring) return [];
-    const count = ring.lines.length, out = [];
-    for (let i = Math.max(0, count - n); i < count; i++) {
-      const at = (ring.next + i) % count;
-      out.push({ time: ring.times[at], message: ring.lines[at] });
-    }
+    const count = ring.kept.length, out = [];
+    for (let i = Math.max(0, count - n); i < count; i++) out.push(ring.kept[(ring.next + i) % count]);
     return out;
+  }
+
+  /** The lines kept after position `seq`, oldest first, and how many after it are no longer kept. */
+  after(room: string, seq: number): { lines: Kept[]; missing: number } {
+    const ring = this.ring(room);
+    const lines = this.last(room, Math.max(0, ring.seq - seq));
+    return { lines, missing: ring.seq - seq - lines.length };
   }
 }
 
