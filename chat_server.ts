@@ -75,8 +75,8 @@ export const DEFAULT_MAX_PER_IP = 10;
 export const DEFAULT_RATE = 50;
 /** Members above which a room no longer announces each join and leave. */
 export const DEFAULT_ANNOUNCE_LIMIT = 200;
-/** Chat lines each room keeps for /history; 0 keeps none. */
-export const DEFAULT_HISTORY_LINES = 100;
+/** Chat lines each room keeps for /history and for web pages that reconnect; 0 keeps none. */
+export const DEFAULT_HISTORY_LINES = 500;
 /** The room everyone starts in. */
 export const LOBBY = "lobby";
 /** How long a goodbye (or shutdown) waits for the last lines to be written before closing anyway. */
@@ -228,15 +228,21 @@ export class ChatServer {
     this.read(this.admit(conn, address, ip), conn);
   }
 
-  /** Makes a connection a client: counts it, greets it, puts it in the lobby, and tells the room. */
-  admit(link: Link, address: string, ip: string): Client {
-    const client = new Client(link, address, ip, this.directory.lobby, this.flusher);
+  /**
+   * Makes a connection a client: counts it, greets it, puts it in the lobby, and tells the room.
+   * A web page (`page`, section 9) also gets its token, and, if it is coming back, its nick and room.
+   */
+  admit(link: Link, address: string, ip: string, page: PageState | null = null): Client {
+    const client = new Client(link, address, ip, this.directory.lobby, this.flusher, page);
     this.clients.add(client);
     this.limits.count(client);
-    enterRoom(this, client, this.directory.lobby); // section 3
     client.send(this.greeting);
+    const back = page?.resume ?? null; // where a page was before it dropped
+    if (page) greetPage(this, client); // section 9
+    enterRoom(this, client, this.directory.lobby); // section 3
     const joined = PAGE_READS.joined(address);
     announce(this, this.directory.lobby, client, joined, { event: "join", room: LOBBY, peer: address });
+    if (back) resumePage(this, client, back);
     return client;
   }
 
@@ -326,8 +332,8 @@ export class ChatServer {
   /** Relays a line to the client's room as `[name] line`: built once, queued for everyone else. */
   relay(client: Client, line: Uint8Array): void {
     const message = client.framed(line);
-    client.room.broadcastExcept(client, message);
-    this.history.keep(client.room.name, message);
+    const seq = this.history.keep(client.room.name, message); // its position (section 3)
+    client.room.broadcastKept(client, message, seq);
     this.bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)), true);
     this.log.line(client, line, message);
   }
@@ -403,6 +409,9 @@ export class Room {
   readonly name: string;
   readonly members = new Set<Client>();
 
+  /** Web pages among the members, which are told each kept line's position (section 9). */
+  pages = 0;
+
   constructor(name: string) {
     this.name = name;
   }
@@ -410,6 +419,18 @@ export class Room {
   /** The tutorial's broadcast_string(str, omit_sock): queues `message` for all but `sender`. */
   broadcastExcept(sender: Client | null, message: Uint8Array): void {
     for (const client of this.members) if (client !== sender) client.send(message);
+  }
+
+  /**
+   * The same for a line the room's history keeps at position `seq`: a web page among the members
+   * is sent it with its position, built once for all of them; its sender, if a page, just that.
+   */
+  broadcastKept(sender: Client | null, message: Uint8Array, seq: number): void {
+    if (sender?.page) sender.tell(PAGE_MARKS.mine(seq));
+    if (this.pages === 0) return this.broadcastExcept(sender, message);
+    const mark = encoder.encode(PAGE_MARKS.kept(seq));
+    const marked = concatBytes([mark, message], mark.length + message.length);
+    for (const client of this.members) if (client !== sender) client.send(client.page ? marked : message);
   }
 }
 
@@ -618,8 +639,17 @@ export class Client {
   /** Set when the client is sent off: why (`/quit` text, "idle", "flooding"). */
   leaving: string | null = null;
   closed = false;
+  /** For a web page that follows positions (`/ws?page=1`, section 9): its token; else null. */
+  readonly page: PageState | null;
 
-  constructor(link: Link, address: string, ip: string, room: Room, flusher: Flusher) {
+  constructor(
+    link: Link,
+    address: string,
+    ip: string,
+    room: Room,
+    flusher: Flusher,
+    page: PageState | null = null,
+  ) {
     this.link = link;
     this.address = address;
     this.ip = ip;
@@ -629,6 +659,7 @@ export class Client {
     this.wrote = (n) => flusher.afterWrite(this, n);
     this.failed = (e) => flusher.writeFailed(this, e);
     this.lastInput = Date.now();
+    this.page = page;
   }
 
   /** Queues bytes for this client; they go out at the end of this turn, coalesced (section 2). */
@@ -1068,6 +1099,8 @@ export class Directory {
   readonly lobby: Room = new Room(LOBBY);
   private readonly rooms = new Map<string, Room>([[Directory.key(LOBBY), this.lobby]]);
   private readonly nicks = new Map<string, Client>();
+  /** Web pages by their token (section 9). */
+  readonly pages = new Map<string, Client>();
 
   /**
    * The rule for comparing names, here and across instances: Unicode compatibility
@@ -1105,12 +1138,13 @@ export class Directory {
   enter(client: Client, room: Room): void {
     client.room = room;
     room.members.add(client);
+    if (client.page) room.pages++;
   }
 
   /** Takes a client out of its room, and forgets the room when it empties (the lobby stays). */
   leave(client: Client): void {
     const room = client.room;
-    room.members.delete(client);
+    if (room.members.delete(client) && client.page) room.pages--;
     if (room.members.size === 0 && room !== this.lobby) this.rooms.delete(Directory.key(room.name));
   }
 
@@ -1133,12 +1167,14 @@ export class Directory {
     if (client.nick !== null && this.holder(client.nick) === client) {
       this.nicks.delete(Directory.key(client.nick));
     }
+    if (client.page && this.pages.get(client.page.token) === client) this.pages.delete(client.page.token);
   }
 }
 
 /** Puts a client in a room; tells the bus, and logs when the room grows past the announcement limit. */
 function enterRoom(server: ChatServer, client: Client, room: Room): void {
   server.directory.enter(client, room);
+  if (client.page) showRoom(server, client, room); // section 9
   if (server.bus) {
     if (room.members.size === 1) server.bus.watch(room.name);
     server.bus.present(presenceOf(client));
@@ -1196,8 +1232,8 @@ function sayToRoom(
   kept = false,
 ): void {
   const message = encoder.encode(text + "\r\n");
-  client.room.broadcastExcept(client, message);
-  if (kept) server.history.keep(client.room.name, message);
+  if (kept) client.room.broadcastKept(client, message, server.history.keep(client.room.name, message));
+  else client.room.broadcastExcept(client, message);
   server.bus?.publish(client.room.name, text, kept);
   server.log.event(text, event);
 }
@@ -2132,7 +2168,8 @@ class WebGate {
     }).then(() => {
       const link = new WebSocketConn(conn, request.rest, this.server.maxLine);
       if (this.server.closing) return link.close();
-      this.server.read(this.server.admit(link, address, ip), link);
+      const page = request.query.has("page") ? pageRequest(request.query) : null; // section 9
+      this.server.read(this.server.admit(link, address, ip, page), link);
     }, () => closeQuietly(conn));
   }
 
@@ -2151,6 +2188,7 @@ class WebGate {
 interface HttpRequest {
   method: string;
   path: string;
+  query: URLSearchParams;
   headers: Map<string, string>;
   rest: Uint8Array;
 }
@@ -2200,7 +2238,8 @@ function parseHead(head: Uint8Array, rest: Uint8Array): HttpRequest | null {
     const colon = line.indexOf(":");
     if (colon > 0) headers.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
   }
-  return { method: m[1], path: m[2].split("?")[0], headers, rest };
+  const [path, query = ""] = m[2].split("?", 2);
+  return { method: m[1], path, query: new URLSearchParams(query), headers, rest };
 }
 
 const STATUS_TEXT: Record<number, string> = {
@@ -2483,8 +2522,9 @@ function busHandlersFor(server: ChatServer): BusHandlers {
   return {
     onRoomLine(room, text, kept) {
       const message = encoder.encode(text + "\r\n");
-      server.directory.room(room)?.broadcastExcept(null, message);
-      if (kept) server.history.keep(room, message);
+      const here = server.directory.room(room);
+      if (!kept) here?.broadcastExcept(null, message);
+      else here?.broadcastKept(null, message, server.history.keep(room, message));
     },
     onWhisper(nick, text) {
       server.directory.holder(nick)?.tell(text);
@@ -2942,6 +2982,10 @@ function plainHost(hostname: string): string {
 // 9. The web page (--http): one self-contained HTML file, its CSS and JS inline. It speaks the
 // same lines as telnet over a WebSocket; it asks /who quietly to keep its member list, and it
 // puts everything that came from other people into the page as text, never as HTML.
+//
+// The page connects to /ws?page=1, and is then also told where it stands in its room (admit()
+// and enterRoom() call greetPage() and showRoom() below; Room.broadcastKept() marks each line).
+// When it reconnects it says where it was, and gets its nick, its room and what it missed.
 
 /**
  * The lines the page's script reads to follow the room, its members and the names: the server
@@ -2964,6 +3008,116 @@ export const PAGE_READS = {
   said: (label: string, text: string) => `[${label}] ${text}`,
   privately: (label: string, text: string) => `(private) [${label}] ${text}`,
 };
+
+/**
+ * The lines for a web page alone (`/ws?page=1`), which tell it where it stands in its room.
+ * Each starts with U+001E (record separator), a control character, so no one can forge one: the
+ * framer takes controls out of every client's line, and the bus out of every line it carries.
+ */
+export const PAGE_MARKS = {
+  /** The page's token: it gives it back when it reconnects, to take its old connection's place. */
+  token: (token: string) => `\x1e! ${token}`,
+  /** Where the page's room stands: the room, its epoch, and the position the page has seen up to. */
+  at: (room: string, p: Position) => `\x1e@ ${room} ${p.epoch} ${p.seq}`,
+  /** The prefix of a line at position `seq`, as it is said. */
+  kept: (seq: number) => `\x1e# ${seq} `,
+  /** The position of the page's own line, which it is not sent. */
+  mine: (seq: number) => `\x1e= ${seq}`,
+  /** A line from the room's history: its position, when it was said (ms since 1970), the line. */
+  history: (k: Kept) =>
+    `\x1eh ${k.seq} ${k.time} ${decoder.decode(k.message.subarray(0, k.message.length - 2))}`,
+};
+
+/** A web page that follows positions: its token, and where it was if it is reconnecting. */
+export interface PageState {
+  readonly token: string;
+  /** Its room, epoch and position before it dropped, and its old token and nick; null once shown. */
+  resume: { room: string; epoch: string; seq: number; token: string; nick: string } | null;
+}
+
+/** What `/ws?page=1&room=R&epoch=E&seq=N&token=T&nick=N` asks for; anything malformed is ignored. */
+function pageRequest(query: URLSearchParams): PageState {
+  const page: PageState = { token: crypto.randomUUID(), resume: null };
+  const [room, epoch, seq] = [query.get("room") ?? "", query.get("epoch") ?? "", query.get("seq") ?? ""];
+  if (checkName(room, "room name") === null && /^[0-9a-f]{8}$/.test(epoch) && /^\d{1,15}$/.test(seq)) {
+    page.resume = {
+      room,
+      epoch,
+      seq: Number(seq),
+      token: query.get("token") ?? "",
+      nick: query.get("nick") ?? "",
+    };
+  }
+  return page;
+}
+
+/**
+ * A page has connected (admit, section 1): it is given its token, and if its old connection is
+ * still here (the server has not yet noticed the drop), the new one takes its place.
+ */
+function greetPage(server: ChatServer, client: Client): void {
+  const page = client.page!;
+  client.tell(PAGE_MARKS.token(page.token));
+  const old = page.resume && server.directory.pages.get(page.resume.token);
+  if (old) {
+    server.sendOff(old, "You connected again: this connection is closed", "reconnected");
+    server.leave(old); // at once: its nick is free for the new connection
+  }
+  server.directory.pages.set(page.token, client);
+}
+
+/** A page coming back gets its nick and room again; its room then shows it what it missed. */
+function resumePage(server: ChatServer, client: Client, back: { nick: string; room: string }): void {
+  const { nick, room } = back;
+  const named = nick !== "" && nick !== client.label ? changeNick(server, client, nick) : undefined;
+  const move = () => {
+    const moved = Directory.same(room, client.room.name) ? undefined : joinRoom(server, client, room);
+    return moved ? moved.then(fallBack) : fallBack();
+  };
+  // If it could not go back to its room, it is shown the room it is in.
+  const fallBack = () => {
+    if (client.page!.resume) showRoom(server, client, client.room);
+  };
+  if (named) client.waitBehind(named.then(move));
+  else {
+    const moving = move();
+    if (moving) client.waitBehind(moving);
+  }
+}
+
+/**
+ * Tells a page where its room stands, and what it has not seen: everything after the position
+ * it had, if the room's history still reaches back that far, or else the recent lines with one
+ * line saying what was lost. No gap is silent.
+ */
+function showRoom(server: ChatServer, client: Client, room: Room): void {
+  const page = client.page!;
+  const was = page.resume;
+  if (was && !Directory.same(was.room, room.name)) return; // on its way back to its own room
+  page.resume = null;
+  const history = server.history, now = history.position(room.name);
+  let lines: Kept[];
+  if (was && was.epoch === now.epoch && was.seq <= now.seq) {
+    const after = history.after(room.name, was.seq);
+    if (after.missing > 0) {
+      const verb = after.missing === 1 ? "is" : "are";
+      client.tell(
+        `${plural(after.missing, "line")} said in ${room.name} while you were away ${verb} no longer kept`,
+      );
+    }
+    lines = after.lines;
+  } else {
+    if (was) {
+      client.tell(
+        `The history of ${room.name} was reset while you were away: what was said meanwhile is lost`,
+      );
+    }
+    lines = history.last(room.name, HISTORY_SHOWN);
+  }
+  const seen = lines.length > 0 ? lines[0].seq - 1 : now.seq;
+  client.tell(PAGE_MARKS.at(room.name, { epoch: now.epoch, seq: seen }));
+  for (const line of lines) client.tell(PAGE_MARKS.history(line));
+}
 
 export const PAGE = `<!doctype html>
 <html lang="en">

@@ -1,7 +1,9 @@
+// deno-lint-ignore-file no-control-regex -- the page's marks start with U+001E on purpose
 // Nothing lost: positions in each room's history, a web page that resumes where it left off,
 // and history kept across restarts with --history FILE.
 import assert from "node:assert/strict";
-import { RoomHistory } from "../chat_server.ts";
+import { type ChatServerOptions, RoomHistory, startChatServer } from "../chat_server.ts";
+import { ask, GREETING, joinChat, WAIT_MS, within, WsClient } from "./_helpers.ts";
 
 const encoder = new TextEncoder(), decoder = new TextDecoder();
 const line = (text: string) => encoder.encode(text + "\r\n");
@@ -51,4 +53,253 @@ Deno.test("RoomHistory keeps at most 512 KiB of lines a room, the newest, in ord
   history.keep("lobby", line("24"));
   assert.deepEqual(history.last("lobby", 8).map((k) => k.seq), [17, 18, 19, 20, 21, 22, 23, 24]);
   assert.equal(history.after("lobby", 10).missing, 6);
+});
+
+// The page's own protocol (/ws?page=1). Lines for the page alone start with U+001E, which no
+// client and no bus line can send: "! TOKEN", "@ ROOM EPOCH SEQ" (where its room stands),
+// "h SEQ TIME LINE" (history), "# SEQ LINE" (a line as it is said), "= SEQ" (its own line's).
+const RS = "\x1e";
+
+/** Starts a server with a web side, runs `body` with both ports, and closes everything. */
+async function withPages(
+  options: ChatServerOptions,
+  body: (tcp: number, http: number) => Promise<void>,
+): Promise<void> {
+  const server = await startChatServer({
+    port: 0,
+    host: "127.0.0.1",
+    log: null,
+    http: { port: 0 },
+    ...options,
+  });
+  try {
+    await body(server.addr.port, server.httpAddr!.port);
+  } finally {
+    await server.close();
+  }
+}
+
+/** A page's connection: where it was (its room, epoch and position), as the page keeps them. */
+class Page {
+  ws!: WsClient;
+  token = "";
+  room = "";
+  epoch = "";
+  seq = 0;
+  nick = "";
+
+  /** Connects, as the page does, saying where it was if it was anywhere; reads past the greeting. */
+  async connect(http: number, resume = this.room !== ""): Promise<void> {
+    const q = new URLSearchParams({ page: "1" });
+    if (resume) {
+      q.set("token", this.token);
+      if (this.nick) q.set("nick", this.nick);
+      q.set("room", this.room);
+      q.set("epoch", this.epoch);
+      q.set("seq", String(this.seq));
+    }
+    this.ws = new WsClient(`ws://127.0.0.1:${http}/ws?${q}`);
+    await this.ws.opened();
+    assert.equal(await this.ws.next(), GREETING.trimEnd());
+  }
+
+  /** The next line, following the position as the page does; marks are returned as they came. */
+  async next(): Promise<string> {
+    const line = await this.ws.next();
+    let m;
+    if ((m = /^\x1e! (\S+)$/.exec(line))) this.token = m[1];
+    else if ((m = /^\x1e@ (\S+) ([0-9a-f]{8}) (\d+)$/.exec(line))) {
+      [this.room, this.epoch, this.seq] = [m[1], m[2], +m[3]];
+    } else if ((m = /^\x1e[h#=] (\d+)/.exec(line))) {
+      assert.equal(+m[1], this.seq + 1, `positions follow one another: ${JSON.stringify(line)}`);
+      this.seq = +m[1];
+    } else if ((m = /^You are now known as (\S+)$/.exec(line))) this.nick = m[1];
+    return line;
+  }
+
+  /** Reads lines until one passes `test`; returns the lines before it, and it. */
+  async until(test: (line: string) => boolean): Promise<string[]> {
+    const seen = [];
+    for (;;) {
+      const line = await this.next();
+      seen.push(line);
+      if (test(line)) return seen;
+    }
+  }
+
+  send(text: string): void {
+    this.ws.ws.send(text);
+  }
+
+  close(): Promise<void> {
+    return this.ws.close();
+  }
+}
+
+const history = (line: string) => line.replace(/^\x1eh \d+ \d+ /, "");
+
+Deno.test("a page knows its room's position from its first moment, and sees the room's recent lines", async () => {
+  await withPages({}, async (tcp, http) => {
+    using t = await joinChat(tcp);
+    await t.write("one\r\ntwo\r\n/me waves\r\n/msg nobody x\r\n");
+    assert.equal(await t.readLine(), "No such user: nobody\r\n");
+    const page = new Page();
+    const before = Date.now();
+    await page.connect(http);
+    const first = await page.until((l) => l.includes("waves"));
+    assert.match(first[0], /^\x1e! [0-9a-f-]{36}$/);
+    assert.match(first[1], /^\x1e@ lobby [0-9a-f]{8} 0$/);
+    assert.deepEqual(first.slice(2).map(history), [
+      `[${t.name}] one`,
+      `[${t.name}] two`,
+      `* ${t.name} waves`,
+    ]);
+    const time = Number(/^\x1eh 1 (\d+) /.exec(first[2])![1]);
+    assert.ok(time <= before && time > before - WAIT_MS, "each history line carries when it was said");
+    const webName = /^Client joined (\S+)\r\n$/.exec((await t.readLine())!)![1];
+    await t.write("three\r\n");
+    assert.equal(await page.next(), `${RS}# 4 [${t.name}] three`);
+    page.send("hello");
+    assert.equal(await page.next(), `${RS}= 5`); // its own line's position, since it is not sent back
+    assert.equal(await t.readLine(), `[${webName}] hello\r\n`);
+    page.send("/me smiles");
+    assert.equal(await page.next(), `${RS}= 6`);
+    assert.equal(await t.readLine(), `* ${webName} smiles\r\n`);
+    const plain = new WsClient(`ws://127.0.0.1:${http}/ws`); // without ?page=1: the telnet lines, no marks
+    await plain.opened();
+    assert.equal(await plain.next(), GREETING.trimEnd());
+    await page.next();
+    await t.readLine();
+    await t.write("four\r\n");
+    assert.equal(await plain.next(), `[${t.name}] four`);
+    assert.equal(await page.next(), `${RS}# 7 [${t.name}] four`);
+    page.send("/join dev");
+    const dev = await page.until((l) => l.startsWith("You are now in dev"));
+    assert.match(dev.find((l) => l.startsWith(`${RS}@`))!, /^\x1e@ dev [0-9a-f]{8} 0$/);
+    assert.equal(page.room, "dev");
+    await plain.close();
+    await page.close();
+  });
+});
+
+Deno.test("a page that drops for 3 s while 300 lines are said gets them all, once, in order, before any new line", async () => {
+  await withPages({ rate: 0 }, async (tcp, http) => {
+    const page = new Page();
+    await page.connect(http);
+    page.send("/nick ann");
+    page.send("/join dev");
+    await page.until((l) => l.startsWith("You are now in dev"));
+    using t = await joinChat(tcp);
+    await ask(t, "/join dev", "You are now in dev (2); /who lists who is here");
+    await page.until((l) => l.endsWith("has joined dev"));
+    await page.close(); // the drop
+    assert.equal(await t.readLine(), "Client left ann\r\n");
+    const started = Date.now();
+    for (let i = 1; i <= 300; i++) await t.write(`line ${i}\r\n`);
+    await new Promise((r) => setTimeout(r, 3000 - (Date.now() - started)));
+    const back = Date.now();
+    await page.connect(http); // with its token, nick, room, epoch and position
+    const seen = await page.until((l) => l.endsWith("line 300"));
+    assert.ok(Date.now() - back < 1000, `all 300 within 1 s: ${Date.now() - back} ms`);
+    assert.ok(seen.includes("You are now known as ann"), seen.slice(0, 5).join("\n"));
+    const lines = seen.filter((l) => l.startsWith(`${RS}h `)).map(history);
+    assert.deepEqual(lines, Array.from({ length: 300 }, (_, i) => `[${t.name}] line ${i + 1}`));
+    assert.ok(!seen.some((l) => /away|reset|lost/.test(l)), "no gap, so no notice");
+    assert.equal(page.room, "dev");
+    await t.write("new\r\n");
+    assert.equal(
+      await page.until((l) => l.includes("new")).then((l) => l.at(-1)),
+      `${RS}# 301 [${t.name}] new`,
+    );
+    await page.close();
+  });
+});
+
+Deno.test("a page that never got a line, or whose room stayed quiet, resumes with nothing missed and no notice", async () => {
+  await withPages({}, async (tcp, http) => {
+    const page = new Page();
+    await page.connect(http);
+    await page.until((l) => l.startsWith(`${RS}@`));
+    assert.equal(page.seq, 0);
+    await page.close();
+    using t = await joinChat(tcp);
+    for (let i = 1; i <= 5; i++) await t.write(`quiet ${i}\r\n`);
+    await ask(t, "/history 1", "History of lobby (the last 1 line):", ...[]); // all five are kept
+    await t.readLine();
+    await page.connect(http);
+    const seen = await page.until((l) => l.endsWith("quiet 5"));
+    assert.deepEqual(seen.filter((l) => l.startsWith(`${RS}h `)).map(history).length, 5);
+    assert.ok(!seen.some((l) => /away|reset|lost/.test(l)), seen.join("\n"));
+    await page.close();
+    await page.connect(http); // nothing said since
+    const again = await page.until((l) => l.startsWith(`${RS}@`));
+    assert.ok(!again.some((l) => /away|reset|lost/.test(l)), again.join("\n"));
+    assert.equal(page.seq, 5);
+    await t.write("six\r\n");
+    assert.equal(
+      await page.until((l) => l.includes("six")).then((l) => l.at(-1)),
+      `${RS}# 6 [${t.name}] six`,
+    );
+    await page.close();
+  });
+});
+
+Deno.test("a page is told, in one line, when what it missed is no longer kept or its room's history was reset", async () => {
+  await withPages({ historyLines: 3 }, async (tcp, http) => {
+    const page = new Page();
+    await page.connect(http);
+    await page.until((l) => l.startsWith(`${RS}@`));
+    await page.close();
+    using t = await joinChat(tcp);
+    for (let i = 1; i <= 5; i++) await t.write(`gone ${i}\r\n`);
+    await ask(t, "/history 1", "History of lobby (the last 1 line):");
+    await t.readLine();
+    await page.connect(http);
+    const seen = await page.until((l) => l.endsWith("gone 5"));
+    const notices = seen.filter((l) => !l.startsWith(RS) && !l.startsWith("Client"));
+    assert.deepEqual(notices, ["2 lines said in lobby while you were away are no longer kept"]);
+    assert.deepEqual(
+      seen.filter((l) => l.startsWith(`${RS}h `)).map(history),
+      [3, 4, 5].map((i) => `[${t.name}] gone ${i}`),
+    );
+    await page.close();
+    page.epoch = "00000000"; // as if the server had restarted
+    await page.connect(http);
+    const reset = await page.until((l) => l.endsWith("gone 5"));
+    assert.deepEqual(reset.filter((l) => !l.startsWith(RS) && !l.startsWith("Client")), [
+      "The history of lobby was reset while you were away: what was said meanwhile is lost",
+    ]);
+    await page.close();
+  });
+});
+
+Deno.test("a page that comes back while its old connection lingers takes its place, and its nick", async () => {
+  await withPages({}, async (tcp, http) => {
+    using t = await joinChat(tcp);
+    const page = new Page();
+    await page.connect(http);
+    page.send("/nick ann");
+    await page.until((l) => l === "You are now known as ann");
+    await t.readLine();
+    await t.readLine();
+    const old = page.ws;
+    await page.connect(http); // the old one has not noticed it is gone
+    const seen = await page.until((l) => l.startsWith("You are now known as") || l.startsWith("The nick"));
+    assert.equal(seen.at(-1), "You are now known as ann");
+    assert.equal(await old.next(), "You connected again: this connection is closed");
+    assert.equal(await t.readLine(), "Client left ann (reconnected)\r\n");
+    const stranger = new Page(); // a token is a secret: a guess takes nothing
+    stranger.room = "lobby";
+    stranger.epoch = page.epoch;
+    stranger.token = "not-a-token";
+    stranger.nick = "ann";
+    await stranger.connect(http);
+    const refused = await stranger.until((l) =>
+      l.startsWith("The nick") || l.startsWith("You are now known")
+    );
+    assert.match(refused.at(-1)!, /^The nick ann is taken/);
+    await stranger.close();
+    await page.close();
+    await within(WAIT_MS, old.close(), "the old connection closed");
+  });
 });
