@@ -3145,6 +3145,7 @@ export const PAGE = `<!doctype html>
   .mine .from { color: var(--me); }
   .notice { color: var(--muted); font-style: italic; }
   .private { background: #fc03; }
+  .history { opacity: .8; }
   form { display: flex; border-top: 1px solid var(--line); }
   input { flex: 1; font: inherit; padding: .8rem 1rem; border: 0; background: transparent; color: inherit; }
   input:focus { outline: 2px solid var(--me); outline-offset: -2px; }
@@ -3163,12 +3164,15 @@ const log = document.getElementById("log"), input = document.getElementById("inp
 const roomEl = document.getElementById("room"), statusEl = document.getElementById("status");
 const memberList = document.getElementById("memberlist"), countEl = document.getElementById("count");
 let ws = null, backoff = 500, quietWho = 0, whoLeft = 0, members = [];
+// Where the page stands, so that it can say so when it reconnects: its token, its nick, and its
+// room's epoch and the position of the last line it has seen there (PAGE_MARKS).
+let token = "", nick = "", room = "", epoch = "", seq = 0;
 
-function show(kind, from, text) {
+function show(kind, from, text, when = Date.now()) {
   const li = document.createElement("li");
   li.className = kind;
   const time = document.createElement("time");
-  time.textContent = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  time.textContent = new Date(when).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   li.append(time);
   if (from !== null) {
     const who = document.createElement("span");
@@ -3196,8 +3200,24 @@ function showMembers() {
   }));
 }
 
+// A line that starts with U+001E is for the page alone: where it stands, never shown as such.
+function mark(line) {
+  let m;
+  if ((m = /^\\x1e! (\\S+)$/.exec(line))) token = m[1];
+  else if ((m = /^\\x1e@ (\\S+) (\\S+) (\\d+)$/.exec(line))) { room = m[1]; epoch = m[2]; seq = Number(m[3]); }
+  else if ((m = /^\\x1e= (\\d+)$/.exec(line))) seq = Number(m[1]);
+  else if ((m = /^\\x1e# (\\d+) (.*)$/.exec(line))) { seq = Number(m[1]); receive(m[2]); }
+  else if ((m = /^\\x1eh (\\d+) (\\d+) (.*)$/.exec(line))) {
+    seq = Number(m[1]);
+    const said = /^\\[([^\\]]+)\\] (.*)$/.exec(m[3]);
+    show("line history", said ? said[1] : null, said ? said[2] : m[3], Number(m[2]));
+  }
+}
+
 function receive(line) {
   let m;
+  if (line.charCodeAt(0) === 0x1e) return mark(line);
+  if ((m = /^You are now known as (\\S+)$/.exec(line))) nick = m[1];
   if (quietWho > 0 && (m = /^In (\\S+) \\((\\d+)\\):$/.exec(line))) {
     quietWho--; whoLeft = Number(m[2]); members = []; roomEl.textContent = m[1];
     if (whoLeft === 0) showMembers();
@@ -3216,7 +3236,9 @@ function receive(line) {
 }
 
 function connect() {
-  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+  const where = new URLSearchParams({ page: "1" });
+  if (room) for (const [k, v] of Object.entries({ token, nick, room, epoch, seq })) where.set(k, String(v));
+  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws?" + where;
   ws = new WebSocket(url);
   ws.onopen = () => { statusEl.textContent = "connected"; backoff = 500; quietWho = 0; whoLeft = 0; askWho(); };
   ws.onmessage = (event) => receive(String(event.data));

@@ -384,3 +384,88 @@ for _ in range(int(sys.argv[2])):
     .output();
   if (!out.success) throw new Error(`python3 failed: ${decoder.decode(out.stderr)}`);
 }
+
+/** Runs `body` with a headless Chromium (as Debian installs it), closed afterwards. */
+export async function withChromium(
+  body: (browser: import("playwright-core").Browser) => Promise<void>,
+): Promise<void> {
+  const { chromium } = await import("playwright-core");
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--no-first-run",
+    ],
+  });
+  try {
+    await body(browser);
+  } finally {
+    await browser.close();
+  }
+}
+
+/**
+ * A TCP relay to `port` that can drop every connection through it at once and refuse new ones
+ * for a while: the Wi-Fi hiccup between a browser and the server.
+ */
+export class Hiccup {
+  readonly listener: Deno.TcpListener;
+  readonly #conns = new Set<Deno.Conn>();
+  #refusing = false;
+
+  constructor(port: number) {
+    this.listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    this.#accept(port);
+  }
+
+  get port(): number {
+    return this.listener.addr.port;
+  }
+
+  async #accept(port: number): Promise<void> {
+    for await (const near of this.listener) {
+      if (this.#refusing) {
+        near.close();
+        continue;
+      }
+      const far = await Deno.connect({ hostname: "127.0.0.1", port });
+      this.#conns.add(near).add(far);
+      this.#pump(near, far);
+      this.#pump(far, near);
+    }
+  }
+
+  async #pump(from: Deno.Conn, to: Deno.Conn): Promise<void> {
+    const buffer = new Uint8Array(64 * 1024);
+    try {
+      for (let n; (n = await from.read(buffer)) !== null;) {
+        for (let at = 0; at < n;) at += await to.write(buffer.subarray(at, n));
+      }
+    } catch {
+      // cut
+    }
+    for (const conn of [from, to]) {
+      if (this.#conns.delete(conn)) conn.close();
+    }
+  }
+
+  /** Drops every connection, and refuses new ones until `restore()`. */
+  cut(): void {
+    this.#refusing = true;
+    for (const conn of this.#conns) conn.close();
+    this.#conns.clear();
+  }
+
+  restore(): void {
+    this.#refusing = false;
+  }
+
+  close(): void {
+    this.cut();
+    this.listener.close();
+  }
+}

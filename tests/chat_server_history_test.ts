@@ -3,7 +3,17 @@
 // and history kept across restarts with --history FILE.
 import assert from "node:assert/strict";
 import { type ChatServerOptions, RoomHistory, startChatServer } from "../chat_server.ts";
-import { ask, GREETING, joinChat, WAIT_MS, within, WsClient } from "./_helpers.ts";
+import {
+  ask,
+  GREETING,
+  hasProgram,
+  Hiccup,
+  joinChat,
+  WAIT_MS,
+  withChromium,
+  within,
+  WsClient,
+} from "./_helpers.ts";
 
 const encoder = new TextEncoder(), decoder = new TextDecoder();
 const line = (text: string) => encoder.encode(text + "\r\n");
@@ -302,4 +312,57 @@ Deno.test("a page that comes back while its old connection lingers takes its pla
     await page.close();
     await within(WAIT_MS, old.close(), "the old connection closed");
   });
+});
+
+const haveChromium = hasProgram("chromium");
+
+Deno.test({
+  name: haveChromium
+    ? "the page in Chromium, cut off for a while, comes back with its nick, its room and every line, once"
+    : "the page in Chromium comes back after a drop (ignored: chromium not installed)",
+  ignore: !haveChromium,
+  sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed below
+  sanitizeResources: false,
+  async fn() {
+    await withPages({ rate: 0 }, async (tcp, http) => {
+      const hiccup = new Hiccup(http);
+      try {
+        await withChromium(async (browser) => {
+          using t = await joinChat(tcp);
+          await ask(t, "/join dev", "You are now in dev (1); /who lists who is here");
+          await t.write("before\r\n");
+          const page = await browser.newPage();
+          await page.goto(`http://127.0.0.1:${hiccup.port}/`);
+          const log = page.locator("#log li");
+          await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+          await page.fill("#input", "/nick ann");
+          await page.press("#input", "Enter");
+          await page.fill("#input", "/join dev");
+          await page.press("#input", "Enter");
+          assert.equal(await t.readLine(), "ann has joined dev\r\n");
+          await log.filter({ hasText: "before" }).waitFor({ timeout: WAIT_MS }); // dev's recent lines, on joining
+          hiccup.cut();
+          assert.equal(await t.readLine(), "Client left ann\r\n");
+          for (let i = 1; i <= 50; i++) await t.write(`away ${i}\r\n`);
+          hiccup.restore();
+          assert.equal(await t.readLine(), "ann has joined dev\r\n");
+          await t.write("after\r\n");
+          await log.filter({ hasText: "after" }).waitFor({ timeout: WAIT_MS });
+          const texts = await log.evaluateAll((items) => items.map((li) => li.lastChild!.textContent));
+          const chat = texts.filter((x) => x === "before" || x === "after" || /^away \d+$/.test(x!));
+          assert.deepEqual(chat, [
+            "before",
+            ...Array.from({ length: 50 }, (_, i) => `away ${i + 1}`),
+            "after",
+          ]);
+          assert.equal(await page.locator("#room").textContent(), "dev");
+          await page.locator("#memberlist li", { hasText: "ann" }).waitFor({ timeout: WAIT_MS });
+          assert.ok(!texts.some((x) => /no longer kept|was reset/.test(x!)), "nothing was lost: no notice");
+          await page.close();
+        });
+      } finally {
+        hiccup.close();
+      }
+    });
+  },
 });

@@ -1,6 +1,13 @@
 // chat_server.ts --http: the web page and its WebSocket, beside telnet-style TCP clients.
 import assert from "node:assert/strict";
-import { type ChatServerOptions, PAGE, PAGE_READS, startChatServer, WebListenError } from "../chat_server.ts";
+import {
+  type ChatServerOptions,
+  PAGE,
+  PAGE_MARKS,
+  PAGE_READS,
+  startChatServer,
+  WebListenError,
+} from "../chat_server.ts";
 import {
   Cli,
   freePort,
@@ -13,6 +20,7 @@ import {
   runScript,
   TestClient,
   WAIT_MS,
+  withChromium,
   within,
   WsClient,
 } from "./_helpers.ts";
@@ -123,7 +131,6 @@ Deno.test("startChatServer({ http }) serves one self-contained page at /", async
 
 // --- A real browser ------------------------------------------------------------------------------
 
-const CHROMIUM = "/usr/bin/chromium";
 const haveChromium = hasProgram("chromium");
 
 Deno.test({
@@ -135,20 +142,8 @@ Deno.test({
   sanitizeOps: false,
   sanitizeResources: false,
   async fn() {
-    const { chromium } = await import("playwright-core");
     await withWebServer({}, async (tcpPort, httpPort) => {
-      const browser = await chromium.launch({
-        executablePath: CHROMIUM,
-        args: [
-          "--no-sandbox",
-          "--disable-gpu",
-          "--disable-background-networking",
-          "--disable-component-update",
-          "--disable-sync",
-          "--no-first-run",
-        ],
-      });
-      try {
+      await withChromium(async (browser) => {
         using tcp = await TestClient.connect(tcpPort);
         await tcp.readLine();
         const page = await browser.newPage({ viewport: { width: 900, height: 600 } });
@@ -177,9 +172,7 @@ Deno.test({
         await page.screenshot({ path: "test-artifacts/chat_page.png" });
         await page.close();
         assert.equal(await tcp.readLine(), "Client left pagey\r\n");
-      } finally {
-        await browser.close();
-      }
+      });
     });
   },
 });
@@ -278,9 +271,45 @@ Deno.test("the page understands every line it reads, as the server writes them (
   ]);
 });
 
+Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and says so when it reconnects", () => {
+  const page = runPageScript();
+  assert.equal(page.socket.urls[0], "ws://localhost/ws?page=1"); // a newcomer says nothing more
+  page.socket.onopen();
+  const encoded = (text: string) => new TextEncoder().encode(text + "\r\n");
+  const said = new Date(2026, 0, 2, 3, 4).getTime();
+  for (
+    const line of [
+      PAGE_MARKS.token("4f1c"),
+      PAGE_MARKS.at("dev", { epoch: "0a1b2c3d", seq: 3 }),
+      PAGE_MARKS.history({ seq: 4, time: said, message: encoded("[bob] earlier") }),
+      PAGE_MARKS.history({ seq: 5, time: said, message: encoded("* bob waves") }),
+      PAGE_MARKS.kept(6) + PAGE_READS.said("bob", "now"),
+      PAGE_MARKS.mine(7),
+      PAGE_READS.nowKnownAs("ann"),
+    ]
+  ) page.receive(line);
+  const shown = page.lines.map((l) => [l.kind, l.from, l.text]);
+  assert.deepEqual(shown.slice(0, 3), [
+    ["line history", "bob", "earlier"],
+    ["line history", undefined, "* bob waves"],
+    ["line", "bob", "now"],
+  ]);
+  assert.equal(
+    page.lines[0].time,
+    new Date(said).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }),
+  );
+  assert.ok(!page.lines.some((l) => l.text?.includes("\x1e")), "no mark is shown");
+  page.socket.onclose();
+  page.timers.shift()!(); // the reconnect
+  assert.equal(
+    page.socket.urls[1],
+    "ws://localhost/ws?page=1&token=4f1c&nick=ann&room=dev&epoch=0a1b2c3d&seq=7",
+  );
+});
+
 /** Runs the page's script against a stand-in DOM and WebSocket, and lets a test feed it lines. */
 function runPageScript() {
-  type Node = { kind?: string; from?: string; text?: string };
+  type Node = { kind?: string; from?: string; text?: string; time?: string };
   const elements = new Map<string, Record<string, unknown>>();
   const lines: Node[] = [];
   const element = (): Record<string, unknown> => {
@@ -298,10 +327,14 @@ function runPageScript() {
     createElement: () => element(),
     createTextNode: (text: string) => ({ textContent: text }),
   };
-  const socket = { sent: [] as string[], readyState: 1 } as Record<string, unknown> & { sent: string[] };
+  const socket = { sent: [] as string[], readyState: 1, urls: [] as string[] } as
+    & Record<string, unknown>
+    & { sent: string[]; urls: string[] };
+  const timers: (() => void)[] = [];
   class FakeWebSocket {
     static OPEN = 1;
-    constructor() {
+    constructor(url: string) {
+      socket.urls.push(url);
       socket.send = (text: string) => socket.sent.push(text);
       return socket as unknown as FakeWebSocket;
     }
@@ -311,16 +344,22 @@ function runPageScript() {
     document,
     FakeWebSocket,
     { protocol: "http:", host: "localhost" },
-    () => 0,
+    (f: () => void) => timers.push(f),
   );
   const log = document.getElementById("log")!;
   (log.append as unknown) = (li: Record<string, unknown>) => {
     const kids = li.children as Record<string, unknown>[];
     const from = kids.find((k) => k.className === "from")?.textContent as string | undefined;
-    lines.push({ kind: li.className as string, from, text: kids.at(-1)!.textContent as string });
+    const time = kids[0].textContent as string;
+    lines.push({ kind: li.className as string, from, text: kids.at(-1)!.textContent as string, time });
   };
   return {
-    socket: socket as typeof socket & { onopen(): void; onmessage(e: { data: string }): void },
+    socket: socket as typeof socket & {
+      onopen(): void;
+      onclose(): void;
+      onmessage(e: { data: string }): void;
+    },
+    timers,
     lines,
     byId: (id: string) => document.getElementById(id)!,
     receive: (line: string) => (socket.onmessage as (e: { data: string }) => void)({ data: line }),
