@@ -123,7 +123,7 @@ export class ChatServer {
   readonly flusher: Flusher; // section 2
   readonly log: EventLog; // section 2
   readonly directory = new Directory(); // section 3
-  readonly history: RoomHistory; // section 3
+  history: RoomHistory; // section 3
   readonly limits: Limits; // section 4
   tls: TlsGate | null = null; // section 5
   web: WebGate | null = null; // section 5
@@ -172,6 +172,10 @@ export class ChatServer {
   async start(): Promise<void> {
     const o = this.options;
     try {
+      if (o.historyFile) {
+        const say = (text: string) => this.log.event(text, { event: "history", text });
+        this.history = new RoomHistory(this.history.limit, HistoryFile.open(o.historyFile, say)); // section 3
+      }
       if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
       if (o.redis) this.bus = await startBus(o.redis, busHandlersFor(this));
@@ -390,6 +394,7 @@ export class ChatServer {
       for (const client of this.clients) client.close();
       await stopping;
       await this.bus?.close();
+      this.history.file?.close();
     }
     await this.finished;
   }
@@ -401,6 +406,7 @@ export class ChatServer {
     this.listener?.close();
     await this.web?.shutdown();
     await this.bus?.close();
+    this.history.file?.close();
   }
 }
 
@@ -1501,10 +1507,13 @@ interface Ring {
  */
 export class RoomHistory {
   readonly limit: number;
+  /** With --history FILE, where the rings are written, and read back from. */
+  readonly file: HistoryFile | null;
   private readonly rooms = new Map<string, Ring>();
 
-  constructor(limit: number) {
+  constructor(limit: number, file: HistoryFile | null = null) {
     this.limit = limit;
+    this.file = file;
   }
 
   private ring(room: string): Ring {
@@ -1513,6 +1522,10 @@ export class RoomHistory {
     if (!ring) {
       if (this.rooms.size >= HISTORY_ROOMS) this.rooms.delete(this.rooms.keys().next().value!);
       ring = { epoch: crypto.randomUUID().slice(0, 8), seq: 0, kept: [], next: 0, bytes: 0 };
+      const saved = this.file?.load(key, this.limit);
+      if (saved) [ring.epoch, ring.seq] = [saved.epoch, saved.seq];
+      else this.file?.room(key, ring);
+      for (const line of saved?.lines ?? []) this.push(ring, line);
       this.rooms.set(key, ring);
     }
     return ring;
@@ -1528,8 +1541,13 @@ export class RoomHistory {
   keep(room: string, message: Uint8Array, now = Date.now()): number {
     const ring = this.ring(room);
     const line = { seq: ++ring.seq, time: now, message };
-    if (this.limit === 0) return line.seq;
-    ring.bytes += message.length;
+    this.file?.add(Directory.key(room), ring, line, this.limit);
+    if (this.limit > 0) this.push(ring, line);
+    return line.seq;
+  }
+
+  private push(ring: Ring, line: Kept): void {
+    ring.bytes += line.message.length;
     if (ring.kept.length < this.limit) {
       ring.kept.push(line);
     } else {
@@ -1538,7 +1556,6 @@ export class RoomHistory {
       ring.next = (ring.next + 1) % this.limit;
     }
     while (ring.bytes > HISTORY_ROOM_BYTES && ring.kept.length > 1) this.dropOldest(ring);
-    return line.seq;
   }
 
   // Over its bytes (a rare path): the ring becomes a plain list, oldest first, and loses its head.
@@ -1562,6 +1579,145 @@ export class RoomHistory {
     const ring = this.ring(room);
     const lines = this.last(room, Math.max(0, ring.seq - seq));
     return { lines, missing: ring.seq - seq - lines.length };
+  }
+}
+
+/**
+ * --history FILE: each room's epoch, its position and its last lines, in node:sqlite, so that a
+ * restart keeps them. Rows are written at the end of a turn, all of that turn's in one
+ * transaction (about 100k rows/s here; one transaction a row manages 20-30k). A file that fails
+ * later (a full or vanished disk) is said once, and the history is kept in memory from then on.
+ */
+export class HistoryFile {
+  readonly path: string;
+  private db: import("node:sqlite").DatabaseSync | null;
+  private readonly say: (text: string) => void;
+  private readonly rooms = new Map<string, Ring>(); // rooms whose position changed this turn
+  private lines: [string, Kept, number][] = []; // room key, line, and the lines the room keeps
+  private timer: ReturnType<typeof setTimeout> | null = null;
+
+  private constructor(path: string, db: import("node:sqlite").DatabaseSync, say: (text: string) => void) {
+    this.path = path;
+    this.db = db;
+    this.say = say;
+  }
+
+  /** Opens (or makes) the file; throws HistoryFileError, in node:sqlite's words, if it cannot. */
+  static open(path: string, say: (text: string) => void): HistoryFile {
+    const { DatabaseSync } = process.getBuiltinModule("node:sqlite") as typeof import("node:sqlite");
+    let db: import("node:sqlite").DatabaseSync | undefined;
+    try {
+      db = new DatabaseSync(path);
+      db.exec(`PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+        CREATE TABLE IF NOT EXISTS rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, seq INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS lines (room TEXT NOT NULL, seq INTEGER NOT NULL, time INTEGER NOT NULL,
+          message BLOB NOT NULL, PRIMARY KEY (room, seq));`);
+    } catch (e) {
+      db?.close();
+      const why = e instanceof Error ? e.message : String(e);
+      throw new HistoryFileError(path, why.endsWith(`: ${path}`) ? why.slice(0, -path.length - 2) : why);
+    }
+    return new HistoryFile(path, db, say);
+  }
+
+  /** A room's epoch, position and last `limit` lines as the file has them; null if it has none. */
+  load(room: string, limit: number): { epoch: string; seq: number; lines: Kept[] } | null {
+    if (this.db === null) return null;
+    this.flush(); // what this turn wrote comes back too
+    try {
+      const saved = this.db.prepare("SELECT epoch, seq FROM rooms WHERE room = ?").get(room);
+      if (!saved) return null;
+      const seq = Number(saved.seq);
+      const rows = this.db.prepare(
+        "SELECT seq, time, message FROM lines WHERE room = ? AND seq > ? ORDER BY seq",
+      )
+        .all(room, seq - limit);
+      const lines = rows.map((r) => ({
+        seq: Number(r.seq),
+        time: Number(r.time),
+        message: r.message as Uint8Array,
+      }));
+      return { epoch: String(saved.epoch), seq, lines };
+    } catch (e) {
+      this.fail(e);
+      return null;
+    }
+  }
+
+  /** A room that starts keeping: its epoch is written, so that a restart keeps it. */
+  room(key: string, ring: Ring): void {
+    this.rooms.set(key, ring);
+    this.soon();
+  }
+
+  /** A line kept at its position. */
+  add(key: string, ring: Ring, line: Kept, limit: number): void {
+    if (this.db === null) return;
+    this.rooms.set(key, ring);
+    if (limit > 0) this.lines.push([key, line, limit]);
+    this.soon();
+  }
+
+  private soon(): void {
+    if (this.db !== null) this.timer ??= setTimeout(() => this.flush(), 0);
+  }
+
+  /** Writes what this turn kept, in one transaction, and forgets lines the rooms no longer keep. */
+  flush(): void {
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    const [rooms, lines] = [[...this.rooms], this.lines];
+    this.rooms.clear();
+    this.lines = [];
+    if (this.db === null || (rooms.length === 0 && lines.length === 0)) return;
+    try {
+      const db = this.db;
+      db.exec("BEGIN");
+      const insert = db.prepare(
+        "INSERT OR REPLACE INTO lines (room, seq, time, message) VALUES (?, ?, ?, ?)",
+      );
+      for (const [room, { seq, time, message }] of lines) insert.run(room, seq, time, message);
+      const position = db.prepare("INSERT OR REPLACE INTO rooms (room, epoch, seq) VALUES (?, ?, ?)");
+      const trim = db.prepare("DELETE FROM lines WHERE room = ? AND seq <= ?");
+      const limits = new Map(lines.map(([room, , limit]) => [room, limit]));
+      for (const [room, { epoch, seq }] of rooms) {
+        position.run(room, epoch, seq);
+        trim.run(room, seq - (limits.get(room) ?? 0));
+      }
+      db.exec("COMMIT");
+    } catch (e) {
+      this.fail(e);
+    }
+  }
+
+  private fail(e: unknown): void {
+    if (this.db === null) return;
+    try {
+      this.db.close();
+    } catch {
+      // already closed, or the disk is gone
+    }
+    this.db = null;
+    const why = e instanceof Error ? e.message : String(e);
+    this.say(`History file ${this.path} failed (${why}): history is kept in memory only from now on`);
+  }
+
+  /** Writes what is left, and closes the file. */
+  close(): void {
+    this.flush();
+    try {
+      this.db?.close();
+    } catch {
+      // closed already
+    }
+    this.db = null;
+  }
+}
+
+/** A --history file that cannot be opened: its path, and why, in node:sqlite's words. */
+export class HistoryFileError extends Error {
+  constructor(readonly path: string, why: string) {
+    super(`cannot keep history in ${path}: ${why}`);
   }
 }
 
@@ -2862,6 +3018,8 @@ export interface ChatServerOptions {
   redis?: RedisOptions;
   /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
   tls?: { cert: string; key: string };
+  /** Keep each room's history in this node:sqlite file, across restarts. Default: in memory. */
+  historyFile?: string;
   /** Seconds a TLS client may take to handshake. Default {@linkcode DEFAULT_HANDSHAKE_TIMEOUT}. */
   handshakeTimeout?: number;
   /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
@@ -3285,7 +3443,8 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --idle SECONDS       close clients silent this long (default 0: never)
   --rate N             lines per 10 s per client, bursts of twice that; 0 is off (default ${DEFAULT_RATE})
   --announce-limit N   rooms bigger than this stop announcing joins and leaves (default ${DEFAULT_ANNOUNCE_LIMIT})
-  --history-lines N    chat lines each room keeps for /history (default ${DEFAULT_HISTORY_LINES}; 0: none)
+  --history-lines N    chat lines each room keeps for /history and reconnecting pages (default ${DEFAULT_HISTORY_LINES})
+  --history FILE       keep each room's history in this SQLite file, across restarts (default: memory)
   --allow CIDR         only these addresses may connect (repeatable; e.g. 192.168.0.0/16, fd00::/8)
   --deny CIDR          these addresses may not connect (repeatable; wins over --allow)
   --tls-cert FILE      serve TLS with this PEM certificate chain...
@@ -3301,7 +3460,7 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --redis-expiry S     seconds before a crashed instance's members leave the directory (default 30)
   -h, --help           show this help
 
-Clients type /help for the commands: /nick, /who, /me, /msg, /join, /rooms, /quit.
+Clients type /help for the commands: /nick, /who, /me, /msg, /join, /rooms, /history, /quit.
 Try it: deno run -A chat_server.ts 2626, then telnet localhost 2626 in two other terminals.`;
 
 /** A bad command line: main() prints the message and the usage line and exits 2. */
@@ -3349,6 +3508,7 @@ const CHAT_FLAGS = {
   rate: { type: "string" },
   "announce-limit": { type: "string" },
   "history-lines": { type: "string" },
+  history: { type: "string" },
   allow: { type: "string", multiple: true },
   deny: { type: "string", multiple: true },
   "tls-cert": { type: "string" },
@@ -3441,6 +3601,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       rate: count("--rate", v.rate, 0, 1_000_000),
       announceLimit: count("--announce-limit", v["announce-limit"], 0, 1_000_000),
       historyLines: count("--history-lines", v["history-lines"], 0, 100_000),
+      historyFile: v.history,
       allow: v.allow,
       deny: v.deny,
       logFormat: v.log as "text" | "json" | undefined,
@@ -3500,6 +3661,10 @@ function missingPermission(args: ChatArgs): string | null {
   if (files.some((path) => !granted({ name: "read", path }))) {
     return `--tls-cert and --tls-key need --allow-read (or --allow-read=${files.join(",")})`;
   }
+  const history = args.options.historyFile;
+  if (history && !(granted({ name: "read", path: history }) && granted({ name: "write", path: history }))) {
+    return `--history needs --allow-read and --allow-write (or both =${history})`;
+  }
   if (args.options.redis && !granted({ name: "env" })) {
     return "--redis needs --allow-env (the Redis client reads environment variables)";
   }
@@ -3509,7 +3674,7 @@ function missingPermission(args: ChatArgs): string | null {
 /** The one line that says why the server could not start; rethrows what is not an expected failure. */
 function whyNotStarted(e: unknown, options: ChatServerOptions): string {
   const port = options.port;
-  if (e instanceof WebListenError) return e.message;
+  if (e instanceof WebListenError || e instanceof HistoryFileError) return e.message;
   if (e instanceof TlsSetupError) return `cannot serve TLS: ${e.message}`;
   if (e instanceof Deno.errors.AddrInUse) return `port ${port} is already in use`;
   if (e instanceof Deno.errors.PermissionDenied) {

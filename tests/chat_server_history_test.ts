@@ -2,13 +2,14 @@
 // Nothing lost: positions in each room's history, a web page that resumes where it left off,
 // and history kept across restarts with --history FILE.
 import assert from "node:assert/strict";
-import { type ChatServerOptions, RoomHistory, startChatServer } from "../chat_server.ts";
+import { type ChatServerOptions, HistoryFile, RoomHistory, startChatServer } from "../chat_server.ts";
 import {
   ask,
   GREETING,
   hasProgram,
   Hiccup,
   joinChat,
+  runScript,
   WAIT_MS,
   withChromium,
   within,
@@ -365,4 +366,106 @@ Deno.test({
       }
     });
   },
+});
+
+// --history FILE: the same history, in node:sqlite, across restarts.
+
+Deno.test("a restart with --history FILE after 1,000 lines keeps the same lines, at the same positions", async () => {
+  const dir = await Deno.makeTempDir();
+  const file = `${dir}/history.db`;
+  try {
+    let epoch = "", names: string[] = [];
+    await withPages({ rate: 0, historyFile: file }, async (tcp, http) => {
+      using t = await joinChat(tcp);
+      for (let i = 1; i <= 1000; i++) await t.write(`kept ${i}\r\n`);
+      await ask(t, "/join dev", "You are now in dev (1); /who lists who is here");
+      await t.write("/me is in dev\r\n");
+      await ask(t, "/history 1", "History of dev (the last 1 line):");
+      await t.readLine();
+      const page = new Page();
+      await page.connect(http);
+      await page.until((l) => l.endsWith("kept 1000"));
+      epoch = page.epoch;
+      names = [t.name];
+      await page.close();
+    });
+    await withPages({ historyFile: file }, async (_tcp, http) => {
+      const page = new Page();
+      page.room = "lobby";
+      page.epoch = epoch;
+      page.seq = 990;
+      await page.connect(http); // as if it had been away while the server restarted
+      const seen = await page.until((l) => l.endsWith("kept 1000"));
+      assert.ok(!seen.some((l) => /away|reset|lost/.test(l)), seen.join("\n"));
+      assert.deepEqual(
+        seen.filter((l) => l.startsWith(`${RS}h `)).map(history),
+        Array.from({ length: 10 }, (_, i) => `[${names[0]}] kept ${991 + i}`),
+      );
+      assert.equal(page.epoch, epoch);
+      page.send("one more");
+      assert.equal(await page.next(), `${RS}= 1001`);
+      page.send("/join dev");
+      const dev = await page.until((l) => l.startsWith("You are now in dev"));
+      assert.deepEqual(dev.filter((l) => l.startsWith(`${RS}h `)).map(history), [`* ${names[0]} is in dev`]);
+      await page.close();
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a history file keeps what --history-lines says, and a failing file costs the history, never the chat", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const said: string[] = [];
+    const file = HistoryFile.open(`${dir}/h.db`, (text) => said.push(text));
+    const history = new RoomHistory(3, file);
+    for (let i = 1; i <= 5; i++) history.keep("Lobby", line(`l${i}`), 1000 * i);
+    file.flush();
+    const reopened = HistoryFile.open(`${dir}/h.db`, (text) => said.push(text));
+    const again = new RoomHistory(3, reopened);
+    assert.deepEqual(again.position("lobby"), history.position("lobby"));
+    assert.deepEqual(again.last("lobby", 9).map((k) => [k.seq, k.time]), [[3, 3000], [4, 4000], [5, 5000]]);
+    assert.deepEqual(texts(again.after("lobby", 1).lines), ["l3", "l4", "l5"]);
+    reopened.close();
+    const { DatabaseSync } = await import("node:sqlite");
+    const other = new DatabaseSync(`${dir}/h.db`); // another process takes the file: writes fail
+    other.exec("BEGIN EXCLUSIVE");
+    assert.equal(history.keep("lobby", line("l6")), 6); // the chat goes on
+    file.flush();
+    assert.equal(history.keep("lobby", line("l7")), 7);
+    file.flush();
+    assert.deepEqual(texts(history.last("lobby", 2)), ["l6", "l7"]);
+    assert.equal(said.length, 1, said.join("\n"));
+    assert.equal(
+      said[0],
+      `History file ${dir}/h.db failed (database is locked): history is kept in memory only from now on`,
+    );
+    other.close();
+    file.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("chat_server.ts says in one line, and exits 1, when its --history file cannot be opened", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(
+      `${dir}/notes.txt`,
+      "not a database, but plenty of text to prove it\n".repeat(100),
+    );
+    for (
+      const [path, why] of [
+        [`${dir}/missing/h.db`, "unable to open database file"],
+        [`${dir}/notes.txt`, "file is not a database"],
+      ]
+    ) {
+      const r = await runScript("chat_server.ts", ["0", "--host", "127.0.0.1", "--history", path]);
+      assert.equal(r.code, 1);
+      assert.equal(r.stderr, `chat_server: cannot keep history in ${path}: ${why}\n`);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

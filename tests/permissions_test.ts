@@ -119,12 +119,47 @@ Deno.test({
   },
 });
 
-Deno.test("README permissions: without them, TLS and Redis say in one line which flag to add", async () => {
+Deno.test("README permissions: chat_server.ts keeps history in its --history file with read and write to it", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/chat.db`, port = freePort();
+    const run = await runAsDocumented({
+      line:
+        "deno run --allow-net --allow-read=chat.db --allow-write=chat.db chat_server.ts 2626 --history chat.db",
+      swaps: {
+        "2626": String(port),
+        "--allow-read=chat.db": `--allow-read=${file}`,
+        "--allow-write=chat.db": `--allow-write=${file}`,
+        "chat.db": file,
+      },
+      until: /started/,
+      meanwhile: async () => {
+        using c = await joinChat(port);
+        await c.write("kept across restarts\r\n/history 1\r\n");
+        assert.equal(await c.readLine(), "History of lobby (the last 1 line):\r\n");
+      },
+    });
+    assert.equal(run.code, 0, run.stderr);
+    const { DatabaseSync } = await import("node:sqlite");
+    const db = new DatabaseSync(file);
+    const row = db.prepare("SELECT message FROM lines").get()!;
+    db.close();
+    assert.match(new TextDecoder().decode(row.message as Uint8Array), /\] kept across restarts\r\n$/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("README permissions: without them, TLS, --history and Redis say in one line which flag to add", async () => {
   for (
     const [extra, line] of [
       [
         ["--tls-cert", "a.pem", "--tls-key", "a.key"],
         "--tls-cert and --tls-key need --allow-read (or --allow-read=a.pem,a.key)",
+      ],
+      [
+        ["--history", "chat.db"],
+        "--history needs --allow-read and --allow-write (or both =chat.db)",
       ],
       [
         ["--redis", "redis://127.0.0.1:1"],
