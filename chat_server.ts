@@ -178,8 +178,10 @@ export class ChatServer {
       }
       if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
-      if (o.redis) this.bus = await startBus(o.redis, busHandlersFor(this));
-      this.bus?.watch(LOBBY); // always: then a lobby line from another instance never beats the subscription
+      if (o.redis) {
+        this.bus = await startBus({ historyLines: o.historyLines, ...o.redis }, busHandlersFor(this));
+      }
+      this.bus?.watch(LOBBY); // always: the lobby's stream is read before anyone arrives
       if (o.http) this.web = new WebGate(this, o.http);
       this.limits.startIdleSweep(this);
     } catch (e) {
@@ -336,9 +338,7 @@ export class ChatServer {
   /** Relays a line to the client's room as `[name] line`: built once, queued for everyone else. */
   relay(client: Client, line: Uint8Array): void {
     const message = client.framed(line);
-    const seq = this.history.keep(client.room.name, message); // its position (section 3)
-    client.room.broadcastKept(client, message, seq);
-    this.bus?.publish(client.room.name, decoder.decode(message.subarray(0, message.length - 2)), true);
+    toRoom(this, client.room, client, message, true); // section 3: here, and with --redis everywhere
     this.log.line(client, line, message);
   }
 
@@ -1221,9 +1221,28 @@ function announce(
   event: Record<string, unknown>,
   size = room.members.size,
 ): void {
-  if (size <= server.limits.announceLimit) room.broadcastExcept(sender, encoder.encode(text + "\r\n"));
-  server.bus?.publish(room.name, text);
+  if (size <= server.limits.announceLimit) toRoom(server, room, sender, encoder.encode(text + "\r\n"), false);
   server.log.event(text, event);
+}
+
+/**
+ * Says `message` (with its CRLF) to a room, from `sender` (who is not sent it). Chat (`kept`) goes
+ * into the room's history at its position. With --redis the bus carries it to every instance's
+ * members, these included, in the one order of the room's stream (section 6); while Redis is away
+ * it is said here at once, and the bus sends it on when Redis returns.
+ */
+function toRoom(
+  server: ChatServer,
+  room: Room,
+  sender: Client | null,
+  message: Uint8Array,
+  kept: boolean,
+): void {
+  if (server.bus?.send(room.name, message, kept, sender)) return;
+  // With a bus, a line said here while Redis is away gets its position (and its place in the
+  // history) when Redis has it.
+  if (!kept || server.bus) return room.broadcastExcept(sender, message);
+  room.broadcastKept(sender, message, server.history.keep(room.name, message));
 }
 
 /**
@@ -1237,10 +1256,7 @@ function sayToRoom(
   event: Record<string, unknown>,
   kept = false,
 ): void {
-  const message = encoder.encode(text + "\r\n");
-  if (kept) client.room.broadcastKept(client, message, server.history.keep(client.room.name, message));
-  else client.room.broadcastExcept(client, message);
-  server.bus?.publish(client.room.name, text, kept);
+  toRoom(server, client.room, client, encoder.encode(text + "\r\n"), kept);
   server.log.event(text, event);
 }
 
@@ -1563,6 +1579,29 @@ export class RoomHistory {
     if (ring.next !== 0) ring.kept = [...ring.kept.slice(ring.next), ...ring.kept.slice(0, ring.next)];
     ring.next = 0;
     ring.bytes -= ring.kept.shift()!.message.length;
+  }
+
+  /**
+   * Keeps a line whose position the bus gave it (section 6). A line from another epoch starts the
+   * ring again: true then, for the room to be told that its history was reset.
+   */
+  put(room: string, at: Position, message: Uint8Array, now = Date.now()): boolean {
+    const ring = this.ring(room);
+    const reset = ring.epoch !== at.epoch && ring.seq > 0; // a room with nothing yet loses nothing
+    if (ring.epoch !== at.epoch) {
+      Object.assign(ring, { epoch: at.epoch, seq: 0, kept: [], next: 0, bytes: 0 });
+    }
+    if (at.seq <= ring.seq) return false; // had it
+    ring.seq = at.seq;
+    if (this.limit > 0) this.push(ring, { seq: at.seq, time: now, message });
+    return reset;
+  }
+
+  /** Replaces a room's history with what the bus has of it, when the instance starts reading it. */
+  load(room: string, at: Position, lines: Kept[]): void {
+    const ring = this.ring(room);
+    Object.assign(ring, { epoch: at.epoch, seq: at.seq, kept: [], next: 0, bytes: 0 });
+    for (const line of lines.slice(-this.limit)) if (this.limit > 0) this.push(ring, line);
   }
 
   /** The last `n` lines kept for a room, oldest first. */
@@ -2640,11 +2679,15 @@ interface Presence {
   room: string;
 }
 
-/** The bus, as the server uses it. Calls made while Redis is away are dropped, not queued. */
+/** The bus, as the server uses it. */
 interface Bus {
   readonly instance: string;
-  /** Sends a line (without CRLF) to the other instances' members of a room; `kept` for chat lines. */
-  publish(room: string, text: string, kept?: boolean): void;
+  /**
+   * Sends a line (`message`, with its CRLF) to a room on every instance, this one included, in the
+   * order of the room's stream; `kept` for chat. False if the caller must say it here itself
+   * (Redis is away, or the room is not read yet): the bus then sends it on to the others later.
+   */
+  send(room: string, message: Uint8Array, kept: boolean, sender: Client | null): boolean;
   /** Delivers a private line to a nick on another instance; false if nobody has that nick. */
   whisper(nick: string, text: string): Promise<boolean>;
   /** Takes a nick across all instances; false if another instance's client has it. */
@@ -2653,9 +2696,11 @@ interface Bus {
   /** Records where a local client is, or that it is gone. */
   present(who: Presence): void;
   absent(address: string): void;
-  /** Subscribes to a room's channel while it has local members. */
+  /** Reads a room's stream while it has local members. */
   watch(room: string): void;
   unwatch(room: string): void;
+  /** False while a watched room's stream has not been read yet: its position is not known. */
+  knows(room: string): boolean;
   /** Every member on the other instances; null while Redis is away. */
   others(): Promise<Presence[] | null>;
   close(): Promise<void>;
@@ -2663,8 +2708,21 @@ interface Bus {
 
 /** What the bus needs from the server. */
 interface BusHandlers {
-  /** A line for a room, from another instance; `kept` if it belongs in the room's history. */
-  onRoomLine(room: string, text: string, kept: boolean): void;
+  /**
+   * A line for a room, read from its stream: from another instance, or from this one (`sender`
+   * and its `message` then). `at` is its position if it is kept; `said` if it was already said
+   * here while Redis was away, and only the history is to have it.
+   */
+  onRoomLine(
+    room: string,
+    text: string,
+    at: Position | null,
+    sender: Client | null,
+    message?: Uint8Array,
+    said?: boolean,
+  ): void;
+  /** A room's stream is read from now on: its position, and its last kept lines. */
+  onRoomRead(room: string, at: Position, lines: Kept[]): void;
   /** A private line for a local nick, from another instance. */
   onWhisper(nick: string, text: string): void;
   /** Everyone local, to write back to Redis after it returns. */
@@ -2676,11 +2734,18 @@ interface BusHandlers {
 /** How the bus reaches this server: lines for its rooms and nicks, and who is here. */
 function busHandlersFor(server: ChatServer): BusHandlers {
   return {
-    onRoomLine(room, text, kept) {
-      const message = encoder.encode(text + "\r\n");
+    onRoomLine(room, text, at, sender, message = encoder.encode(text + "\r\n"), said = false) {
       const here = server.directory.room(room);
-      if (!kept) here?.broadcastExcept(null, message);
-      else here?.broadcastKept(null, message, server.history.keep(room, message));
+      if (at === null) return said ? undefined : here?.broadcastExcept(sender, message);
+      if (server.history.put(room, at, message) && here) {
+        here.broadcastExcept(null, encoder.encode(`(the history of ${here.name} was reset)\r\n`));
+      }
+      if (!said) here?.broadcastKept(sender, message, at.seq);
+    },
+    onRoomRead(room, at, lines) {
+      server.history.load(room, at, lines);
+      const here = server.directory.room(room);
+      for (const client of here?.members ?? []) if (client.page) showRoom(server, client, here!);
     },
     onWhisper(nick, text) {
       server.directory.holder(nick)?.tell(text);
@@ -2698,6 +2763,8 @@ export interface RedisOptions {
   prefix?: string;
   /** Seconds after which a crashed instance's members leave the directory. Default 30. */
   expiry?: number;
+  /** Kept lines each room's stream holds (at least 1,000): its shared history. */
+  historyLines?: number;
 }
 
 /** A client of npm:redis, as createClient() makes it (a type only: nothing is loaded for it). */
@@ -2710,8 +2777,80 @@ async function startBus(options: RedisOptions, handlers: BusHandlers): Promise<R
 }
 
 /**
+ * Appends one entry to a room's stream, atomically: the room's epoch (made if the room has none:
+ * a Redis that restarted empty, or was flushed), its position, and the entry, whose id is the
+ * position: `SEQ-0` for a kept line, `SEQ-N` for the Nth announcement after it. Returns the
+ * epoch, the position, and 1 if the epoch is new.
+ */
+const APPEND_SCRIPT = `
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local fresh = 0
+if not epoch then
+  epoch = ARGV[1]; fresh = 1
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'sub', 0)
+end
+local seq, sub
+if ARGV[2] == '1' then
+  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1); sub = 0
+  redis.call('HSET', KEYS[1], 'sub', 0)
+else
+  seq = tonumber(redis.call('HGET', KEYS[1], 'seq')); sub = redis.call('HINCRBY', KEYS[1], 'sub', 1)
+end
+redis.call('XADD', KEYS[2], seq .. '-' .. sub, 'e', epoch, 'i', ARGV[3], 'l', ARGV[4], 'k', ARGV[2], 'd', ARGV[5], 't', ARGV[6], 'w', ARGV[8])
+if ARGV[2] == '1' and seq > tonumber(ARGV[7]) then
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', seq - tonumber(ARGV[7]))
+end
+return {epoch, seq, fresh}`;
+
+/** The epoch of a room Redis has no history for yet: the first line it keeps makes a real one. */
+const NO_EPOCH = "00000000";
+
+/** Bytes of lines that wait for Redis while it is away; past that the oldest are dropped, and said. */
+export const BUS_QUEUE_BYTES = 16 * 1024 * 1024;
+/** Entries one read of the streams takes at most. */
+const READ_COUNT = 1000;
+
+/** A room whose stream this instance reads: its epoch, and the id read up to (null: not yet). */
+interface RoomStream {
+  name: string;
+  epoch: string | null;
+  id: string | null;
+  seq: number;
+  /** How far the reader has got in each epoch it has seen: after a rewind it skips what it said. */
+  seen: Map<string, string>;
+}
+
+/** A line this instance appended: who said it, when, and whether it has been said here already. */
+interface Mine {
+  sender: Client | null;
+  message: Uint8Array;
+  stream: RoomStream;
+  kept: boolean;
+  at: number;
+  said: boolean;
+}
+
+/** A line waiting for Redis, already said here. */
+interface Queued {
+  room: string;
+  text: string;
+  kept: boolean;
+  /** Its number among this instance's lines, by which the others tell a line sent twice. */
+  local: number;
+}
+
+/** How long this instance remembers its lines after reading them back, to send again if Redis lost them. */
+const RECENT_MS = 3000;
+
+/**
  * The bus over Redis. It is usable at once: `ready` settles when Redis first answers, and until
  * then (and whenever Redis is away) the server runs on its own.
+ *
+ * Room traffic goes through one Redis stream per room (APPEND_SCRIPT), which every instance with
+ * members in the room reads from its own position, on a connection of its own, so that nothing
+ * said while an instance was briefly cut off is lost, and everyone sees a room in one order.
+ * Private lines and who-is-where use pub/sub and keys, as before.
  */
 class RedisBus implements Bus {
   readonly instance = crypto.randomUUID().slice(0, 12);
@@ -2720,14 +2859,32 @@ class RedisBus implements Bus {
   private readonly handlers: BusHandlers;
   private readonly prefix: string;
   private readonly expiry: number;
+  private readonly keep: number;
   private readonly pub: RedisClient;
   private readonly sub: RedisClient;
-  private readonly watched = new Set<string>();
+  private readonly reader: RedisClient;
+  private readerId: number | null = null;
+  private readonly streams = new Map<string, RoomStream>(); // by room key
   private readonly myNicks = new Set<string>(); // lower-case
+  /** Lines this instance appended and has not read back: who said them, the bytes, and when. */
+  private readonly mine = new Map<number, Mine>();
+  private nextLocal = 0;
+  private readonly queue: Queued[] = [];
+  /** This instance's lines read back in the last RECENT_MS: sent again if Redis loses them. */
+  private recent: (Queued & { at: number })[] = [];
+  /** The last line number read from each instance in each room (`instance room`): a repeat is skipped. */
+  private readonly lastFrom = new Map<string, number>();
+  private queuedBytes = 0;
+  private dropped = 0;
+  private flushing = false;
+  private checking: Promise<void> | null = null;
+  private checkAgain = false;
   private up = false;
   private everUp = false;
   private closed = false;
+  private wake: (() => void) | null = null;
   private readonly heartbeat: ReturnType<typeof setInterval>;
+  private readonly reading: Promise<void>;
 
   constructor(
     createClient: typeof import("redis").createClient,
@@ -2737,52 +2894,386 @@ class RedisBus implements Bus {
     this.handlers = handlers;
     this.prefix = options.prefix ?? "chat";
     this.expiry = options.expiry ?? 30;
+    this.keep = Math.max(1000, options.historyLines ?? 0);
     const socket = {
       reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
       connectTimeout: 2000,
     };
     this.pub = createClient({ url: options.url, disableOfflineQueue: true, socket });
     this.sub = this.pub.duplicate();
+    this.reader = this.pub.duplicate();
     // Errors come once per failed attempt; the operator hears of a loss once, and of the recovery.
     // (Before Redis has ever answered, the caller reports that, once.)
     this.pub.on("error", (e: Error) => {
       if (this.up) handlers.say(`Redis unavailable (${e.message}): local chat goes on; reconnecting`);
       this.up = false;
+      this.lost();
     });
-    this.sub.on("error", () => {}); // reported through pub, which shares its fate
-    // A room first watched while Redis was away has no subscription yet: make it (again) on every
-    // connection. Subscribing twice with the same listener changes nothing.
-    this.sub.on("ready", () => {
-      for (const room of this.watched) {
-        this.sub.subscribe(this.#key("room", room), this.onMessage).catch(ignore);
-      }
+    this.sub.on("error", ignore); // reported through pub, which shares its fate
+    this.reader.on("error", ignore);
+    this.reader.on("ready", () => {
+      this.reader.sendCommand(["CLIENT", "ID"]).then((id) => {
+        this.readerId = Number(id);
+        this.nudge();
+      }, ignore);
     });
     this.pub.on("ready", () => {
       this.up = true;
       if (this.everUp) handlers.say("Redis is back: rooms are shared again");
       this.everUp = true;
-      this.restore().catch(ignore);
+      this.restore().then(() => this.catchUp()).catch(ignore);
     });
-    this.heartbeat = setInterval(() => this.beat(), Math.max(200, this.expiry * 1000 / 3));
-    const connecting = Promise.all([this.pub.connect(), this.sub.connect()]);
+    this.heartbeat = setInterval(() => this.beat(), Math.max(200, Math.min(1000, this.expiry * 1000 / 3)));
+    const connecting = Promise.all([this.pub.connect(), this.sub.connect(), this.reader.connect()]);
     connecting.catch(ignore);
     this.ready = connecting.then(async () => {
       await this.sub.subscribe(this.#key("instance", this.instance), this.onMessage);
-      for (const room of this.watched) await this.sub.subscribe(this.#key("room", room), this.onMessage);
+      await this.sub.subscribe(this.#key("reset"), this.onReset);
+      await this.checkRooms(); // the lobby's stream is read from here on
     });
     this.ready.catch(ignore);
+    this.reading = this.read();
   }
 
-  /** Every key and channel: `<prefix>:room:<name>`, `:instance:<id>`, `:presence:<id>`, `:nick:<nick>`. */
-  #key(kind: "room" | "instance" | "presence" | "nick" | "instances", name = ""): string {
-    return kind === "instances"
-      ? `${this.prefix}:instances`
+  /** Every key and channel: `<prefix>:stream:<room>`, `:room:<room>` (its epoch and position), `:instance:<id>`, ... */
+  #key(
+    kind: "stream" | "room" | "instance" | "presence" | "nick" | "instances" | "reset",
+    name = "",
+  ): string {
+    return kind === "instances" || kind === "reset"
+      ? `${this.prefix}:${kind}`
       : `${this.prefix}:${kind}:${Directory.key(name)}`;
   }
 
-  // Each message is JSON: the sending instance, and a line for a room or a nick. Anything with
-  // access to Redis can publish, so a message is input like a client's line: its shape is checked,
-  // and its text gets the same character rules (no controls, no escapes, one line).
+  // --- Rooms: streams ------------------------------------------------------------------------
+
+  send(room: string, message: Uint8Array, kept: boolean, sender: Client | null): boolean {
+    const stream = this.streams.get(Directory.key(room));
+    if (!stream) return false; // a room nobody here is in (the lobby is always watched)
+    const text = decoder.decode(message.subarray(0, message.length - 2));
+    const local = ++this.nextLocal;
+    if (!this.up || this.queue.length > 0 || stream.id === null) {
+      this.enqueue({ room: stream.name, text, kept, local });
+      return false;
+    }
+    this.mine.set(local, { sender, message, stream, kept, at: Date.now(), said: false });
+    this.append(stream.name, text, kept, local, false).catch(() => {
+      // Lost on the way: say it here now, and send it on when Redis returns.
+      const line = this.mine.get(local);
+      if (!line || !this.mine.delete(local)) return;
+      if (!line.said) this.handlers.onRoomLine(stream.name, text, null, sender, message, false);
+      this.enqueue({ room: stream.name, text, kept, local });
+    });
+    return true;
+  }
+
+  private append(room: string, text: string, kept: boolean, local: number, said: boolean): Promise<void> {
+    const args = [
+      "EVAL",
+      APPEND_SCRIPT,
+      "2",
+      this.#key("room", room),
+      this.#key("stream", room),
+      crypto.randomUUID().slice(0, 8),
+      kept ? "1" : "0",
+      this.instance,
+      String(local),
+      said ? "1" : "0",
+      text,
+      String(this.keep),
+      String(Date.now()),
+    ];
+    return this.pub.sendCommand(args).then((reply) => {
+      const [epoch, , fresh] = reply as unknown as [string, number, number];
+      if (Number(fresh) === 1) {
+        // The room had lost its history (a flush, an empty restart): everyone reads it from the start.
+        this.rewind(Directory.key(room), epoch);
+        this.pub.publish(this.#key("reset"), Directory.key(room)).catch(ignore);
+      }
+    });
+  }
+
+  // Keeps the queue in the order the lines were said (a line whose append failed comes back late).
+  private enqueue(line: Queued): void {
+    let at = this.queue.length;
+    while (at > 0 && this.queue[at - 1].local > line.local) at--;
+    this.queue.splice(at, 0, line);
+    this.queuedBytes += line.text.length;
+    while (this.queuedBytes > BUS_QUEUE_BYTES) {
+      this.queuedBytes -= this.queue.shift()!.text.length;
+      this.dropped++;
+    }
+    if (this.up && !this.flushing) this.catchUp().catch(ignore); // up, but the room was not read yet
+  }
+
+  // Redis is back: what waited goes out first, in order; then the rooms are read on.
+  private async catchUp(): Promise<void> {
+    if (this.flushing) return;
+    this.flushing = true;
+    try {
+      await this.resendRecent();
+      while (this.up && this.queue.length > 0) {
+        const batch = this.queue.slice(0, 500);
+        const results = await Promise.allSettled(
+          batch.map((q) => this.append(q.room, q.text, q.kept, q.local, true)),
+        );
+        const done = results.findIndex((r) => r.status === "rejected");
+        const sent = done === -1 ? batch.length : done;
+        for (const q of this.queue.splice(0, sent)) this.queuedBytes -= q.text.length;
+        if (done !== -1) return;
+      }
+      if (this.dropped > 0) {
+        this.handlers.say(
+          `${
+            plural(this.dropped, "line")
+          } said while Redis was away did not fit the queue and were not shared`,
+        );
+        this.dropped = 0;
+      }
+      await this.checkRooms();
+    } finally {
+      this.flushing = false;
+      this.nudge();
+    }
+  }
+
+  // Redis came back without a room's history (restarted empty): this instance's lines of the last
+  // few seconds go out again, since another instance may not have read them before Redis went.
+  // The others know them by their number, and skip those they had.
+  private async resendRecent(): Promise<void> {
+    const now = Date.now();
+    while (this.recent.length > 0 && now - this.recent[0].at > RECENT_MS) this.recent.shift();
+    if (this.recent.length === 0) return;
+    const gone = new Set<string>();
+    for (const [key, stream] of this.streams) {
+      if (stream.epoch === null) continue;
+      const epoch = await this.pub.hGet(this.#key("room", key), "epoch");
+      if (epoch !== stream.epoch) gone.add(key);
+    }
+    const again = this.recent.filter((q) => gone.has(Directory.key(q.room)));
+    this.recent = [];
+    if (again.length === 0) return;
+    for (const q of again) this.enqueue(q);
+  }
+
+  // Redis went away: lines appended but not read back may be lost with it; say them here now.
+  private lost(): void {
+    for (const [local, line] of this.mine) {
+      this.mine.delete(local);
+      const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
+      if (!line.said) {
+        this.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
+      }
+      this.enqueue({ room: line.stream.name, text, kept: line.kept, local });
+    }
+  }
+
+  // A Redis that is up but stuck (frozen, swapping) must not hold this instance's own rooms: a
+  // line not read back within REDIS_ANSWER_MS is said here, and only the history waits for Redis.
+  private sayLate(now: number): void {
+    for (const line of this.mine.values()) {
+      if (now - line.at < REDIS_ANSWER_MS) break; // in the order they were sent
+      if (line.said) continue;
+      line.said = true;
+      const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
+      this.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
+    }
+  }
+
+  /**
+   * Checks each room against Redis: a room not read yet starts at the stream's end, with its last
+   * lines as history; one whose epoch changed, or whose position went back (a Redis restored from
+   * an older snapshot), is read again from the start of what Redis has.
+   */
+  private checkRooms(): Promise<void> {
+    if (this.checking) {
+      this.checkAgain = true; // a room was added since the check under way looked
+      return this.checking;
+    }
+    this.checking = (async () => {
+      try {
+        do {
+          this.checkAgain = false;
+          await this.checkEach();
+        } while (this.checkAgain && this.up);
+      } finally {
+        this.checking = null;
+        this.nudge();
+      }
+    })();
+    return this.checking;
+  }
+
+  private async checkEach(): Promise<void> {
+    for (const [key, stream] of this.streams) {
+      const [epoch, seq] = await this.pub.hmGet(this.#key("room", key), ["epoch", "seq"]);
+      if (this.streams.get(key) !== stream) continue; // unwatched meanwhile
+      if (stream.id === null) {
+        const entries = (await this.pub.sendCommand(
+          ["XREVRANGE", this.#key("stream", key), "+", "-", "COUNT", String(this.keep)],
+        )) as unknown as [string, string[]][];
+        const lines: Kept[] = [];
+        for (const [id, fields] of entries.reverse()) {
+          const f = entryFields(fields);
+          if (f.k === "1" && f.e === epoch) {
+            lines.push({
+              seq: Number(id.split("-")[0]),
+              time: Number(f.w) || Date.now(),
+              message: encoder.encode(safeBusText(f.t) + "\r\n"),
+            });
+          }
+        }
+        stream.epoch = epoch ?? null;
+        stream.seq = Number(seq ?? 0);
+        stream.id = entries.length > 0 ? entries.at(-1)![0] : "0-0";
+        this.handlers.onRoomRead(stream.name, { epoch: epoch ?? NO_EPOCH, seq: stream.seq }, lines);
+      } else if (stream.epoch === null) {
+        if (epoch) this.rewind(key, epoch); // the epoch is known now: read it from its start
+      } else if (epoch !== stream.epoch) {
+        this.rewind(key, epoch ?? null);
+      } else if (Number(seq ?? 0) < stream.seq) { // an older snapshot: the room's history forks here
+        const forked = crypto.randomUUID().slice(0, 8);
+        await this.pub.hSet(this.#key("room", key), "epoch", forked);
+        this.rewind(key, forked);
+      }
+    }
+  }
+
+  // Reads the room from the start of what its stream holds: its epoch is now `epoch` (null: not known yet).
+  private rewind(key: string, epoch: string | null): void {
+    const stream = this.streams.get(key);
+    if (!stream || stream.id === null) return;
+    if (epoch !== null && stream.epoch === epoch) return; // the same history: nothing to read again
+    stream.id = "0-0";
+    stream.epoch = epoch;
+    stream.seq = 0;
+    this.nudge();
+  }
+
+  private readonly onReset = (key: string): void => this.rewind(key, null);
+
+  // Wakes the reader: a room was added or rewound, so its XREAD must start again.
+  private nudge(): void {
+    this.wake?.();
+    if (this.readerId !== null && this.reader.isReady) {
+      this.pub.sendCommand(["CLIENT", "UNBLOCK", String(this.readerId)]).catch(ignore);
+    }
+  }
+
+  // The reader: XREAD on every read room, blocking until something comes, on its own connection.
+  private async read(): Promise<void> {
+    while (!this.closed) {
+      const streams = [...this.streams.entries()].filter(([, s]) => s.id !== null);
+      const asked = new Map(streams.map(([key, s]) => [key, s.id])); // a rewind meanwhile voids the answer
+      if (!this.up || !this.reader.isReady || streams.length === 0) {
+        await new Promise<void>((resolve) => {
+          const woken = () => {
+            clearTimeout(timer);
+            this.wake = null;
+            resolve();
+          };
+          const timer = setTimeout(woken, 500);
+          this.wake = woken;
+        });
+        continue;
+      }
+      let reply: unknown;
+      try {
+        reply = await this.reader.sendCommand([
+          "XREAD",
+          "COUNT",
+          String(READ_COUNT),
+          "BLOCK",
+          "5000",
+          "STREAMS",
+          ...streams.map(([key]) => this.#key("stream", key)),
+          ...streams.map(([, s]) => s.id!),
+        ]);
+      } catch {
+        await delay(100);
+        continue;
+      }
+      // A map of stream to entries (RESP3), or a list of pairs (RESP2); null when nothing came.
+      const streamsRead = reply === null
+        ? []
+        : Array.isArray(reply)
+        ? reply
+        : Object.entries(reply as object);
+      for (const [name, entries] of streamsRead as [string, [string, string[]][]][]) {
+        const key = name.slice(this.#key("stream").length);
+        const stream = this.streams.get(key);
+        if (!stream || stream.id === null || stream.id !== asked.get(key)) continue;
+        for (const [id, fields] of entries) {
+          if (stream.id === "0-0" && asked.get(key) !== "0-0") break; // rewound by an entry of a new epoch
+          this.onEntry(stream, id, fields);
+        }
+      }
+    }
+  }
+
+  // One entry of a room's stream: checked like a client's line, then said to the room here.
+  private onEntry(stream: RoomStream, id: string, fields: string[]): void {
+    if (stream.id === "0-0" && id === "0-0") return;
+    stream.id = id;
+    const f = entryFields(fields);
+    if (typeof f.e !== "string" || typeof f.t !== "string" || f.t.length > MAX_BUS_TEXT) return;
+    // An entry of another epoch, read from a position in the old one: Redis lost the room's
+    // history. Redis says which epoch is real (checkRooms), and the room is read again from its start.
+    if (stream.epoch !== null && f.e !== stream.epoch) return void this.checkRooms().catch(ignore);
+    stream.epoch = f.e; // the epoch of this position, if it was not known
+    const seq = Number(id.split("-")[0]);
+    stream.seq = seq;
+    const seen = stream.seen.get(f.e);
+    if (seen !== undefined && idOrder(id, seen) <= 0) return; // said before a rewind
+    stream.seen.delete(f.e);
+    stream.seen.set(f.e, id);
+    if (stream.seen.size > 4) stream.seen.delete(stream.seen.keys().next().value!); // the oldest epoch
+    const kept = f.k === "1";
+    const local = f.i === this.instance ? this.mine.get(Number(f.l)) : undefined;
+    if (local) this.mine.delete(Number(f.l));
+    const own = f.i === this.instance, number = Number(f.l) || 0;
+    const from = `${f.i} ${Directory.key(stream.name)}`, last = this.lastFrom.get(from) ?? 0;
+    const repeat = !own && number > 0 && number <= last; // sent again after Redis lost it: we had it
+    if (number > last) this.lastFrom.delete(from), this.lastFrom.set(from, number);
+    if (this.lastFrom.size > 10_000) this.lastFrom.delete(this.lastFrom.keys().next().value!);
+    if (repeat) return;
+    if (own && number > 0) {
+      this.recent.push({ room: stream.name, text: f.t, kept: f.k === "1", local: number, at: Date.now() });
+      if (this.recent.length > 10_000) this.recent.shift();
+    }
+    const said = own && (f.d === "1" || local?.said === true);
+    const text = local ? "" : safeBusText(f.t);
+    if (!local && text === "") return;
+    const at = kept ? { epoch: f.e, seq } : null;
+    this.handlers.onRoomLine(stream.name, text, at, local?.sender ?? null, local?.message, said);
+  }
+
+  watch(room: string): void {
+    const key = Directory.key(room);
+    if (this.streams.has(key)) return;
+    this.streams.set(key, { name: room, epoch: null, id: null, seq: 0, seen: new Map() });
+    if (this.up && !this.flushing) this.checkRooms().catch(ignore);
+  }
+
+  unwatch(room: string): void {
+    if (this.streams.delete(Directory.key(room))) this.nudge();
+  }
+
+  /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */
+  get queued(): number {
+    return this.queuedBytes;
+  }
+
+  knows(room: string): boolean {
+    const stream = this.streams.get(Directory.key(room));
+    return stream === undefined || stream.id !== null;
+  }
+
+  // --- Private lines, nicks and presence: pub/sub and keys ---------------------------------
+
+  // Each message on an instance's channel is JSON: the sending instance, and a line for a nick.
+  // Anything with access to Redis can publish, so a message is input like a client's line: its
+  // shape is checked, and its text gets the same character rules (no controls, no escapes).
   private readonly onMessage = (raw: string): void => {
     let m: unknown;
     try {
@@ -2792,9 +3283,7 @@ class RedisBus implements Bus {
     }
     if (!isBusMessage(m) || m.i === this.instance) return;
     const text = safeBusText(m.text);
-    if (text === "") return;
-    if (typeof m.room === "string") this.handlers.onRoomLine(m.room, text, m.k === 1);
-    else if (typeof m.nick === "string") this.handlers.onWhisper(m.nick, text);
+    if (text !== "" && typeof m.nick === "string") this.handlers.onWhisper(m.nick, text);
   };
 
   // Writes this instance's presence and nicks back, when Redis has (re)connected.
@@ -2812,7 +3301,9 @@ class RedisBus implements Bus {
 
   // Renews the expiry of this instance's presence and nicks; if one of them is gone (a FLUSHALL,
   // or a Redis restarted empty), writes them all back at once rather than waiting for a reconnect.
+  // It also checks each room's epoch, so that a flush nobody has written to since is noticed.
   private beat(): void {
+    this.sayLate(Date.now());
     if (!this.up) return;
     const multi = this.pub.multi();
     multi.expire(this.#key("presence", this.instance), this.expiry);
@@ -2823,14 +3314,7 @@ class RedisBus implements Bus {
       const someLocal = this.handlers.locals().length > 0;
       if (renewed.some((r, i) => Number(r) === 0 && (i > 0 || someLocal))) return this.restore();
     }).catch(ignore);
-  }
-
-  publish(room: string, text: string, kept = false): void {
-    if (!this.up) return;
-    const message = JSON.stringify(
-      kept ? { i: this.instance, room, text, k: 1 } : { i: this.instance, room, text },
-    );
-    this.pub.publish(this.#key("room", room), message).catch(ignore);
+    if (!this.flushing && this.queue.length === 0) this.checkRooms().catch(ignore);
   }
 
   async whisper(nick: string, text: string): Promise<boolean> {
@@ -2876,19 +3360,6 @@ class RedisBus implements Bus {
     if (this.up) this.pub.hDel(this.#key("presence", this.instance), address).catch(ignore);
   }
 
-  watch(room: string): void {
-    const key = Directory.key(room);
-    if (this.watched.has(key)) return;
-    this.watched.add(key);
-    if (this.sub.isReady) this.sub.subscribe(this.#key("room", key), this.onMessage).catch(ignore);
-  }
-
-  unwatch(room: string): void {
-    const key = Directory.key(room);
-    if (!this.watched.delete(key)) return;
-    if (this.sub.isReady) this.sub.unsubscribe(this.#key("room", key)).catch(ignore);
-  }
-
   async others(): Promise<Presence[] | null> {
     if (!this.up) return null;
     try {
@@ -2914,6 +3385,7 @@ class RedisBus implements Bus {
   async close(): Promise<void> {
     this.closed = true;
     clearInterval(this.heartbeat);
+    this.wake?.();
     if (this.up) {
       const multi = this.pub.multi();
       multi.del(this.#key("presence", this.instance));
@@ -2921,18 +3393,29 @@ class RedisBus implements Bus {
       for (const nick of this.myNicks) multi.del(this.#key("nick", nick));
       await answerWithin(multi.exec().then(ignore, ignore), undefined); // a stuck Redis must not stall shutdown
     }
-    for (const client of [this.sub, this.pub]) client.destroy();
+    for (const client of [this.reader, this.sub, this.pub]) client.destroy();
+    await this.reading;
   }
 }
 
-/** A message on the bus, as instances publish them. */
+/** A message on an instance's channel: a private line for a nick. */
 interface BusMessage {
   i: string;
-  room?: string;
-  nick?: string;
+  nick: string;
   text: string;
-  /** 1 for a chat line, which the room's history keeps. */
-  k?: number;
+}
+
+/** Orders two stream ids, `MS-N`: negative if `a` comes first. */
+function idOrder(a: string, b: string): number {
+  const [am, an] = a.split("-").map(Number), [bm, bn] = b.split("-").map(Number);
+  return am - bm || an - bn;
+}
+
+/** A stream entry's fields, from Redis's flat list: `e` epoch, `i` instance, `l` its local number, `k` 1 if kept, `d` 1 if already said by its instance, `t` the text. */
+function entryFields(fields: string[]): Record<string, string> {
+  const f: Record<string, string> = {};
+  for (let i = 0; i + 1 < fields.length; i += 2) f[fields[i]] = fields[i + 1];
+  return f;
 }
 
 /** The longest text a bus message may carry: a line of the longest --max-line, and its prefix. */
@@ -2940,9 +3423,9 @@ const MAX_BUS_TEXT = 1 << 21;
 
 function isBusMessage(m: unknown): m is BusMessage {
   if (typeof m !== "object" || m === null) return false;
-  const { i, room, nick, text } = m as Record<string, unknown>;
+  const { i, nick, text } = m as Record<string, unknown>;
   return typeof i === "string" && typeof text === "string" && text.length <= MAX_BUS_TEXT &&
-    (typeof room === "string" || typeof nick === "string");
+    typeof nick === "string";
 }
 
 /** A bus line under the client line's rules: controls, C1 and line ends removed. */
@@ -3252,10 +3735,12 @@ function showRoom(server: ChatServer, client: Client, room: Room): void {
   const page = client.page!;
   const was = page.resume;
   if (was && !Directory.same(was.room, room.name)) return; // on its way back to its own room
+  if (server.bus && !server.bus.knows(room.name)) return; // the bus shows it once it reads the room
   page.resume = null;
   const history = server.history, now = history.position(room.name);
   let lines: Kept[];
-  if (was && was.epoch === now.epoch && was.seq <= now.seq) {
+  // A page that had seen nothing has lost nothing, whatever the epoch now.
+  if (was && (was.epoch === now.epoch || was.seq === 0) && was.seq <= now.seq) {
     const after = history.after(room.name, was.seq);
     if (after.missing > 0) {
       const verb = after.missing === 1 ? "is" : "are";

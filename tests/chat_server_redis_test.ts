@@ -1,6 +1,6 @@
 // chat_server.ts --redis: several instances share rooms through a real redis-server.
 import assert from "node:assert/strict";
-import { type ChatServer, startChatServer } from "../chat_server.ts";
+import { BUS_QUEUE_BYTES, type ChatServer, type ChatServerOptions, startChatServer } from "../chat_server.ts";
 import {
   ask,
   Capture,
@@ -12,6 +12,7 @@ import {
   TestClient,
   WAIT_MS,
   within,
+  WsClient,
 } from "./_helpers.ts";
 
 /** A redis-server of our own on a free port, that a test can kill and start again. */
@@ -48,7 +49,8 @@ class Redis {
     const enc = new TextEncoder();
     const bulk = args.map((a) => `$${enc.encode(a).length}\r\n${a}\r\n`).join("");
     await c.write(`*${args.length}\r\n${bulk}`);
-    return (await c.readLine())!.trimEnd();
+    const first = (await c.readLine())!.trimEnd();
+    return /^\$\d+$/.test(first) ? (await c.readLine())!.trimEnd() : first; // a bulk string: its text
   }
 
   /** Freezes or thaws the server: up, but answering nothing. */
@@ -68,11 +70,12 @@ async function instances(
   redis: Redis,
   n: number,
   expiry = 30,
+  options: ChatServerOptions = {},
 ): Promise<{ servers: ChatServer[]; logs: Capture[] }> {
   const logs = Array.from({ length: n }, () => new Capture());
   const servers = await Promise.all(
     logs.map((log) =>
-      startChatServer({ port: 0, host: "127.0.0.1", log, redis: { url: redis.url, expiry } })
+      startChatServer({ port: 0, host: "127.0.0.1", log, redis: { url: redis.url, expiry }, ...options })
     ),
   );
   await within(WAIT_MS, Promise.all(servers.map((s) => s.redisReady)), "the instances to reach Redis");
@@ -84,10 +87,11 @@ async function withInstances(
   n: number,
   body: (ctx: { redis: Redis; servers: ChatServer[]; logs: Capture[] }) => Promise<void>,
   expiry = 30,
+  options: ChatServerOptions = {},
 ): Promise<void> {
   const redis = new Redis();
   await redis.start();
-  const { servers, logs } = await instances(redis, n, expiry);
+  const { servers, logs } = await instances(redis, n, expiry, options);
   try {
     await body({ redis, servers, logs });
   } finally {
@@ -362,15 +366,31 @@ redisTest("after FLUSHALL the instances write back who is where and whose nick i
 redisTest("what the bus carries is checked like a client's line: no escapes, no broken entries", async () => {
   await withInstances(1, async ({ servers, redis }) => {
     using a = await joinChat(servers[0].addr.port);
-    for (const raw of ['{"i":"x","room":5,"text":[]}', "null", "[]", '{"i":"x","room":"lobby"}']) {
-      await redis.command("PUBLISH", "chat:room:lobby", raw); // shapes that are not ours: ignored
+    await ask(a, "/who", "In lobby (1):", `  ${a.name} (you)`); // its join is in the lobby's stream by now
+    for (const [id, ...fields] of [["0-50", "e", "x"], ["0-51", "t", "no epoch"], ["0-52", "junk"]]) {
+      await redis.command("XADD", "chat:stream:lobby", id, ...fields); // entries that are not ours: ignored
     }
+    const epoch = await redis.command("HGET", "chat:room:lobby", "epoch"); // of another epoch, it would be ignored too
     await redis.command(
-      "PUBLISH",
-      "chat:room:lobby",
-      JSON.stringify({ i: "x", room: "lobby", text: "\u001b[2Jhi\u009b\r\nthere" }),
+      "XADD",
+      "chat:stream:lobby",
+      "0-53",
+      "e",
+      epoch,
+      "i",
+      "x",
+      "k",
+      "0",
+      "t",
+      "\u001b[2Jhi\u009b\r\nthere",
     );
     assert.equal(await a.readLine(), "[2Jhithere\r\n");
+    for (const raw of ['{"i":"x","nick":5,"text":[]}', "null", "[]"]) {
+      await redis.command("PUBLISH", "chat:instance:" + "x", raw); // private lines that are not ours either
+    }
+    await a.write("/join x\r\n/join lobby\r\n"); // and nothing is said twice after them
+    assert.equal(await a.readLine(), "You are now in x (1); /who lists who is here\r\n");
+    assert.equal(await a.readLine(), "You are now in lobby (1); /who lists who is here\r\n");
     await redis.command("ZADD", "chat:instances", String(Date.now() + 60_000), "intruder");
     await redis.command("HSET", "chat:presence:intruder", "1.2.3.4:5", "null");
     await redis.command(
@@ -382,3 +402,211 @@ redisTest("what the bus carries is checked like a client's line: no escapes, no 
     assert.deepEqual(await who(a), [`${a.name} (you)`, "1.2.3.4:6"]);
   });
 });
+
+// --- Nothing lost: the rooms' streams -------------------------------------------------------------
+
+/** Reads lines until `count` of `from`'s numbered `word` lines have come; returns their texts, in order. */
+async function linesFrom(
+  client: TestClient,
+  from: string,
+  word: string,
+  count: number,
+  ms = WAIT_MS,
+): Promise<string[]> {
+  const got: string[] = [];
+  const deadline = Date.now() + ms;
+  while (got.length < count) {
+    const line = await client.readLine(Math.max(1, deadline - Date.now())).catch((e) => {
+      const missing = [...Array(count).keys()].map((i) => i + 1).filter((n) =>
+        !got.some((g) => g.endsWith(` ${n}`))
+      );
+      throw new Error(
+        `${e.message}: had ${got.length} of ${count} from ${from}; missing ${missing.slice(0, 5)}`,
+      );
+    });
+    if (line === null) throw new Error("closed");
+    if (line.startsWith(`[${from}] ${word} `)) got.push(line.slice(from.length + 3).trimEnd());
+  }
+  return got;
+}
+
+const numbered = (who: string, n: number) => Array.from({ length: n }, (_, i) => `${who} ${i + 1}`);
+
+/** Sends `n` numbered lines, one every `gap` ms. */
+async function sendSpread(client: TestClient, who: string, n: number, gap: number): Promise<void> {
+  for (const text of numbered(who, n)) {
+    await client.write(text + "\r\n");
+    await new Promise((r) => setTimeout(r, gap));
+  }
+}
+
+redisTest(
+  "Redis killed and restarted empty after 5 s while both sides send 500 lines: all arrive, once, in order",
+  async () => {
+    await withInstances(
+      2,
+      async ({ servers, logs, redis }) => {
+        using a = await joinChat(servers[0].addr.port);
+        using a2 = await joinChat(servers[0].addr.port);
+        using b = await joinChat(servers[1].addr.port);
+        await sync(a, b);
+        await sync(b, a);
+        await redis.kill();
+        const sending = Promise.all([sendSpread(a, "east", 500, 9), sendSpread(b, "west", 500, 9)]);
+        await new Promise((r) => setTimeout(r, 5000));
+        await redis.start();
+        const back = Date.now();
+        const [west, east, local] = await Promise.all([
+          linesFrom(a, b.name, "west", 500),
+          linesFrom(b, a.name, "east", 500),
+          linesFrom(a2, a.name, "east", 500), // said on its own instance at once, and not again
+        ]);
+        await sending;
+        assert.ok(Date.now() - back < 5000, `took ${Date.now() - back} ms after Redis was back`);
+        assert.deepEqual(east, numbered("east", 500));
+        assert.deepEqual(west, numbered("west", 500));
+        assert.deepEqual(local, numbered("east", 500));
+        await logs[0].waitFor("Redis is back");
+        await sync(a, b); // and nothing more: every line came once
+        await sync(b, a2);
+      },
+      30,
+      { rate: 0 },
+    );
+  },
+);
+
+redisTest(
+  "Redis frozen for 5 s: every line arrives once, and the sender's own instance says it within seconds",
+  async () => {
+    await withInstances(
+      2,
+      async ({ servers, redis }) => {
+        using a = await joinChat(servers[0].addr.port);
+        using a2 = await joinChat(servers[0].addr.port);
+        using b = await joinChat(servers[1].addr.port);
+        await sync(a, b);
+        await sync(a, a2);
+        redis.signal("SIGSTOP");
+        const frozen = Date.now();
+        try {
+          await sendSpread(a, "frozen", 50, 20);
+          assert.deepEqual(await linesFrom(a2, a.name, "frozen", 50, 4000), numbered("frozen", 50)); // not held by Redis
+          assert.ok(Date.now() - frozen < 5000);
+        } finally {
+          await new Promise((r) => setTimeout(r, Math.max(0, 5000 - (Date.now() - frozen))));
+          redis.signal("SIGCONT");
+        }
+        assert.deepEqual(await linesFrom(b, a.name, "frozen", 50), numbered("frozen", 50));
+        await sync(a, b); // once each: nothing after them but this
+        await sync(a, a2);
+      },
+      30,
+      { rate: 0 },
+    );
+  },
+);
+
+redisTest(
+  "FLUSHALL while both instances chat: the next line in every room crosses within 2 s, with one notice",
+  async () => {
+    await withInstances(2, async ({ servers, redis }) => {
+      using a = await joinChat(servers[0].addr.port);
+      using b = await joinChat(servers[1].addr.port);
+      using c = await joinChat(servers[0].addr.port);
+      using d = await joinChat(servers[1].addr.port);
+      await c.write("/join dev\r\n");
+      await readUntil(c, (l) => l.startsWith("You are now in dev (1)"));
+      await d.write("/join dev\r\n");
+      await readUntil(d, (l) => l.startsWith("You are now in dev (2)"));
+      await sync(a, b);
+      await sync(c, d);
+      await sync(d, c);
+      assert.equal(await redis.command("FLUSHALL"), "+OK");
+      const flushed = Date.now();
+      await a.write("after the flush\r\n");
+      await d.write("after the flush too\r\n");
+      const seenB = await readUntil(b, (l) => l.includes("after the flush"));
+      const seenC = await readUntil(c, (l) => l.includes("after the flush too"));
+      assert.ok(Date.now() - flushed < 2000, `took ${Date.now() - flushed} ms`);
+      assert.equal(seenB, `[${a.name}] after the flush\r\n`);
+      assert.equal(seenC, `[${d.name}] after the flush too\r\n`);
+      await sync(a, b);
+      await sync(c, d);
+      // Each room says once that its history was reset: to b and c here, before or after the lines.
+      for (const [client, room] of [[a, "lobby"], [b, "lobby"], [c, "dev"], [d, "dev"]] as const) {
+        await client.write("/history\r\n");
+        const header = await readUntil(client, (l) => l.startsWith("History of") || l.startsWith("Nothing"));
+        assert.match(header, new RegExp(`^History of ${room} \\(the last \\d+ lines?\\):`));
+      }
+    }, 2);
+  },
+);
+
+redisTest(
+  "a room's history and positions are shared: a newcomer's page on either instance sees the same",
+  async () => {
+    await withInstances(
+      2,
+      async ({ servers }) => {
+        using a = await joinChat(servers[0].addr.port);
+        using b = await joinChat(servers[1].addr.port);
+        await sync(b, a);
+        for (const text of ["one", "two", "three"]) await a.write(text + "\r\n");
+        await sync(a, b);
+        const marks = [];
+        for (const server of servers) {
+          const page = new WsClient(`ws://127.0.0.1:${server.httpAddr!.port}/ws?page=1`);
+          await page.opened();
+          const lines = [];
+          for (let line = ""; !line.endsWith(" sync-" + syncs); line = await page.next()) lines.push(line);
+          marks.push(
+            lines.filter((l) => l.startsWith("\x1e@") || l.startsWith("\x1eh")).map((l) =>
+              l.replace(/^(.h \d+) \d+/, "$1")
+            ),
+          );
+          await page.close();
+        }
+        assert.deepEqual(marks[0], marks[1]);
+        assert.deepEqual(
+          marks[0].filter((l) => / (one|two|three)$/.test(l)).map((l) => l.slice(l.indexOf("] ") + 2)),
+          [
+            "one",
+            "two",
+            "three",
+          ],
+        );
+      },
+      30,
+      { http: { port: 0 } },
+    );
+  },
+);
+
+redisTest(
+  "a 30 s outage with 2,000 lines: all of them arrive once Redis is back, and the queue stays in its bound",
+  async () => {
+    await withInstances(
+      2,
+      async ({ servers, redis }) => {
+        using a = await joinChat(servers[0].addr.port);
+        using b = await joinChat(servers[1].addr.port);
+        await sync(a, b);
+        await redis.kill();
+        let most = 0;
+        const watching = setInterval(() => most = Math.max(most, servers[0].bus!.queued), 100);
+        try {
+          await sendSpread(a, "outage", 2000, 14); // about 30 s
+          await redis.start();
+          assert.deepEqual(await linesFrom(b, a.name, "outage", 2000), numbered("outage", 2000));
+        } finally {
+          clearInterval(watching);
+        }
+        assert.ok(most > 0 && most <= BUS_QUEUE_BYTES, `the queue held ${most} bytes`);
+        await sync(a, b);
+      },
+      30,
+      { rate: 0 },
+    );
+  },
+);
