@@ -266,8 +266,9 @@ export class ChatServer {
     let buffer = new Uint8Array(FIRST_READ_SIZE);
     const next = (): void => {
       if (client.closed || client.leaving !== null) finish(null);
-      else if (this.flusher.congested.size > 0 || this.log.behind) this.paced().then(read, finish);
-      else read();
+      else if (this.flusher.congested.size > 0 || this.log.behind || this.bus?.behind) {
+        this.paced().then(read, finish);
+      } else read();
     };
     const read = (): void => {
       if (client.busy) client.busy.then(next, finish); // a command waits on Redis: read no further
@@ -306,6 +307,7 @@ export class ChatServer {
   async paced(): Promise<void> {
     await this.flusher.waitForRoom();
     await this.log.caughtUp();
+    await this.bus?.caughtUp(); // section 6
   }
 
   /** Takes a line from a client, in order: behind a command still waiting on Redis, if any. */
@@ -2648,16 +2650,16 @@ function frame(opcode: number, payload: Uint8Array): Uint8Array {
 // 6. Sharing rooms through Redis (--redis)
 //
 // start() (section 1) starts the bus when `redis` is set; from then on the server calls it
-// through its possibly-null `bus` field: relay(), announce() and the commands publish, and the
-// bus hands lines from other instances to busHandlersFor()'s callbacks.
+// through its possibly-null `bus` field: toRoom() (section 3) sends a room's lines through it, the
+// commands ask it, and it hands the rooms' lines to busHandlersFor()'s callbacks.
 //
-// Several chat_server.ts instances behind one TCP load balancer share their rooms through Redis,
-// as Socket.IO's Redis adapter and Phoenix.PubSub do. Each room is a channel; each instance
-// subscribes only to the rooms it has members in, and ignores its own messages (they carry its
-// id). Who is where lives in Redis too: a hash per instance, and a key per nick, all with an
-// expiry that a heartbeat renews, so that the members of a crashed instance vanish by themselves.
-// If Redis goes away, local chat goes on; the client reconnects with backoff, and the instance
-// writes its presence and nicks back when Redis returns.
+// Several chat_server.ts instances behind one TCP load balancer share their rooms through Redis.
+// Each room is a Redis stream, which every instance with members in it reads from its own
+// position, so that nothing is lost when an instance is cut off for a moment, and every instance
+// shows a room in one order (Socket.IO's Redis Streams adapter exists for the same reason). Who is
+// where lives in Redis too: a hash per instance, and a key per nick, all with an expiry that a
+// heartbeat renews, so that the members of a crashed instance vanish by themselves. If Redis goes
+// away, local chat goes on, and what was said meanwhile goes out when it returns.
 
 /** How long a command waits for Redis before it goes on without it. */
 const REDIS_ANSWER_MS = 2000;
@@ -2701,6 +2703,9 @@ interface Bus {
   unwatch(room: string): void;
   /** False while a watched room's stream has not been read yet: its position is not known. */
   knows(room: string): boolean;
+  /** True while too many lines are on their way through Redis: the senders then wait for caughtUp(). */
+  readonly behind: boolean;
+  caughtUp(): Promise<void>;
   /** Every member on the other instances; null while Redis is away. */
   others(): Promise<Presence[] | null>;
   close(): Promise<void>;
@@ -2808,6 +2813,13 @@ const NO_EPOCH = "00000000";
 
 /** Bytes of lines that wait for Redis while it is away; past that the oldest are dropped, and said. */
 export const BUS_QUEUE_BYTES = 16 * 1024 * 1024;
+/**
+ * Lines this instance may have on their way through Redis before its senders wait (their reads
+ * pause, as for a slow reader): a Redis that falls behind slows the chat rather than letting
+ * lines pile up in memory and hours of latency.
+ */
+const BUS_IN_FLIGHT = 1000;
+
 /** Entries one read of the streams takes at most. */
 const READ_COUNT = 1000;
 
@@ -2869,6 +2881,10 @@ class RedisBus implements Bus {
   /** Lines this instance appended and has not read back: who said them, the bytes, and when. */
   private readonly mine = new Map<number, Mine>();
   private nextLocal = 0;
+  /** Lines appended and neither read back nor said yet: past BUS_IN_FLIGHT, the senders wait. */
+  private unsaid = 0;
+  private roomWaiters: (() => void)[] = [];
+  private sha: string | null = null;
   private readonly queue: Queued[] = [];
   /** This instance's lines read back in the last RECENT_MS: sent again if Redis loses them. */
   private recent: (Queued & { at: number })[] = [];
@@ -2919,6 +2935,7 @@ class RedisBus implements Bus {
     });
     this.pub.on("ready", () => {
       this.up = true;
+      this.pub.sendCommand(["SCRIPT", "LOAD", APPEND_SCRIPT]).then((sha) => this.sha = String(sha), ignore);
       if (this.everUp) handlers.say("Redis is back: rooms are shared again");
       this.everUp = true;
       this.restore().then(() => this.catchUp()).catch(ignore);
@@ -2957,10 +2974,12 @@ class RedisBus implements Bus {
       return false;
     }
     this.mine.set(local, { sender, message, stream, kept, at: Date.now(), said: false });
+    this.unsaid++;
     this.append(stream.name, text, kept, local, false).catch(() => {
       // Lost on the way: say it here now, and send it on when Redis returns.
       const line = this.mine.get(local);
       if (!line || !this.mine.delete(local)) return;
+      if (!line.said) this.said();
       if (!line.said) this.handlers.onRoomLine(stream.name, text, null, sender, message, false);
       this.enqueue({ room: stream.name, text, kept, local });
     });
@@ -2983,7 +3002,13 @@ class RedisBus implements Bus {
       String(this.keep),
       String(Date.now()),
     ];
-    return this.pub.sendCommand(args).then((reply) => {
+    const call = this.sha ? ["EVALSHA", this.sha, ...args.slice(2)] : args; // the script's text once, not each line
+    const sent = this.pub.sendCommand(call).catch((e: Error) => {
+      if (!this.sha || !String(e.message).startsWith("NOSCRIPT")) throw e;
+      this.sha = null; // a Redis that restarted has forgotten it
+      return this.pub.sendCommand(args);
+    });
+    return sent.then((reply) => {
       const [epoch, , fresh] = reply as unknown as [string, number, number];
       if (Number(fresh) === 1) {
         // The room had lost its history (a flush, an empty restart): everyone reads it from the start.
@@ -3062,6 +3087,7 @@ class RedisBus implements Bus {
       this.mine.delete(local);
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
       if (!line.said) {
+        this.said();
         this.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
       }
       this.enqueue({ room: line.stream.name, text, kept: line.kept, local });
@@ -3075,6 +3101,7 @@ class RedisBus implements Bus {
       if (now - line.at < REDIS_ANSWER_MS) break; // in the order they were sent
       if (line.said) continue;
       line.said = true;
+      this.said();
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
       this.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
     }
@@ -3231,6 +3258,7 @@ class RedisBus implements Bus {
     const kept = f.k === "1";
     const local = f.i === this.instance ? this.mine.get(Number(f.l)) : undefined;
     if (local) this.mine.delete(Number(f.l));
+    if (local && !local.said) this.said();
     const own = f.i === this.instance, number = Number(f.l) || 0;
     const from = `${f.i} ${Directory.key(stream.name)}`, last = this.lastFrom.get(from) ?? 0;
     const repeat = !own && number > 0 && number <= last; // sent again after Redis lost it: we had it
@@ -3257,6 +3285,25 @@ class RedisBus implements Bus {
 
   unwatch(room: string): void {
     if (this.streams.delete(Directory.key(room))) this.nudge();
+  }
+
+  /** True while too many of this instance's lines are on their way through Redis. */
+  get behind(): boolean {
+    return this.unsaid >= BUS_IN_FLIGHT;
+  }
+
+  /** Settles when few enough lines are on their way (at once, if they are). */
+  caughtUp(): Promise<void> {
+    if (!this.behind) return Promise.resolve();
+    return new Promise((resolve) => this.roomWaiters.push(resolve));
+  }
+
+  // One line on its way has been said: the senders may go on once half the way is clear.
+  private said(): void {
+    this.unsaid--;
+    if (this.unsaid <= BUS_IN_FLIGHT / 2 && this.roomWaiters.length > 0) {
+      for (const wake of this.roomWaiters.splice(0)) wake();
+    }
   }
 
   /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */
@@ -3386,6 +3433,7 @@ class RedisBus implements Bus {
     this.closed = true;
     clearInterval(this.heartbeat);
     this.wake?.();
+    for (const wake of this.roomWaiters.splice(0)) wake();
     if (this.up) {
       const multi = this.pub.multi();
       multi.del(this.#key("presence", this.instance));
@@ -4066,6 +4114,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   }
   if (v.redis !== undefined && !isRedisUrl(v.redis)) {
     throw new UsageError(`--redis wants redis://HOST:PORT[/DB], not "${v.redis}"`);
+  }
+  if (v.redis !== undefined && v.history !== undefined) {
+    throw new UsageError("--history and --redis do not go together: with --redis the history lives in Redis");
   }
   try {
     parseBlocks([...(v.allow ?? []), ...(v.deny ?? [])]);

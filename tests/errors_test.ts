@@ -32,6 +32,12 @@ const CASES: [script: string, args: string[], code: number, line: string][] = [
   ],
   [
     "chat_server.ts",
+    ["0", "--redis", "redis://127.0.0.1:6379", "--history", "chat.db"],
+    2,
+    "--history and --redis do not go together: with --redis the history lives in Redis",
+  ],
+  [
+    "chat_server.ts",
     ["0", "--redis", "redis://:6379"],
     2,
     '--redis wants redis://HOST:PORT[/DB], not "redis://:6379"',
