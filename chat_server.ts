@@ -2820,6 +2820,12 @@ export const BUS_QUEUE_BYTES = 16 * 1024 * 1024;
  */
 const BUS_IN_FLIGHT = 1000;
 
+/**
+ * Kept lines each room's stream holds (or --history-lines, if more): how far an instance may fall
+ * behind a room before lines are trimmed from under it (it then says how many it lost).
+ */
+const STREAM_LINES = 10_000;
+
 /** Entries one read of the streams takes at most. */
 const READ_COUNT = 1000;
 
@@ -2910,7 +2916,7 @@ class RedisBus implements Bus {
     this.handlers = handlers;
     this.prefix = options.prefix ?? "chat";
     this.expiry = options.expiry ?? 30;
-    this.keep = Math.max(1000, options.historyLines ?? 0);
+    this.keep = Math.max(STREAM_LINES, options.historyLines ?? 0);
     const socket = {
       reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
       connectTimeout: 2000,
@@ -3133,6 +3139,7 @@ class RedisBus implements Bus {
 
   private async checkEach(): Promise<void> {
     for (const [key, stream] of this.streams) {
+      const read = stream.seq; // before asking: what is read meanwhile may be past Redis's answer
       const [epoch, seq] = await this.pub.hmGet(this.#key("room", key), ["epoch", "seq"]);
       if (this.streams.get(key) !== stream) continue; // unwatched meanwhile
       if (stream.id === null) {
@@ -3158,7 +3165,7 @@ class RedisBus implements Bus {
         if (epoch) this.rewind(key, epoch); // the epoch is known now: read it from its start
       } else if (epoch !== stream.epoch) {
         this.rewind(key, epoch ?? null);
-      } else if (Number(seq ?? 0) < stream.seq) { // an older snapshot: the room's history forks here
+      } else if (Number(seq ?? 0) < read) { // an older snapshot: the room's history forks here
         const forked = crypto.randomUUID().slice(0, 8);
         await this.pub.hSet(this.#key("room", key), "epoch", forked);
         this.rewind(key, forked);
@@ -3249,6 +3256,18 @@ class RedisBus implements Bus {
     if (stream.epoch !== null && f.e !== stream.epoch) return void this.checkRooms().catch(ignore);
     stream.epoch = f.e; // the epoch of this position, if it was not known
     const seq = Number(id.split("-")[0]);
+    const skipped = f.k === "1" && stream.seq > 0 ? seq - stream.seq - 1 : 0;
+    if (skipped > 0) { // trimmed before this instance read them: say so, never silently
+      this.handlers.say(
+        `Fell behind in ${stream.name}: ${plural(skipped, "line")} left Redis before they were read`,
+      );
+      this.handlers.onRoomLine(
+        stream.name,
+        `(${plural(skipped, "line")} said in ${stream.name} could not be read in time)`,
+        null,
+        null,
+      );
+    }
     stream.seq = seq;
     const seen = stream.seen.get(f.e);
     if (seen !== undefined && idOrder(id, seen) <= 0) return; // said before a rewind
