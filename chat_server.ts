@@ -1182,11 +1182,11 @@ export class Directory {
 /** Puts a client in a room; tells the bus, and logs when the room grows past the announcement limit. */
 function enterRoom(server: ChatServer, client: Client, room: Room): void {
   server.directory.enter(client, room);
-  if (client.page) showRoom(server, client, room); // section 9
   if (server.bus) {
     if (room.members.size === 1) server.bus.watch(room.name);
     server.bus.present(presenceOf(client));
   }
+  if (client.page) showRoom(server, client, room); // section 9; with a bus, once it has read the room
   const limit = server.limits.announceLimit;
   if (room.members.size === limit + 1) {
     server.log.event(

@@ -1,3 +1,4 @@
+// deno-lint-ignore-file no-control-regex -- the page's marks start with U+001E on purpose
 // chat_server.ts --redis: several instances share rooms through a real redis-server.
 import assert from "node:assert/strict";
 import { BUS_QUEUE_BYTES, type ChatServer, type ChatServerOptions, startChatServer } from "../chat_server.ts";
@@ -607,6 +608,40 @@ redisTest(
       },
       30,
       { rate: 0 },
+    );
+  },
+);
+
+redisTest(
+  "a page that joins a room its instance has not read yet sees that room's lines from the other instance",
+  async () => {
+    await withInstances(
+      2,
+      async ({ servers }) => {
+        using a = await joinChat(servers[0].addr.port);
+        using a2 = await joinChat(servers[0].addr.port);
+        await a.write("/join dev\r\n");
+        await a2.write("/join dev\r\n");
+        await readUntil(a2, (l) => l.startsWith("You are now in dev"));
+        for (const text of ["in dev one", "in dev two"]) await a.write(text + "\r\n");
+        await readUntil(a2, (l) => l.endsWith("in dev two\r\n")); // through the stream: it is in Redis
+        const page = new WsClient(`ws://127.0.0.1:${servers[1].httpAddr!.port}/ws?page=1`);
+        await page.opened();
+        page.ws.send("/join dev"); // nobody on this instance is in dev: its stream is read from now on
+        const seen: string[] = [];
+        for (let line = ""; !line.endsWith("in dev two"); line = await page.next()) seen.push(line);
+        const at = seen.filter((l) => l.startsWith("\x1e@ dev "));
+        assert.equal(at.length, 1, seen.join("\n")); // told once, when the room's position was known
+        assert.match(at[0], /^\x1e@ dev [0-9a-f]{8} 0$/);
+        assert.ok(seen.some((l) => l.endsWith("in dev one")));
+        await a.write("and live\r\n");
+        for (let line = ""; !line.endsWith("and live"); line = await page.next()) {
+          assert.ok(!line.endsWith("in dev two"));
+        }
+        await page.close();
+      },
+      30,
+      { http: { port: 0 } },
     );
   },
 );
