@@ -114,6 +114,17 @@ async function sync(from: TestClient, to: TestClient): Promise<void> {
   await readUntil(to, (l) => l.endsWith(`] ${word}\r\n`));
 }
 
+/** Reads lines until one passes `test`; returns them all, that one last. */
+async function collectUntil(client: TestClient, test: (line: string) => boolean): Promise<string[]> {
+  const lines = [];
+  for (;;) {
+    const line = await client.readLine();
+    if (line === null) throw new Error("closed while waiting");
+    lines.push(line);
+    if (test(line)) return lines;
+  }
+}
+
 /** Asks /who and returns the members listed, skipping lines that arrive before the answer. */
 async function who(client: TestClient): Promise<string[]> {
   await client.write("/who\r\n");
@@ -527,14 +538,21 @@ redisTest(
       const flushed = Date.now();
       await a.write("after the flush\r\n");
       await d.write("after the flush too\r\n");
-      const seenB = await readUntil(b, (l) => l.includes("after the flush"));
-      const seenC = await readUntil(c, (l) => l.includes("after the flush too"));
+      const linesB = await collectUntil(b, (l) => l.includes("after the flush"));
+      const linesC = await collectUntil(c, (l) => l.includes("after the flush too"));
       assert.ok(Date.now() - flushed < 2000, `took ${Date.now() - flushed} ms`);
-      assert.equal(seenB, `[${a.name}] after the flush\r\n`);
-      assert.equal(seenC, `[${d.name}] after the flush too\r\n`);
-      await sync(a, b);
-      await sync(c, d);
-      // Each room says once that its history was reset: to b and c here, before or after the lines.
+      assert.equal(linesB.at(-1), `[${a.name}] after the flush\r\n`);
+      assert.equal(linesC.at(-1), `[${d.name}] after the flush too\r\n`);
+      await a.write("sync-flush\r\n");
+      await d.write("sync-flush\r\n");
+      linesB.push(...await collectUntil(b, (l) => l.endsWith("] sync-flush\r\n")));
+      linesC.push(...await collectUntil(c, (l) => l.endsWith("] sync-flush\r\n")));
+      // Each room says once that its history was reset, and nothing came twice.
+      assert.deepEqual(linesB.filter((l) => l.includes("was reset")), [
+        "(the history of lobby was reset)\r\n",
+      ]);
+      assert.deepEqual(linesC.filter((l) => l.includes("was reset")), ["(the history of dev was reset)\r\n"]);
+      assert.equal(linesB.filter((l) => l.includes("after the flush")).length, 1);
       for (const [client, room] of [[a, "lobby"], [b, "lobby"], [c, "dev"], [d, "dev"]] as const) {
         await client.write("/history\r\n");
         const header = await readUntil(client, (l) => l.startsWith("History of") || l.startsWith("Nothing"));
@@ -643,5 +661,68 @@ redisTest(
       30,
       { http: { port: 0 } },
     );
+  },
+);
+
+redisTest("every client on every instance sees a room's lines in one order, whoever sends them", async () => {
+  await withInstances(
+    2,
+    async ({ servers }) => {
+      using a = await joinChat(servers[0].addr.port);
+      using b = await joinChat(servers[1].addr.port);
+      using c = await joinChat(servers[0].addr.port);
+      using d = await joinChat(servers[1].addr.port);
+      await sync(a, d);
+      await sync(b, c);
+      await sync(a, c);
+      await sync(b, d);
+      await Promise.all([sendSpread(a, "east", 200, 0), sendSpread(b, "west", 200, 0)]);
+      const heard = async (client: TestClient) => {
+        const lines = [];
+        while (lines.length < 400) {
+          const line = (await client.readLine())!;
+          if (/ (east|west) \d+\r\n$/.test(line)) lines.push(line);
+        }
+        return lines;
+      };
+      const [onA, onB] = await Promise.all([heard(c), heard(d)]);
+      assert.deepEqual(onA, onB); // the same interleaving on both instances
+      assert.ok(
+        onA.some((l, i) => i > 0 && l.includes("east") !== onA[i - 1].includes("east")),
+        "they interleave",
+      );
+    },
+    30,
+    { rate: 0 },
+  );
+});
+
+redisTest(
+  "a Redis restored from an older snapshot is noticed: its room's history forks under a new epoch",
+  async () => {
+    await withInstances(2, async ({ servers, redis }) => {
+      using a = await joinChat(servers[0].addr.port);
+      using b = await joinChat(servers[1].addr.port);
+      await sync(b, a);
+      for (let i = 1; i <= 5; i++) await a.write(`kept ${i}\r\n`);
+      await sync(a, b);
+      const before = await redis.command("HGET", "chat:room:lobby", "epoch");
+      // An older snapshot, as a reader sees it: the room's stream and position end before what it has read.
+      const rollBack = "for _, e in ipairs(redis.call('XRANGE', KEYS[1], '3-0', '+')) do " +
+        "redis.call('XDEL', KEYS[1], e[1]) end; redis.call('XSETID', KEYS[1], '2-0'); " +
+        "redis.call('HSET', KEYS[2], 'seq', 2, 'sub', 0); return 1";
+      assert.equal(await redis.command("EVAL", rollBack, "2", "chat:stream:lobby", "chat:room:lobby"), ":1");
+      let after = before;
+      for (let i = 0; i < 50 && after === before; i++) { // a heartbeat (0.67 s here) notices
+        await new Promise((r) => setTimeout(r, 100));
+        after = await redis.command("HGET", "chat:room:lobby", "epoch");
+      }
+      assert.notEqual(after, before);
+      await a.write("after the fork\r\n");
+      const lines = await collectUntil(b, (l) => l.includes("after the fork"));
+      assert.deepEqual(lines.filter((l) => l.includes("was reset")), [
+        "(the history of lobby was reset)\r\n",
+      ]);
+    }, 2);
   },
 );
