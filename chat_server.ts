@@ -475,8 +475,11 @@ const enum Telnet {
  * console.assert(lines.join("|") === "hello|world");
  * ```
  */
+/** The one empty line buffer every idle framer shares (an empty Uint8Array of its own is 208 bytes). */
+const NO_BYTES = new Uint8Array(0);
+
 export class LineFramer {
-  #line = new Uint8Array(0); // grown on demand up to #maxLine: an idle client holds nothing
+  #line = NO_BYTES; // grown on demand up to #maxLine: an idle client holds nothing, not even an empty array
   #maxLine: number;
   #length = 0;
   #state = Telnet.Data;
