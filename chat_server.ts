@@ -2771,7 +2771,7 @@ export interface RedisOptions {
   prefix?: string;
   /** Seconds after which a crashed instance's members leave the directory. Default 30. */
   expiry?: number;
-  /** Kept lines each room's stream holds (at least 1,000): its shared history. */
+  /** Kept lines each room's stream holds (at least STREAM_LINES, 10,000): its shared history. */
   historyLines?: number;
 }
 

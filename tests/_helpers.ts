@@ -352,6 +352,25 @@ export async function withServer(
   }
 }
 
+/** Starts a server with its web side on free ports, runs `body` with both ports, and closes everything. */
+export async function withWebServer(
+  options: ChatServerOptions,
+  body: (tcpPort: number, httpPort: number) => Promise<void>,
+): Promise<void> {
+  const server = await startChatServer({
+    port: 0,
+    host: "127.0.0.1",
+    log: null,
+    http: { port: 0 },
+    ...options,
+  });
+  try {
+    await body(server.addr.port, server.httpAddr!.port);
+  } finally {
+    await server.close();
+  }
+}
+
 /** Sends a line and expects these lines back, in order. */
 export async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
   await client.write(line + "\r\n");

@@ -2,7 +2,7 @@
 // Nothing lost: positions in each room's history, a web page that resumes where it left off,
 // and history kept across restarts with --history FILE.
 import assert from "node:assert/strict";
-import { type ChatServerOptions, HistoryFile, RoomHistory, startChatServer } from "../chat_server.ts";
+import { HistoryFile, RoomHistory } from "../chat_server.ts";
 import {
   ask,
   GREETING,
@@ -13,6 +13,7 @@ import {
   WAIT_MS,
   withChromium,
   within,
+  withWebServer,
   WsClient,
 } from "./_helpers.ts";
 
@@ -70,25 +71,6 @@ Deno.test("RoomHistory keeps at most 512 KiB of lines a room, the newest, in ord
 // client and no bus line can send: "! TOKEN", "@ ROOM EPOCH SEQ" (where its room stands),
 // "h SEQ TIME LINE" (history), "# SEQ LINE" (a line as it is said), "= SEQ" (its own line's).
 const RS = "\x1e";
-
-/** Starts a server with a web side, runs `body` with both ports, and closes everything. */
-async function withPages(
-  options: ChatServerOptions,
-  body: (tcp: number, http: number) => Promise<void>,
-): Promise<void> {
-  const server = await startChatServer({
-    port: 0,
-    host: "127.0.0.1",
-    log: null,
-    http: { port: 0 },
-    ...options,
-  });
-  try {
-    await body(server.addr.port, server.httpAddr!.port);
-  } finally {
-    await server.close();
-  }
-}
 
 /** A page's connection: where it was (its room, epoch and position), as the page keeps them. */
 class Page {
@@ -150,7 +132,7 @@ class Page {
 const history = (line: string) => line.replace(/^\x1eh \d+ \d+ /, "");
 
 Deno.test("a page knows its room's position from its first moment, and sees the room's recent lines", async () => {
-  await withPages({}, async (tcp, http) => {
+  await withWebServer({}, async (tcp, http) => {
     using t = await joinChat(tcp);
     await t.write("one\r\ntwo\r\n/me waves\r\n/msg nobody x\r\n");
     assert.equal(await t.readLine(), "No such user: nobody\r\n");
@@ -194,7 +176,7 @@ Deno.test("a page knows its room's position from its first moment, and sees the 
 });
 
 Deno.test("a page that drops for 3 s while 300 lines are said gets them all, once, in order, before any new line", async () => {
-  await withPages({ rate: 0 }, async (tcp, http) => {
+  await withWebServer({ rate: 0 }, async (tcp, http) => {
     const page = new Page();
     await page.connect(http);
     page.send("/nick ann");
@@ -227,7 +209,7 @@ Deno.test("a page that drops for 3 s while 300 lines are said gets them all, onc
 });
 
 Deno.test("a page that never got a line, or whose room stayed quiet, resumes with nothing missed and no notice", async () => {
-  await withPages({}, async (tcp, http) => {
+  await withWebServer({}, async (tcp, http) => {
     const page = new Page();
     await page.connect(http);
     await page.until((l) => l.startsWith(`${RS}@`));
@@ -256,7 +238,7 @@ Deno.test("a page that never got a line, or whose room stayed quiet, resumes wit
 });
 
 Deno.test("a page is told, in one line, when what it missed is no longer kept or its room's history was reset", async () => {
-  await withPages({ historyLines: 3 }, async (tcp, http) => {
+  await withWebServer({ historyLines: 3 }, async (tcp, http) => {
     const page = new Page();
     await page.connect(http);
     await page.until((l) => l.startsWith(`${RS}@`));
@@ -285,7 +267,7 @@ Deno.test("a page is told, in one line, when what it missed is no longer kept or
 });
 
 Deno.test("a page that comes back while its old connection lingers takes its place, and its nick", async () => {
-  await withPages({}, async (tcp, http) => {
+  await withWebServer({}, async (tcp, http) => {
     using t = await joinChat(tcp);
     const page = new Page();
     await page.connect(http);
@@ -325,7 +307,7 @@ Deno.test({
   sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed below
   sanitizeResources: false,
   async fn() {
-    await withPages({ rate: 0 }, async (tcp, http) => {
+    await withWebServer({ rate: 0 }, async (tcp, http) => {
       const hiccup = new Hiccup(http);
       try {
         await withChromium(async (browser) => {
@@ -375,7 +357,7 @@ Deno.test("a restart with --history FILE after 1,000 lines keeps the same lines,
   const file = `${dir}/history.db`;
   try {
     let epoch = "", names: string[] = [];
-    await withPages({ rate: 0, historyFile: file }, async (tcp, http) => {
+    await withWebServer({ rate: 0, historyFile: file }, async (tcp, http) => {
       using t = await joinChat(tcp);
       for (let i = 1; i <= 1000; i++) await t.write(`kept ${i}\r\n`);
       await ask(t, "/join dev", "You are now in dev (1); /who lists who is here");
@@ -389,7 +371,7 @@ Deno.test("a restart with --history FILE after 1,000 lines keeps the same lines,
       names = [t.name];
       await page.close();
     });
-    await withPages({ historyFile: file }, async (_tcp, http) => {
+    await withWebServer({ historyFile: file }, async (_tcp, http) => {
       const page = new Page();
       page.room = "lobby";
       page.epoch = epoch;

@@ -1,13 +1,6 @@
 // chat_server.ts --http: the web page and its WebSocket, beside telnet-style TCP clients.
 import assert from "node:assert/strict";
-import {
-  type ChatServerOptions,
-  PAGE,
-  PAGE_MARKS,
-  PAGE_READS,
-  startChatServer,
-  WebListenError,
-} from "../chat_server.ts";
+import { PAGE, PAGE_MARKS, PAGE_READS, startChatServer, WebListenError } from "../chat_server.ts";
 import {
   Cli,
   freePort,
@@ -22,27 +15,9 @@ import {
   WAIT_MS,
   withChromium,
   within,
+  withWebServer,
   WsClient,
 } from "./_helpers.ts";
-
-/** Starts a server with its web side on free ports, runs `body`, and closes everything. */
-async function withWebServer(
-  options: ChatServerOptions,
-  body: (tcpPort: number, httpPort: number) => Promise<void>,
-): Promise<void> {
-  const server = await startChatServer({
-    port: 0,
-    host: "127.0.0.1",
-    log: null,
-    http: { port: 0 },
-    ...options,
-  });
-  try {
-    await body(server.addr.port, server.httpAddr!.port);
-  } finally {
-    await server.close();
-  }
-}
 
 Deno.test("startChatServer({ http }) puts WebSocket and TCP clients in the same room", async () => {
   await withWebServer({}, async (tcpPort, httpPort) => {
