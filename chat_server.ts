@@ -3055,25 +3055,27 @@ class RedisBus implements Bus {
     this.flushing = true;
     try {
       await this.resendRecent();
-      while (this.up && this.queue.length > 0) {
-        const batch = this.queue.slice(0, 500);
-        const results = await Promise.allSettled(
-          batch.map((q) => this.append(q.room, q.text, q.kept, q.local, true)),
-        );
-        const done = results.findIndex((r) => r.status === "rejected");
-        const sent = done === -1 ? batch.length : done;
-        for (const q of this.queue.splice(0, sent)) this.queuedBytes -= q.text.length;
-        if (done !== -1) return;
-      }
-      if (this.dropped > 0) {
-        this.handlers.say(
-          `${
-            plural(this.dropped, "line")
-          } said while Redis was away did not fit the queue and were not shared`,
-        );
-        this.dropped = 0;
-      }
-      await this.checkRooms();
+      do {
+        while (this.up && this.queue.length > 0) {
+          const batch = this.queue.slice(0, 500);
+          const results = await Promise.allSettled(
+            batch.map((q) => this.append(q.room, q.text, q.kept, q.local, true)),
+          );
+          const done = results.findIndex((r) => r.status === "rejected");
+          const sent = done === -1 ? batch.length : done;
+          for (const q of this.queue.splice(0, sent)) this.queuedBytes -= q.text.length;
+          if (done !== -1) return; // the next heartbeat tries again (beat)
+        }
+        if (this.dropped > 0) {
+          this.handlers.say(
+            `${
+              plural(this.dropped, "line")
+            } said while Redis was away did not fit the queue and were not shared`,
+          );
+          this.dropped = 0;
+        }
+        await this.checkRooms();
+      } while (this.up && this.queue.length > 0); // lines said while the rooms were checked
     } finally {
       this.flushing = false;
       this.nudge();
@@ -3392,7 +3394,9 @@ class RedisBus implements Bus {
       const someLocal = this.handlers.locals().length > 0;
       if (renewed.some((r, i) => Number(r) === 0 && (i > 0 || someLocal))) return this.restore();
     }).catch(ignore);
-    if (!this.flushing && this.queue.length === 0) this.checkRooms().catch(ignore);
+    if (this.flushing) return;
+    if (this.queue.length > 0) this.catchUp().catch(ignore); // a catch-up that Redis cut short
+    else this.checkRooms().catch(ignore);
   }
 
   async whisper(nick: string, text: string): Promise<boolean> {

@@ -664,6 +664,28 @@ redisTest(
   },
 );
 
+redisTest(
+  "a line said while its instance catches up with Redis is shared at once, not left in the queue",
+  async () => {
+    await withInstances(2, async ({ servers }) => {
+      using a = await joinChat(servers[0].addr.port);
+      using b = await joinChat(servers[1].addr.port);
+      await sync(a, b);
+      // Entering a room its instance does not read yet queues the join until the room is read, and
+      // the instance catches up. Lines said a moment later, at every moment of that catch-up, must
+      // cross too, before anything else is said on a's instance.
+      for (let i = 0; i < 24; i++) {
+        await b.write(`/join r${i}\r\n`);
+        await readUntil(b, (l) => l.startsWith(`You are now in r${i}`));
+        await a.write(`/join r${i}\r\n`);
+        await new Promise((r) => setTimeout(r, i % 8));
+        await a.write(`line ${i}\r\n`);
+        await readUntil(b, (l) => l === `[${a.name}] line ${i}\r\n`);
+      }
+    });
+  },
+);
+
 redisTest("every client on every instance sees a room's lines in one order, whoever sends them", async () => {
   await withInstances(
     2,
