@@ -217,7 +217,8 @@ Deno.test("a page that never got a line, or whose room stayed quiet, resumes wit
     await page.close();
     using t = await joinChat(tcp);
     for (let i = 1; i <= 5; i++) await t.write(`quiet ${i}\r\n`);
-    await ask(t, "/history 1", "History of lobby (the last 1 line):", ...[]); // all five are kept
+    // The answer to a command comes after the five lines before it: all five are kept by then.
+    await ask(t, "/history 1", "History of lobby (the last 1 line):");
     await t.readLine();
     await page.connect(http);
     const seen = await page.until((l) => l.endsWith("quiet 5"));
