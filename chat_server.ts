@@ -241,7 +241,7 @@ export class ChatServer {
     const client = new Client(link, address, ip, this.directory.lobby, this.flusher, page);
     this.clients.add(client);
     this.limits.count(client);
-    client.send(this.greeting);
+    this.flusher.sendNow(client, this.greeting);
     const back = page?.resume ?? null; // where a page was before it dropped
     if (page) greetPage(this, client); // section 9
     enterRoom(this, client, this.directory.lobby); // section 3
@@ -786,6 +786,19 @@ export class Flusher {
     client.queued += bytes.length;
     if (client.queued > this.paceBytes) this.congested.add(client);
     if (!client.dirty && !client.flushing) this.markDirty(client);
+  }
+
+  /**
+   * Writes bytes to a client at once if nothing of its is queued or under way (a greeting), else
+   * queues them. A join storm then costs one write per newcomer and no round to flush.
+   */
+  sendNow(client: Client, bytes: Uint8Array): void {
+    if (client.closed || client.flushing || client.queue.length > 0) return this.enqueue(client, bytes);
+    client.queued += bytes.length;
+    client.flushing = true;
+    client.lastWrite = Date.now();
+    client.inflight = bytes;
+    client.link.write(bytes).then(client.wrote, client.failed);
   }
 
   // Puts a client on the list to flush at the end of this turn (or of the gathering window).
