@@ -258,7 +258,7 @@ export class ChatServer {
    */
   read(client: Client, conn: Stream): void {
     this.tasks.hold();
-    const framer = new LineFramer(this.maxLine, (line, truncated) => this.onLine(client, line, truncated));
+    let framer: LineFramer | null = null; // made when the first bytes come: most clients only listen
     // Start small: most clients send a line now and then, and each holds its buffer while it
     // waits. One that fills it gets a bigger one, up to READ_SIZE.
     let buffer = new Uint8Array(FIRST_READ_SIZE);
@@ -274,11 +274,12 @@ export class ChatServer {
     };
     const got = (n: number | null): void => {
       if (n === null) {
-        framer.end(); // `printf 'bye' | nc -N host 2626` says bye
+        framer?.end(); // `printf 'bye' | nc -N host 2626` says bye
         return finish(null);
       }
       try {
         client.lastInput = Date.now();
+        framer ??= new LineFramer(this.maxLine, (line, truncated) => this.onLine(client, line, truncated));
         framer.push(buffer.subarray(0, n));
         if (n === buffer.length && n < READ_SIZE) buffer = new Uint8Array(2 * n);
       } catch (e) {
