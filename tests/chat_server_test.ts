@@ -4,6 +4,7 @@ import {
   Directory,
   Flusher,
   LineFramer,
+  parseChatArgs,
   SharedJoin,
   startChatServer,
   TokenBucket,
@@ -451,6 +452,37 @@ Deno.test("chat_server.ts rejects bad arguments with a usage line and exit code 
     assert.match(usage, /^usage: chat_server\.ts \[PORT\]/);
     assert.deepEqual(rest, [""]);
   }
+});
+
+Deno.test("parseChatArgs() takes --flag VALUE, --flag=VALUE, repeated flags, -h and --, and names a bad flag", () => {
+  const parsed = (args: string[]) => {
+    const result = parseChatArgs(args);
+    if (result === "help") throw new Error("help");
+    return result.options;
+  };
+  assert.equal(parsed(["--port=2700"]).port, 2700);
+  assert.equal(parsed(["--", "2701"]).port, 2701);
+  assert.equal(parsed(["--host=-odd-", "0"]).host, "-odd-"); // a value that starts with "-" takes "="
+  assert.deepEqual(
+    parsed(["--http", "0", "--http-origin", "https://a.example", "--http-origin=https://b.example"]).http
+      ?.origins,
+    ["https://a.example", "https://b.example"],
+  );
+  assert.equal(parseChatArgs(["-h"]), "help");
+  assert.equal(parseChatArgs(["2626", "--help"]), "help");
+  for (
+    const [args, problem] of [
+      [["--help=yes"], "--help takes no value"],
+      [["--max-line"], "--max-line wants a value"],
+      [
+        ["--max-line", "-5"],
+        '--max-line wants a value; for one that starts with "-", write --max-line=VALUE',
+      ],
+      [["-x"], "unknown option -x; try --help"],
+      [["--toString"], "unknown option --toString; try --help"],
+      [["--constructor=1"], "unknown option --constructor; try --help"],
+    ] as const
+  ) assert.throws(() => parseChatArgs([...args]), { message: problem }, args.join(" "));
 });
 
 Deno.test("chat_server.ts --help prints the usage and exits 0", async () => {
