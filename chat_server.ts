@@ -752,7 +752,7 @@ const LOG_STALL_MS = 1000;
 /**
  * How long the log gathers lines before it writes them. A join storm brings one join per turn,
  * and a write per turn made 0.8 KB of garbage per join, which grows V8's young generation; one
- * write per 10 ms carries a hundred joins.
+ * write per 10 ms carries dozens of joins.
  */
 const LOG_GATHER_MS = 10;
 
@@ -795,7 +795,7 @@ export class Flusher {
   }
 
   /**
-   * Writes bytes to a client at once if nothing of its is queued or under way (a greeting), else
+   * Writes bytes to a client at once if it has nothing queued or under way (a greeting), else
    * queues them. A join storm then costs one write per newcomer and no round to flush.
    */
   sendNow(client: Client, bytes: Uint8Array): void {
