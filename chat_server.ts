@@ -796,10 +796,12 @@ export class Flusher {
 
   /**
    * Writes bytes to a client at once if it has nothing queued or under way (a greeting), else
-   * queues them. A join storm then costs one write per newcomer and no round to flush.
+   * queues them. A join storm then costs one write per newcomer and no round to flush. Bytes that
+   * would put the client behind (a tiny --sendq) take the queue's way, limits and all.
    */
   sendNow(client: Client, bytes: Uint8Array): void {
-    if (client.closed || client.flushing || client.queue.length > 0) return this.enqueue(client, bytes);
+    const busy = client.closed || client.flushing || client.queue.length > 0;
+    if (busy || client.queued + bytes.length > this.paceBytes) return this.enqueue(client, bytes);
     client.queued += bytes.length;
     client.flushing = true;
     client.lastWrite = Date.now();
@@ -1093,8 +1095,10 @@ class EventLog {
   async #drain(): Promise<void> {
     this.#lastProgress = Date.now();
     try {
-      // Let more lines join the batch; the timer holds the process open until they are written.
-      while ((await new Promise((go) => setTimeout(go, LOG_GATHER_MS)), this.#parts.length > 0)) {
+      for (;;) {
+        // Let more lines join the batch; the timer holds the process open until they are written.
+        await new Promise((go) => setTimeout(go, LOG_GATHER_MS));
+        if (this.#parts.length === 0) break;
         if (this.#dropped > 0) {
           const note = encoder.encode(`(${this.#dropped} log lines dropped: stdout was slow)\n`);
           this.#parts.push(note);

@@ -673,6 +673,31 @@ Deno.test("Directory folds case in one place: rooms and nicks are found whatever
   assert.ok(Directory.same("Lobby", "lobby") && !Directory.same("lobby", "lobby2"));
 });
 
+Deno.test("Flusher.sendNow() writes a greeting at once, but queues behind a write and under a tiny sendq", async () => {
+  const wrote = new Map<string, string[]>();
+  const client = (address: string, flusher: Flusher) => {
+    const writes: string[] = [];
+    wrote.set(address, writes);
+    const link = {
+      write: (p: Uint8Array) => (writes.push(decoder.decode(p)), Promise.resolve(p.length)),
+      close() {},
+    };
+    return new Client(link, address, "127.0.0.1", new Directory().lobby, flusher);
+  };
+  const roomy = new Flusher(1024), tiny = new Flusher(8); // a client 2 bytes behind holds back tiny's senders
+  const ann = client("ann", roomy), bob = client("bob", tiny);
+  roomy.sendNow(ann, encoder.encode("hi\r\n"));
+  roomy.sendNow(ann, encoder.encode("again\r\n")); // the first write is under way: this one waits its turn
+  assert.deepEqual(wrote.get("ann"), ["hi\r\n"]);
+  tiny.sendNow(bob, encoder.encode("hello\r\n"));
+  assert.ok(tiny.congested.has(bob), "over the pace: counted behind, as a queued line is");
+  assert.deepEqual(wrote.get("bob"), [], "and written with the round, not at once");
+  await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(wrote.get("ann"), ["hi\r\n", "again\r\n"]);
+  assert.deepEqual(wrote.get("bob"), ["hello\r\n"]);
+  assert.equal(ann.queued + bob.queued, 0);
+});
+
 Deno.test("SharedJoin.join() gives clients with the same lines queued one buffer", () => {
   const join = new SharedJoin();
   const a = encoder.encode("[x] one\r\n"), b = encoder.encode("[x] two\r\n");
