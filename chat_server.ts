@@ -1147,7 +1147,8 @@ export class Directory {
   /**
    * The rule for comparing names, here and across instances: Unicode compatibility
    * normalisation, then case folding (upper then lower case folds `ß` to `ss`), so that `Ann`,
-   * `ANN` and `ａｎｎ` are one name, and so are `straße` and `STRASSE`.
+   * `ANN` and a full-width `ann` (U+FF41 U+FF4E U+FF4E) are one name, and so are `straße` and
+   * `STRASSE`.
    */
   static key(name: string): string {
     return name.normalize("NFKC").toUpperCase().toLowerCase().normalize("NFKC");
@@ -1800,8 +1801,9 @@ export class HistoryFileError extends Error {
  * Why `name` cannot be a nick or room name, or null if it can. The rules keep one name from
  * passing for another: no invisible or direction-changing characters (format characters such as
  * U+200B and U+202E), no name that starts with a combining mark, and no mixing of the Latin,
- * Greek and Cyrillic scripts, whose look-alikes (`bоb` with a Cyrillic о) would let a name pass
- * for someone else's. A name wholly in one script is allowed, whatever it looks like.
+ * Greek and Cyrillic scripts, whose look-alikes (`bob` spelled with a Cyrillic o, U+043E) would
+ * let a name pass for someone else's. A name wholly in one script is allowed, whatever it looks
+ * like.
  */
 export function checkName(name: string, what: string): string | null {
   const length = [...name].length;
@@ -3910,7 +3912,7 @@ export const PAGE = `<!doctype html>
 </style>
 </head>
 <body>
-<header><h1>Deno chat</h1><span>room <strong id="room">lobby</strong> <span id="count"></span></span><span id="status">connecting…</span></header>
+<header><h1>Deno chat</h1><span>room <strong id="room">lobby</strong> <span id="count"></span></span><span id="status">connecting&hellip;</span></header>
 <main>
   <ul id="log" aria-live="polite"></ul>
   <aside id="members"><strong>In this room</strong><ul id="memberlist"></ul></aside>
@@ -4001,7 +4003,7 @@ function connect() {
   ws.onopen = () => { statusEl.textContent = "connected"; backoff = 500; quietWho = 0; whoLeft = 0; askWho(); };
   ws.onmessage = (event) => receive(String(event.data));
   ws.onclose = () => {
-    statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s…";
+    statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s\u2026";
     setTimeout(connect, backoff);
     backoff = Math.min(backoff * 2, 10000);
   };

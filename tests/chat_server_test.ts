@@ -728,6 +728,16 @@ Deno.test("DESIGN.md's map of chat_server.ts gives each section's lines as the f
   }
 });
 
+// V8 keeps a module's source as one byte per character only while every character is Latin-1;
+// one character above U+00FF doubles the half megabyte that the running script's text takes.
+Deno.test("chat_server.ts has no character above U+00FF, so its source costs one byte a character", () => {
+  const source = Deno.readTextFileSync(new URL("../chat_server.ts", import.meta.url)).split("\n");
+  const wide = source.flatMap((line, i) =>
+    [...line].some((c) => c.codePointAt(0)! > 0xff) ? [`line ${i + 1}: ${line.trim()}`] : []
+  );
+  assert.deepEqual(wide, [], "write such characters as \\u escapes, HTML entities or their code points");
+});
+
 Deno.test("chat_server.ts logs every line of a 30,000-line burst to a file that keeps up", async () => {
   const port = freePort();
   const file = await Deno.makeTempFile();
