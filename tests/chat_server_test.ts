@@ -698,6 +698,30 @@ Deno.test("Flusher.sendNow() writes a greeting at once, but queues behind a writ
   assert.equal(ann.queued + bob.queued, 0);
 });
 
+Deno.test("Flusher: a batch that fits one write gets a buffer of its size; only a bigger one a pooled 64 KiB", async () => {
+  const writes: { bytes: number; buffer: number }[] = [];
+  const link = {
+    write: (
+      p: Uint8Array,
+    ) => (writes.push({ bytes: p.length, buffer: p.buffer.byteLength }), Promise.resolve(p.length)),
+    close() {},
+  };
+  const flusher = new Flusher(1 << 20);
+  const client = new Client(link, "127.0.0.1:1", "127.0.0.1", new Directory().lobby, flusher);
+  const flush = async (parts: number, size: number) => {
+    for (let i = 0; i < parts; i++) client.send(new Uint8Array(size).fill(65));
+    await flusher.drained(client);
+    return writes.splice(0);
+  };
+  // A join storm's batch of notices, a few KiB: it holds no 64 KiB buffer afterwards.
+  assert.deepEqual(await flush(200, 40), [{ bytes: 8000, buffer: 8000 }]);
+  // A slow reader's 100 KiB catching up: 64 KiB at a time, through the pool.
+  assert.deepEqual(await flush(100, 1024), [{ bytes: 65536, buffer: 65536 }, {
+    bytes: 36864,
+    buffer: 65536,
+  }]);
+});
+
 Deno.test("SharedJoin.join() gives clients with the same lines queued one buffer", () => {
   const join = new SharedJoin();
   const a = encoder.encode("[x] one\r\n"), b = encoder.encode("[x] two\r\n");
