@@ -252,54 +252,11 @@ export class ChatServer {
 
   /**
    * The tutorial's recv(): reads a client's bytes until it goes or is sent off, framing them into
-   * lines, then leaves. A chain of callbacks rather than a loop in an async function: an idle
-   * client then holds one pending read and little else, and at 10,000 clients that is what they
-   * cost. While a slow reader is behind, the flusher's gate holds further reads (section 2).
+   * lines, then leaves. A {@linkcode Reader} does it; close() waits for it.
    */
   read(client: Client, conn: Stream): void {
     this.tasks.hold();
-    let framer: LineFramer | null = null; // made when the first bytes come: most clients only listen
-    // Start small: most clients send a line now and then, and each holds its buffer while it
-    // waits. One that fills it gets a bigger one, up to READ_SIZE.
-    let buffer = new Uint8Array(FIRST_READ_SIZE);
-    const next = (): void => {
-      if (client.closed || client.leaving !== null) finish(null);
-      else if (this.flusher.congested.size > 0 || this.log.behind || this.bus?.behind) {
-        this.paced().then(read, finish);
-      } else read();
-    };
-    const read = (): void => {
-      if (client.busy) client.busy.then(next, finish); // a command waits on Redis: read no further
-      else conn.read(buffer).then(got, finish);
-    };
-    const got = (n: number | null): void => {
-      if (n === null) {
-        framer?.end(); // `printf 'bye' | nc -N host 2626` says bye
-        return finish(null);
-      }
-      try {
-        client.lastInput = Date.now();
-        framer ??= new LineFramer(this.maxLine, (line, truncated) => this.onLine(client, line, truncated));
-        framer.push(buffer.subarray(0, n));
-        if (n === buffer.length && n < READ_SIZE) buffer = new Uint8Array(2 * n);
-      } catch (e) {
-        return finish(e);
-      }
-      next();
-    };
-    const finish = (e: unknown): void => {
-      if (e !== null && !isDisconnect(e)) {
-        console.error(`Error on ${client.address}: ${e instanceof Error ? e.stack : e}`);
-      }
-      try {
-        this.leave(client);
-      } catch (e) {
-        console.error(`Error on ${client.address}: ${e}`);
-      } finally {
-        this.tasks.release();
-      }
-    };
-    next();
+    new Reader(this, client, conn).next();
   }
 
   /** Waits until no live reader is far behind (section 2), and stdout neither. */
@@ -408,6 +365,85 @@ export class ChatServer {
     await this.web?.shutdown();
     await this.bus?.close();
     this.history.file?.close();
+  }
+}
+
+/**
+ * Reads one client (the tutorial's recv()). A chain of callbacks rather than a loop in an async
+ * function, and one object rather than a closure for each step: an idle client then holds one
+ * pending read, this reader and its two callbacks, and at 10,000 clients that is what they cost.
+ * While a slow reader is behind, the flusher's gate holds further reads (section 2).
+ */
+class Reader {
+  readonly server: ChatServer;
+  readonly client: Client;
+  readonly conn: Stream;
+  /** Made when the first bytes come: most clients only listen. */
+  framer: LineFramer | null = null;
+  /**
+   * Starts small: most clients send a line now and then, and each holds its buffer while it
+   * waits. One that fills it gets a bigger one, up to READ_SIZE.
+   */
+  buffer = new Uint8Array(FIRST_READ_SIZE);
+  /** The read op's callbacks, made once per client. */
+  readonly got: (n: number | null) => void;
+  readonly finish: (e: unknown) => void;
+
+  constructor(server: ChatServer, client: Client, conn: Stream) {
+    this.server = server;
+    this.client = client;
+    this.conn = conn;
+    this.got = (n) => this.take(n);
+    this.finish = (e) => this.end(e);
+  }
+
+  /** Reads on, after the senders' pause if someone is behind; or ends, if the client is leaving. */
+  next(): void {
+    const { client, server } = this;
+    if (client.closed || client.leaving !== null) this.end(null);
+    else if (server.flusher.congested.size > 0 || server.log.behind || server.bus?.behind) {
+      server.paced().then(() => this.read(), this.finish);
+    } else this.read();
+  }
+
+  private read(): void {
+    const busy = this.client.busy; // a command waits on Redis: read no further
+    if (busy) busy.then(() => this.next(), this.finish);
+    else this.conn.read(this.buffer).then(this.got, this.finish);
+  }
+
+  private take(n: number | null): void {
+    if (n === null) {
+      this.framer?.end(); // `printf 'bye' | nc -N host 2626` says bye
+      return this.end(null);
+    }
+    const { client, server } = this;
+    try {
+      client.lastInput = Date.now();
+      this.framer ??= new LineFramer(
+        server.maxLine,
+        (line, truncated) => server.onLine(client, line, truncated),
+      );
+      this.framer.push(this.buffer.subarray(0, n));
+      if (n === this.buffer.length && n < READ_SIZE) this.buffer = new Uint8Array(2 * n);
+    } catch (e) {
+      return this.end(e);
+    }
+    this.next();
+  }
+
+  private end(e: unknown): void {
+    const { client, server } = this;
+    if (e !== null && !isDisconnect(e)) {
+      console.error(`Error on ${client.address}: ${e instanceof Error ? e.stack : e}`);
+    }
+    try {
+      server.leave(client);
+    } catch (e) {
+      console.error(`Error on ${client.address}: ${e}`);
+    } finally {
+      server.tasks.release();
+    }
   }
 }
 
