@@ -713,6 +713,7 @@ export class Client {
     this.page = page;
   }
 
+  // What `wrote` and `failed` are bound to: the flusher finishes the write (section 2).
   private afterWrite(n: number): void {
     this.flusher.afterWrite(this, n);
   }
