@@ -492,6 +492,9 @@ const enum Telnet {
   SubIac,
 }
 
+/** The one empty line buffer every idle framer shares (an empty Uint8Array of its own is 208 bytes). */
+const NO_BYTES = new Uint8Array(0);
+
 /**
  * Splits a byte stream into lines, whatever the read boundaries.
  *
@@ -513,9 +516,6 @@ const enum Telnet {
  * console.assert(lines.join("|") === "hello|world");
  * ```
  */
-/** The one empty line buffer every idle framer shares (an empty Uint8Array of its own is 208 bytes). */
-const NO_BYTES = new Uint8Array(0);
-
 export class LineFramer {
   #line = NO_BYTES; // grown on demand up to #maxLine: an idle client holds nothing, not even an empty array
   #maxLine: number;
