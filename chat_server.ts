@@ -417,7 +417,8 @@ class Reader {
 
   private take(n: number | null): void {
     if (n === null) {
-      this.framer?.end(); // `printf 'bye' | nc -N host 2626` says bye
+      if (!this.conn.dropsPartialLine) this.framer?.end(); // `printf 'bye' | nc -N host 2626` says bye
+      if (this.conn.problem) console.error(`Dropped ${this.client.address}: ${this.conn.problem}`);
       return this.end(null);
     }
     const { client, server } = this;
@@ -642,6 +643,10 @@ export interface Link {
 /** A link that is read as a byte stream (TCP and TLS): `read()` resolves to null at the end. */
 export interface Stream extends Link {
   read(p: Uint8Array): Promise<number | null>;
+  /** Set where a partial line at the end is an unfinished message, to be dropped (WebSocket). */
+  readonly dropsPartialLine?: boolean;
+  /** Why the link ended, when the peer broke its protocol: logged as the reason it was dropped. */
+  readonly problem?: string | null;
 }
 
 /**
@@ -2445,6 +2450,9 @@ class WebGate {
     if (method !== "GET" || !key || !/^[A-Za-z0-9+/]{22}==$/.test(key.trim())) {
       return respond(conn, 400, "A WebSocket upgrade is a GET with a Sec-WebSocket-Key\n");
     }
+    if (headers.get("sec-websocket-version") !== "13") {
+      return respond(conn, 426, "This server speaks WebSocket version 13 (RFC 6455)\n");
+    }
     const origin = headers.get("origin");
     if (origin !== undefined && !this.originAllowed(origin, headers.get("host"))) {
       console.error(`Refused ${address}: WebSocket from another site (${origin})`);
@@ -2465,7 +2473,9 @@ class WebGate {
       const link = new WebSocketConn(conn, request.rest, this.server.maxLine);
       if (this.server.closing) return link.close();
       const page = request.query.has("page") ? pageRequest(request.query) : null; // section 9
-      this.server.read(this.server.admit(link, address, ip, page), link);
+      const client = this.server.admit(link, address, ip, page);
+      link.wantWrite = () => client.send(NO_BYTES); // a pong or a ping waits for a write
+      this.server.read(client, link);
     }, () => closeQuietly(conn));
   }
 
@@ -2563,7 +2573,7 @@ async function respond(
   const bytes = withBody ? full : full.subarray(0, 0);
   const head = `HTTP/1.1 ${status} ${STATUS_TEXT[status]}\r\ncontent-type: ${type}\r\n` +
     `content-length: ${full.length}\r\ncache-control: no-store\r\nconnection: close\r\n` +
-    (status === 426 ? "upgrade: websocket\r\n" : "") + "\r\n";
+    (status === 426 ? "upgrade: websocket\r\nsec-websocket-version: 13\r\n" : "") + "\r\n";
   try {
     await settleWithin(SHUTDOWN_GRACE_MS, [
       writeAll(conn, concatBytes([encoder.encode(head), bytes], head.length + bytes.length)),
@@ -2575,15 +2585,38 @@ async function respond(
 
 const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const OP_CONTINUATION = 0, OP_TEXT = 1, OP_BINARY = 2, OP_CLOSE = 8, OP_PING = 9, OP_PONG = 10;
+/**
+ * Control frames (pings, pongs) a peer may send in a burst, and per second after it. A browser
+ * sends none; a library pings every few seconds. Each one read costs a write, so a flood of them is
+ * a flood of output: past this, the connection is closed (1008).
+ */
+const CONTROL_BURST = 20;
+const CONTROL_PER_SECOND = 2;
 
 /**
  * A WebSocket (RFC 6455) over a TCP connection, read and written as the server reads and writes
- * a telnet client. read() gives the payload of data frames as it arrives, with a newline at the
+ * a telnet client. read() gives the payload of text messages as it arrives, with a newline at the
  * end of each message, so the line framer sees what a telnet user types (a message of any size
- * costs no more than a line of any size); it answers pings and a close itself. write() sends each
- * line as one text frame. Writes are kept in order on one chain, so a pong never splits a frame.
+ * costs no more than a line of any size). write() sends each line as one text frame.
+ *
+ * What the peer sends is checked as it comes, and the first fault closes the connection with its
+ * code (§7.4.1): a malformed frame (1002), a text message that cannot become UTF-8 (1007, at the
+ * first byte that shows it, across fragments), a binary message (1003: this chat is text), a flood
+ * of control frames (1008). A message cut short by the end of the connection is dropped.
+ *
+ * Control frames are output like any other: a pong (to the latest ping only, §5.5.3) or our own
+ * ping waits in one slot here and goes out with the client's next write, which the flusher paces
+ * and serializes, so a peer that pings and never reads costs one frame, not a queue of them.
  */
 class WebSocketConn implements Stream {
+  /** A message is a line: a partial line when the connection ends is an unfinished message. */
+  readonly dropsPartialLine = true;
+  /** Why the connection was failed, when the peer broke the protocol. */
+  problem: string | null = null;
+  /** Something came from the peer since the last ping (WebGate's keepalive reads and clears it). */
+  heard = true;
+  /** Asks the flusher for a write, so that a waiting control frame goes out (set by the gate). */
+  wantWrite: () => void = ignore;
   private readonly conn: Deno.Conn;
   private raw: Uint8Array;
   private start = 0;
@@ -2596,6 +2629,10 @@ class WebSocketConn implements Stream {
   private inMessage = false;
   private newlineDue = false;
   private closed = false;
+  private readonly text = new Utf8Check();
+  private readonly controls = new TokenBucket(CONTROL_PER_SECOND / 1000, CONTROL_BURST, Date.now());
+  private pong: Uint8Array | null = null;
+  private pingDue = false;
   private writing: Promise<unknown> = Promise.resolve();
 
   constructor(conn: Deno.Conn, already: Uint8Array, maxLine: number) {
@@ -2619,62 +2656,96 @@ class WebSocketConn implements Stream {
         this.start += n;
         this.maskAt = (this.maskAt + n) & 3;
         this.remaining -= n;
-        if (this.remaining === 0 && this.finalFrame) this.endMessage();
+        if (!this.text.push(p.subarray(0, n))) return this.fail(1007, "a text message that is not UTF-8");
+        if (this.remaining === 0 && this.finalFrame && !this.endMessage()) return null;
         return n;
       }
       if (await this.nextFrame() === null) return null;
     }
   }
 
-  private endMessage(): void {
+  // The last frame of a message is in: it must end on a whole character.
+  private endMessage(): boolean {
+    if (!this.text.complete) {
+      this.fail(1007, "a text message that is not UTF-8");
+      return false;
+    }
     this.inMessage = false;
     this.newlineDue = true;
+    return true;
   }
 
   // Reads and handles one frame header (and a control frame's payload); null at the end.
   private async nextFrame(): Promise<true | null> {
     if (!await this.need(2)) return null;
     const b0 = this.raw[this.start], b1 = this.raw[this.start + 1];
-    const opcode = b0 & 0x0f, fin = (b0 & 0x80) !== 0, masked = (b1 & 0x80) !== 0;
+    const opcode = b0 & 0x0f, fin = (b0 & 0x80) !== 0, control = opcode >= OP_CLOSE;
+    // Judged on the first two bytes, before waiting for a length or a mask that may never come.
+    if ((b1 & 0x80) === 0) return this.fail(1002, "an unmasked frame");
+    if ((b0 & 0x70) !== 0) return this.fail(1002, "a frame with reserved bits set");
+    if (opcode > OP_PONG || (opcode > OP_BINARY && !control)) {
+      return this.fail(1002, `reserved opcode ${opcode}`);
+    }
+    if (control && (!fin || (b1 & 0x7f) > 125)) return this.fail(1002, "a fragmented or long control frame");
+    if (opcode === OP_CONTINUATION ? !this.inMessage : !control && this.inMessage) {
+      return this.fail(1002, "a fragment out of place");
+    }
+    if (opcode === OP_BINARY) return this.fail(1003, "a binary message (this chat takes text)");
     const lengthBytes = (b1 & 0x7f) === 126 ? 2 : (b1 & 0x7f) === 127 ? 8 : 0;
     if (!await this.need(2 + lengthBytes + 4)) return null;
     let length = lengthBytes === 0 ? b1 & 0x7f : 0, at = this.start + 2;
     for (let i = 0; i < lengthBytes; i++) length = length * 256 + this.raw[at++];
-    const control = opcode >= OP_CLOSE;
-    const badStart = opcode === OP_CONTINUATION
-      ? !this.inMessage
-      : (opcode === OP_TEXT || opcode === OP_BINARY) && this.inMessage;
-    if (
-      !masked || (control && (!fin || length > 125)) || badStart || (opcode > OP_BINARY && !control) ||
-      opcode > OP_PONG || length > Number.MAX_SAFE_INTEGER
-    ) {
-      return this.fail(1002);
-    }
+    if (length > Number.MAX_SAFE_INTEGER) return this.fail(1002, "a frame longer than can be");
     this.mask.set(this.raw.subarray(at, at + 4));
     this.start = at + 4;
     if (control) return this.control(opcode, length);
+    if (opcode === OP_TEXT) this.text.reset();
     this.remaining = length;
     this.maskAt = 0;
     this.finalFrame = fin;
     this.inMessage = true;
-    if (length === 0 && fin) this.endMessage();
+    if (length === 0 && fin && !this.endMessage()) return null;
     return true;
   }
 
-  // Ping: pong. Pong: nothing. Close: answer it and end.
+  // Ping: a pong, in the slot. Pong: nothing. Close: checked, answered with its code, and the end.
   private async control(opcode: number, length: number): Promise<true | null> {
     if (!await this.need(length)) return null;
     const payload = this.raw.slice(this.start, this.start + length);
     for (let i = 0; i < length; i++) payload[i] ^= this.mask[i & 3];
     this.start += length;
-    if (opcode === OP_PING) this.send(frame(OP_PONG, payload));
-    if (opcode !== OP_CLOSE) return true;
-    this.close(payload.length >= 2 ? payload.subarray(0, 2) : new Uint8Array(0));
+    if (opcode === OP_CLOSE) return this.closeFrom(payload);
+    if (!this.controls.take(Date.now())) {
+      return this.fail(
+        1008,
+        `over ${CONTROL_BURST} control frames at once, or ${CONTROL_PER_SECOND} a second`,
+      );
+    }
+    if (opcode === OP_PING) {
+      this.pong = frame(OP_PONG, payload);
+      this.wantWrite();
+    }
+    return true;
+  }
+
+  // The peer closes: a valid close is answered with its own code (or none, if it gave none).
+  private closeFrom(payload: Uint8Array): null {
+    if (payload.length === 1) return this.fail(1002, "a close frame with a 1-byte body");
+    if (payload.length >= 2) {
+      const code = (payload[0] << 8) | payload[1];
+      if (!isValidCloseCode(code)) return this.fail(1002, `close code ${code}, which no peer may send`);
+      const reason = new Utf8Check();
+      if (!reason.push(payload.subarray(2)) || !reason.complete) {
+        return this.fail(1007, "a close reason that is not UTF-8");
+      }
+    }
+    this.close(payload.subarray(0, 2));
     return null;
   }
 
-  // A protocol error: close with that code, and end.
-  private fail(code: number): null {
+  /** Fails the connection (§7.1.7): says why in `problem`, closes with `code`, and ends reading. */
+  private fail(code: number, why: string): null {
+    this.problem ??= `WebSocket closed with ${code}: ${why}`;
     this.close(new Uint8Array([code >> 8, code & 0xff]));
     return null;
   }
@@ -2695,14 +2766,25 @@ class WebSocketConn implements Stream {
     }
     const n = await this.conn.read(this.raw.subarray(this.end));
     if (n === null) return false;
+    this.heard = true;
     this.end += n;
     return true;
   }
 
-  /** Sends each CRLF-ended line of `p` as one text frame. */
+  /** Queues a ping, which goes out with the next write; the peer's answer sets `heard`. */
+  ping(): void {
+    this.pingDue = true;
+    this.wantWrite();
+  }
+
+  /** Sends each CRLF-ended line of `p` as one text frame, after the waiting control frames. */
   write(p: Uint8Array): Promise<number> {
     const frames: Uint8Array[] = [];
     let total = 0, from = 0;
+    if (this.pong) total += frames[frames.push(this.pong) - 1].length;
+    if (this.pingDue) total += frames[frames.push(frame(OP_PING, NO_BYTES)) - 1].length;
+    this.pong = null;
+    this.pingDue = false;
     for (let i = 1; i < p.length; i++) {
       if (p[i] !== NL || p[i - 1] !== CR) continue;
       if (i - 1 > from) total += frames[frames.push(frame(OP_TEXT, p.subarray(from, i - 1))) - 1].length;
@@ -2723,6 +2805,59 @@ class WebSocketConn implements Stream {
     this.closed = true;
     const goodbye = this.send(frame(OP_CLOSE, code));
     settleWithin(SHUTDOWN_GRACE_MS, [goodbye]).finally(() => closeQuietly(this.conn));
+  }
+}
+
+/** Close codes a peer may send (§7.4): those RFC 6455 and IANA define, and 3000-4999 for others. */
+function isValidCloseCode(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
+}
+
+/**
+ * Checks UTF-8 as it arrives in pieces, and says so at the first byte that no continuation could
+ * make valid (§8.1 asks to fail fast): overlong forms, surrogates and code points past U+10FFFF
+ * are caught at their second byte.
+ */
+export class Utf8Check {
+  /** Continuation bytes still due, and the range the next one must be in. */
+  private due = 0;
+  private low = 0x80;
+  private high = 0xbf;
+
+  /** Starts a new text. */
+  reset(): void {
+    this.due = 0;
+  }
+
+  /** True at a character boundary: a text that ends here is whole. */
+  get complete(): boolean {
+    return this.due === 0;
+  }
+
+  /** Takes the next bytes; false if they cannot be part of valid UTF-8. */
+  push(bytes: Uint8Array): boolean {
+    let { due, low, high } = this;
+    for (let i = 0; i < bytes.length; i++) {
+      const b = bytes[i];
+      if (due > 0) {
+        if (b < low || b > high) return false;
+        due--;
+        low = 0x80;
+        high = 0xbf;
+      } else if (b < 0x80) continue;
+      else if (b >= 0xc2 && b <= 0xdf) due = 1;
+      else if (b >= 0xe0 && b <= 0xef) {
+        due = 2;
+        low = b === 0xe0 ? 0xa0 : 0x80; // 0xe0 0x80-0x9f would be overlong
+        high = b === 0xed ? 0x9f : 0xbf; // 0xed 0xa0-0xbf would be a surrogate
+      } else if (b >= 0xf0 && b <= 0xf4) {
+        due = 3;
+        low = b === 0xf0 ? 0x90 : 0x80; // overlong
+        high = b === 0xf4 ? 0x8f : 0xbf; // past U+10FFFF
+      } else return false; // a stray continuation, 0xc0, 0xc1, 0xf5-0xff
+    }
+    [this.due, this.low, this.high] = [due, low, high];
+    return true;
   }
 }
 

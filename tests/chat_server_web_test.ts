@@ -584,3 +584,199 @@ Deno.test("the WebSocket answers a close with a close, and the room hears the le
     assert.ok(await ws.closed());
   });
 });
+
+/** A frame with RSV bits set (`rsv`, 1-7), otherwise as clientFrame() makes it. */
+function withRsv(rsv: number, bytes: Uint8Array): Uint8Array {
+  bytes[0] |= rsv << 4;
+  return bytes;
+}
+
+const hex = (text: string) => new Uint8Array(text.match(/../g)!.map((b) => parseInt(b, 16)));
+const closeBody = (code: number, reason: Uint8Array | string = "") => {
+  const r = typeof reason === "string" ? new TextEncoder().encode(reason) : reason;
+  return new Uint8Array([code >> 8, code & 0xff, ...r]);
+};
+/** Autobahn's 6.3.1 payload: "κόσμε", then ED A0 80 (a surrogate, never valid UTF-8), then "edited". */
+const KOSME_BAD = hex("cebae1bdb9cf83cebcceb5eda080656469746564");
+
+/**
+ * Autobahn|Testsuite's cases (by their ids, sent as raw frames; the suite itself needs Python 2),
+ * and a few more from RFC 6455. `relayed` is what the room must hear from the client, and `close`
+ * the code the server must close with (null: a close frame with no code); `pong` a pong it must send first.
+ */
+const RFC6455_CASES: {
+  id: string;
+  send: Uint8Array[];
+  relayed?: string[];
+  pong?: string;
+  close: number | null;
+}[] = [
+  { id: "1.2.1 a binary message (this chat takes text: 1003)", send: [clientFrame(2, "hi")], close: 1003 },
+  {
+    id: "2.3 a ping with a binary payload",
+    send: [clientFrame(9, hex("00fffefdfc"))],
+    pong: "00fffefdfc",
+    close: 1000,
+  },
+  { id: "2.5 a ping of 126 bytes", send: [clientFrame(9, "x".repeat(126))], close: 1002 },
+  {
+    id: "2.10 ten pings: at least the last is answered",
+    send: Array.from({ length: 10 }, (_, i) => clientFrame(9, String(i))),
+    pong: "39",
+    close: 1000,
+  },
+  { id: "3.1 a text frame with RSV1", send: [withRsv(1, clientFrame(1, "rsv"))], close: 1002 },
+  {
+    id: "3.2 a good text, then one with RSV2",
+    send: [clientFrame(1, "fine"), withRsv(2, clientFrame(1, "rsv"))],
+    relayed: ["fine"],
+    close: 1002,
+  },
+  { id: "3.6 a ping with RSV 6", send: [withRsv(6, clientFrame(9, "p"))], close: 1002 },
+  { id: "3.7 a close with RSV 7", send: [withRsv(7, clientFrame(8, closeBody(1000)))], close: 1002 },
+  { id: "4.1.1 reserved data opcode 3", send: [clientFrame(3, "")], close: 1002 },
+  { id: "4.2.1 reserved control opcode 11", send: [clientFrame(11, "")], close: 1002 },
+  { id: "5.1 a fragmented ping", send: [clientFrame(9, "p", false)], close: 1002 },
+  { id: "5.9 a continuation with nothing to continue", send: [clientFrame(0, "x")], close: 1002 },
+  {
+    id: "5.18 a new text message inside a fragmented one",
+    send: [clientFrame(1, "a", false), clientFrame(1, "b")],
+    close: 1002,
+  },
+  { id: "6.3.1 invalid UTF-8 in one frame", send: [clientFrame(1, KOSME_BAD)], close: 1007 },
+  {
+    id: "6.3.2 invalid UTF-8 one byte a frame: failed at its 13th byte",
+    send: [...KOSME_BAD.subarray(0, 13)].map((b, i) =>
+      clientFrame(i === 0 ? 1 : 0, new Uint8Array([b]), false)
+    ),
+    close: 1007,
+  },
+  {
+    id: "6.4.1 fail fast: a code point past U+10FFFF in the 2nd of 3 fragments, the 3rd never sent",
+    send: [clientFrame(1, hex("cebae1bdb9cf83cebcceb5"), false), clientFrame(0, hex("f4908080"), false)],
+    close: 1007,
+  },
+  {
+    id: "6.4.2 fail fast: the byte that makes it invalid alone in a fragment",
+    send: [
+      clientFrame(1, KOSME_BAD.subarray(0, 12), false),
+      clientFrame(0, KOSME_BAD.subarray(12, 13), false),
+    ],
+    close: 1007,
+  },
+  { id: "6.x a message that ends inside a character", send: [clientFrame(1, hex("6869ce"))], close: 1007 },
+  { id: "6.x an overlong slash (C0 AF)", send: [clientFrame(1, hex("c0af"))], close: 1007 },
+  {
+    id: "6.x valid UTF-8 is relayed",
+    send: [clientFrame(1, hex("cebae1bdb9cf83cebcceb5"))],
+    relayed: ["\u03ba\u1f79\u03c3\u03bc\u03b5"],
+    close: 1000,
+  },
+  { id: "7.3.1 a close with no body is answered with none", send: [clientFrame(8, "")], close: null },
+  { id: "7.3.2 a close with a 1-byte body", send: [clientFrame(8, "x")], close: 1002 },
+  { id: "7.3.3 a close with 1000", send: [clientFrame(8, closeBody(1000))], close: 1000 },
+  {
+    id: "7.3.4 a close with 1000 and a reason",
+    send: [clientFrame(8, closeBody(1000, "Hello World!"))],
+    close: 1000,
+  },
+  {
+    id: "7.5.1 a close reason that is not UTF-8",
+    send: [clientFrame(8, closeBody(1000, KOSME_BAD))],
+    close: 1007,
+  },
+  ...[1001, 1003, 1011, 3000, 4999].map((code) => ({
+    id: `7.7.x the valid close code ${code} is echoed`,
+    send: [clientFrame(8, closeBody(code))],
+    close: code,
+  })),
+  ...[0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535].map((code) => ({
+    id: `7.9.x / 7.13.x close code ${code}, which no peer may send`,
+    send: [clientFrame(8, closeBody(code))],
+    close: 1002,
+  })),
+  {
+    id: "RFC 6455 5.4: a message unfinished when the peer closes is dropped",
+    send: [clientFrame(1, "half a mess", false), clientFrame(8, closeBody(1000))],
+    close: 1000,
+  },
+  {
+    id: "RFC 6455 5.1: an unmasked empty frame fails at once",
+    send: [new Uint8Array([0x81, 0x00])],
+    close: 1002,
+  },
+];
+
+Deno.test("the WebSocket keeps RFC 6455 in Autobahn's cases, one by one", async () => {
+  await withWebServer({}, async (tcpPort, httpPort) => {
+    using tcp = await joinChat(tcpPort);
+    for (const c of RFC6455_CASES) {
+      using ws = await RawWebSocket.open(httpPort);
+      const name = /^Client joined (\S+)\r\n$/.exec((await tcp.readLine())!)![1];
+      await ws.frame(); // the greeting
+      for (const bytes of c.send) await ws.write(bytes);
+      if (c.close === 1000) await ws.write(clientFrame(8, closeBody(1000))); // the case ends well: close it
+      let [op, body] = await ws.frame();
+      if (c.pong !== undefined) {
+        while (op === 10 && [...body].map((b) => b.toString(16).padStart(2, "0")).join("") !== c.pong) {
+          [op, body] = await ws.frame(); // an earlier ping's pong, if the server answered it
+        }
+        assert.equal(op, 10, `${c.id}: a pong`);
+        [op, body] = await ws.frame();
+      }
+      assert.equal(op, 8, `${c.id}: a close frame`);
+      assert.deepEqual(
+        [...body.subarray(0, 2)],
+        c.close === null ? [] : [c.close >> 8, c.close & 0xff],
+        c.id,
+      );
+      for (const text of c.relayed ?? []) {
+        assert.equal(new TextDecoder().decode((await tcp.readLineBytes())!), `[${name}] ${text}\r\n`, c.id);
+      }
+      assert.equal(await tcp.readLine(), `Client left ${name}\r\n`, `${c.id}: nothing else was relayed`);
+      assert.ok(await ws.closed(), `${c.id}: the connection is closed`);
+    }
+  });
+});
+
+Deno.test("startChatServer({ http }) answers a WebSocket version other than 13 with 426 and the version it speaks", async () => {
+  await withWebServer({}, async (_tcp, httpPort) => {
+    using c = await TestClient.connect(httpPort);
+    await c.write(
+      `GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+        `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n`,
+    );
+    const head = await c.readToEnd();
+    assert.match(head, /^HTTP\/1\.1 426 Upgrade Required\r\n/);
+    assert.match(head, /\r\nsec-websocket-version: 13\r\n/i);
+  });
+});
+
+Deno.test("chat_server.ts --http closes a WebSocket that floods pings and never reads, and serves on", async () => {
+  const port = freePort(), httpPort = freePort();
+  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--http", String(httpPort)]);
+  await cli.readLine();
+  await cli.readLine();
+  using tcp = await joinChat(port);
+  const before = rssKiB(cli.child.pid);
+  using ws = await RawWebSocket.open(httpPort);
+  const name = /^Client joined (\S+)\r\n$/.exec((await tcp.readLine())!)![1];
+  const pings = new Uint8Array(
+    Array.from({ length: 512 }, () => [...clientFrame(9, "p".repeat(125))]).flat(),
+  );
+  const until = Date.now() + 1000;
+  try {
+    while (Date.now() < until) await ws.write(pings); // never reading a pong
+  } catch (e) {
+    if (!(e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe)) throw e;
+  }
+  assert.equal(await tcp.readLine(), `Client left ${name}\r\n`);
+  await tcp.write("/who\r\n");
+  assert.equal(await within(1000, tcp.readLine(), "the answer to /who"), "In lobby (1):\r\n");
+  const grewMiB = (rssKiB(cli.child.pid) - before) / 1024;
+  assert.ok(grewMiB < 16, `the server grew by ${grewMiB.toFixed(1)} MiB`);
+  cli.kill();
+  const { code, stderr } = await cli.finish();
+  assert.equal(code, 0);
+  assert.match(stderr, new RegExp(`Dropped ${name}: WebSocket closed with 1008: over 20 control frames`));
+});
