@@ -1421,6 +1421,7 @@ function sayAction(server: ChatServer, client: Client, action: string): void {
     { event: "me", room: client.room.name, from: client.label, text: action },
     true,
   );
+  if (client.page) client.tell(text); // a page shows what its user said; a terminal already has
 }
 
 /** /msg NAME TEXT: only NAME (a nick, or a host:port) hears it; the log says who wrote to whom, never what. */
@@ -1701,7 +1702,8 @@ export class RoomHistory {
 
   /** The last `n` lines kept for a room, oldest first. */
   last(room: string, n: number): Kept[] {
-    const ring = this.rooms.get(Directory.key(room));
+    // A room not yet in memory may still be in the file (after a restart, before anyone spoke).
+    const ring = this.rooms.get(Directory.key(room)) ?? (this.file ? this.ring(room) : undefined);
     if (!ring) return [];
     const count = ring.kept.length, out = [];
     for (let i = Math.max(0, count - n); i < count; i++) out.push(ring.kept[(ring.next + i) % count]);

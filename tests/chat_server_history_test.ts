@@ -452,3 +452,36 @@ Deno.test("chat_server.ts says in one line, and exits 1, when its --history file
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("after a restart with --history FILE, telnet's /history shows the file's lines at once, in the lobby and in a room", async () => {
+  const dir = await Deno.makeTempDir();
+  const file = `${dir}/history.db`;
+  try {
+    let name = "";
+    await withWebServer({ historyFile: file }, async (tcp) => {
+      using t = await joinChat(tcp);
+      name = t.name;
+      await t.write("said in the lobby\r\n");
+      await ask(t, "/join dev", "You are now in dev (1); /who lists who is here");
+      await t.write("said in dev\r\n");
+      await ask(t, "/history", "History of dev (the last 1 line):");
+      await t.readLine();
+    });
+    await withWebServer({ historyFile: file }, async (tcp) => {
+      using t = await joinChat(tcp); // nobody has spoken, and no page has come, since the restart
+      await ask(t, "/history", "History of lobby (the last 1 line):");
+      assert.match(
+        (await t.readLine())!,
+        new RegExp(`^  \\(\\d\\d:\\d\\d\\) \\[${name}\\] said in the lobby\\r\\n$`),
+      );
+      await ask(t, "/join dev", "You are now in dev (1); /who lists who is here");
+      await ask(t, "/history", "History of dev (the last 1 line):");
+      assert.match(
+        (await t.readLine())!,
+        new RegExp(`^  \\(\\d\\d:\\d\\d\\) \\[${name}\\] said in dev\\r\\n$`),
+      );
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

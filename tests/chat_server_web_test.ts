@@ -110,7 +110,7 @@ const haveChromium = hasProgram("chromium");
 
 Deno.test({
   name: haveChromium
-    ? "the page in headless Chromium chats with a TCP client, shows <script> as text, and takes /nick"
+    ? "the page in headless Chromium chats with a TCP client, shows <script> as text, takes /nick, and shows its own /me"
     : "the page in headless Chromium (ignored: chromium not installed)",
   ignore: !haveChromium,
   // Playwright keeps timers and pipes of its own between calls; the browser is closed below.
@@ -142,6 +142,11 @@ Deno.test({
         assert.equal(await tcp.readLine(), `${pageName} is now known as pagey\r\n`);
         await page.locator("#memberlist li", { hasText: "pagey" }).waitFor({ timeout: WAIT_MS });
         assert.equal(await page.locator("#room").textContent(), "lobby");
+
+        await page.fill("#input", "/me waves");
+        await page.press("#input", "Enter");
+        assert.equal(await tcp.readLine(), "* pagey waves\r\n");
+        await page.locator("#log li", { hasText: "* pagey waves" }).waitFor({ timeout: WAIT_MS }); // on its own screen too
 
         await Deno.mkdir("test-artifacts", { recursive: true });
         await page.screenshot({ path: "test-artifacts/chat_page.png" });
