@@ -214,6 +214,9 @@ export class ChatServer {
         continue;
       }
       pause = 0;
+      // A peer that vanishes without a FIN (a lid closed, a cable pulled) is found by the kernel's
+      // keepalive probes, with its timings (see DESIGN.md); --idle and WebSocket pings act sooner.
+      conn.setKeepAlive(true);
       take(conn);
     }
   }
@@ -2123,6 +2126,12 @@ const MAX_TLS_REFUSALS = 64;
 const TLS_REFUSAL_MS = 1000;
 /** Seconds a browser may take to send its request head. */
 export const DEFAULT_HTTP_TIMEOUT = 5;
+/**
+ * Seconds between the pings a WebSocket client is sent; one that has sent nothing by the next ping
+ * has gone (a closed lid, a lost network) and is sent off, so it leaves its room within two of
+ * them. Centrifugo pings every 25 s; a page hears of each ping and reconnects when they stop.
+ */
+export const DEFAULT_HTTP_PING = 25;
 /** Request heads that may be on their way at once from one address, and from everyone. */
 const HTTP_HEADS_PER_IP = 8;
 const HTTP_HEADS = 256;
@@ -2390,6 +2399,9 @@ class WebGate {
   /** Connections still sending their request head, by address, and all of them. */
   private readonly reading = new Map<string, number>();
   private readonly heads = new Set<Deno.Conn>();
+  /** Seconds between pings (0: none), and their timer. */
+  readonly pingSeconds: number;
+  private readonly pinging: ReturnType<typeof setInterval> | undefined;
 
   /** Listens for HTTP; throws WebListenError if the port cannot be had. */
   constructor(server: ChatServer, options: NonNullable<ChatServerOptions["http"]>) {
@@ -2403,6 +2415,26 @@ class WebGate {
       throw new WebListenError(options.port, host, e);
     }
     this.finished = server.run(this.listener, (conn) => this.take(conn));
+    this.pingSeconds = options.ping ?? DEFAULT_HTTP_PING;
+    if (this.pingSeconds > 0) this.pinging = setInterval(() => this.pingAll(), this.pingSeconds * 1000);
+  }
+
+  /**
+   * Sends off each WebSocket client that has sent nothing since the last ping, and pings the
+   * others; a page is also told, so that it knows the server is there (section 9).
+   */
+  pingAll(): void {
+    for (const client of this.server.clients) {
+      const link = client.link;
+      if (!(link instanceof WebSocketConn)) continue;
+      if (!link.heard) {
+        this.server.sendOff(client, "No answer to pings: closing", "no answer to pings");
+        continue;
+      }
+      link.heard = false;
+      link.ping();
+      if (client.page) client.tell(PAGE_MARKS.alive(this.pingSeconds));
+    }
   }
 
   get addr(): Deno.NetAddr {
@@ -2411,6 +2443,7 @@ class WebGate {
 
   /** Stops taking requests and hangs up on heads still arriving; WebSockets close as clients. */
   shutdown(): Promise<void> {
+    clearInterval(this.pinging);
     closeQuietly(this.listener);
     for (const conn of this.heads) closeQuietly(conn);
     return this.finished;
@@ -3802,8 +3835,9 @@ export interface ChatServerOptions {
   deny?: string[];
   /** Also serve the web page and its WebSocket: `port` (0 picks one), `host` (default: as `host`),
    * the `origins` allowed to open the WebSocket from other sites (`*` for any), and the seconds a
-   * browser may take to send its request (`timeout`, default {@linkcode DEFAULT_HTTP_TIMEOUT}). */
-  http?: { port: number; host?: string; origins?: string[]; timeout?: number };
+   * browser may take to send its request (`timeout`, default {@linkcode DEFAULT_HTTP_TIMEOUT}), and
+   * the seconds between pings to WebSocket clients (`ping`, default {@linkcode DEFAULT_HTTP_PING}; 0: none). */
+  http?: { port: number; host?: string; origins?: string[]; timeout?: number; ping?: number };
   /** Share rooms with other instances through Redis. Default: this instance alone. */
   redis?: RedisOptions;
   /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
@@ -3971,6 +4005,8 @@ export const PAGE_MARKS = {
   kept: (seq: number) => `\x1e# ${seq} `,
   /** The position of the page's own line, which it is not sent. */
   mine: (seq: number) => `\x1e= ${seq}`,
+  /** The server is there, and says so every `seconds`: a page that hears nothing for long reconnects. */
+  alive: (seconds: number) => `\x1e~ ${seconds}`,
   /** A line from the room's history: its position, when it was said (ms since 1970), the line. */
   history: (k: Kept) =>
     `\x1eh ${k.seq} ${k.time} ${decoder.decode(k.message.subarray(0, k.message.length - 2))}`,
@@ -4006,6 +4042,7 @@ function pageRequest(query: URLSearchParams): PageState {
 function greetPage(server: ChatServer, client: Client): void {
   const page = client.page!;
   client.tell(PAGE_MARKS.token(page.token));
+  if (server.web!.pingSeconds > 0) client.tell(PAGE_MARKS.alive(server.web!.pingSeconds));
   const old = page.resume && server.directory.pages.get(page.resume.token);
   if (old) {
     server.sendOff(old, "You connected again: this connection is closed", "reconnected");
@@ -4114,6 +4151,9 @@ const log = document.getElementById("log"), input = document.getElementById("inp
 const roomEl = document.getElementById("room"), statusEl = document.getElementById("status");
 const memberList = document.getElementById("memberlist"), countEl = document.getElementById("count");
 let ws = null, backoff = 500, quietWho = 0, whoLeft = 0, members = [];
+// The server says how often it makes itself heard (PAGE_MARKS.alive); past twice that in silence
+// it is gone (a dead server or a dead network closes nothing), and the page reconnects.
+let aliveMs = 0, heardAt = 0;
 // Where the page stands, so that it can say so when it reconnects: its token, its nick, and its
 // room's epoch and the position of the last line it has seen there (PAGE_MARKS).
 let token = "", nick = "", room = "", epoch = "", seq = 0;
@@ -4156,6 +4196,7 @@ function mark(line) {
   if ((m = /^\\x1e! (\\S+)$/.exec(line))) token = m[1];
   else if ((m = /^\\x1e@ (\\S+) (\\S+) (\\d+)$/.exec(line))) { room = m[1]; epoch = m[2]; seq = Number(m[3]); }
   else if ((m = /^\\x1e= (\\d+)$/.exec(line))) seq = Number(m[1]);
+  else if ((m = /^\\x1e~ (\\d+)$/.exec(line))) aliveMs = 1000 * Number(m[1]);
   else if ((m = /^\\x1e# (\\d+) (.*)$/.exec(line))) { seq = Number(m[1]); receive(m[2]); }
   else if ((m = /^\\x1eh (\\d+) (\\d+) (.*)$/.exec(line))) {
     seq = Number(m[1]);
@@ -4191,13 +4232,22 @@ function connect() {
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws?" + where;
   ws = new WebSocket(url);
   ws.onopen = () => { statusEl.textContent = "connected"; backoff = 500; quietWho = 0; whoLeft = 0; askWho(); };
-  ws.onmessage = (event) => receive(String(event.data));
-  ws.onclose = () => {
-    statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s\u2026";
-    setTimeout(connect, backoff);
-    backoff = Math.min(backoff * 2, 10000);
-  };
+  ws.onmessage = (event) => { heardAt = Date.now(); receive(String(event.data)); };
+  ws.onclose = reconnect;
 }
+
+function reconnect() {
+  statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s\u2026";
+  setTimeout(connect, backoff);
+  backoff = Math.min(backoff * 2, 10000);
+}
+
+setInterval(() => {
+  if (!ws || ws.readyState !== WebSocket.OPEN || aliveMs === 0 || Date.now() - heardAt < 2 * aliveMs + 2000) return;
+  ws.onclose = null; // a close handshake with a silent server would wait for nothing
+  ws.close();
+  reconnect();
+}, 1000);
 
 document.getElementById("form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -4219,7 +4269,7 @@ connect();
 const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
   "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE [--handshake-timeout S]] " +
   "[--log text|json] " +
-  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]... [--http-timeout S]] [--redis URL [--redis-prefix P] [--redis-expiry S]] " +
+  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]... [--http-timeout S] [--http-ping S]] [--redis URL [--redis-prefix P] [--redis-expiry S]] " +
   "[--help]";
 
 const HELP = `${USAGE}
@@ -4247,6 +4297,7 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --http-host HOST     interface for the web page (default: as --host)
   --http-origin URL    another site whose pages may use the WebSocket (repeatable; * for any)
   --http-timeout S     seconds a browser may take to send its request (default ${DEFAULT_HTTP_TIMEOUT})
+  --http-ping S        seconds between pings to web clients; one silent past the next ping is closed (default ${DEFAULT_HTTP_PING}; 0: none)
   --redis URL          share rooms with other instances through Redis (redis://HOST:PORT[/DB])
   --redis-prefix P     prefix of Redis keys and channels (default chat)
   --redis-expiry S     seconds before a crashed instance's members leave the directory (default 30)
@@ -4297,6 +4348,7 @@ const CHAT_FLAGS = {
   "http-host": "one",
   "http-origin": "many",
   "http-timeout": "one",
+  "http-ping": "one",
   redis: "one",
   "redis-prefix": "one",
   "redis-expiry": "one",
@@ -4393,9 +4445,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       throw new UsageError(`--http-origin wants an origin like https://chat.example (or *), not "${origin}"`);
     }
   }
-  const webOnly = [v["http-host"], v["http-origin"], v["http-timeout"]];
+  const webOnly = [v["http-host"], v["http-origin"], v["http-timeout"], v["http-ping"]];
   if (v.http === undefined && webOnly.some((value) => value !== undefined)) {
-    throw new UsageError("--http-host, --http-origin and --http-timeout go with --http PORT");
+    throw new UsageError("--http-host, --http-origin, --http-timeout and --http-ping go with --http PORT");
   }
   if (v.redis === undefined && (v["redis-prefix"] !== undefined || v["redis-expiry"] !== undefined)) {
     throw new UsageError("--redis-prefix and --redis-expiry go with --redis URL");
@@ -4439,6 +4491,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
         host: v["http-host"],
         origins: v["http-origin"],
         timeout: seconds("--http-timeout", v["http-timeout"], 0.001),
+        ping: seconds("--http-ping", v["http-ping"], 0),
       },
     },
     tlsFiles: v["tls-cert"] === undefined ? undefined : { cert: v["tls-cert"], key: v["tls-key"]! },

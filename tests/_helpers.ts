@@ -429,11 +429,14 @@ export async function withChromium(
 
 /**
  * A TCP relay to `port` that can drop every connection through it at once and refuse new ones
- * for a while: the Wi-Fi hiccup between a browser and the server.
+ * for a while: the Wi-Fi hiccup between a browser and the server. freeze() stops the connections
+ * through it from passing anything, both ways, and keeps their sockets open: a laptop's lid closed.
  */
 export class Hiccup {
   readonly listener: Deno.TcpListener;
   readonly #conns = new Set<Deno.Conn>();
+  readonly #frozen = new Set<Deno.Conn>();
+  readonly #thawed = Promise.withResolvers<void>();
   #refusing = false;
 
   constructor(port: number) {
@@ -462,6 +465,7 @@ export class Hiccup {
     const buffer = new Uint8Array(64 * 1024);
     try {
       for (let n; (n = await from.read(buffer)) !== null;) {
+        if (this.#frozen.has(from)) await this.#thawed.promise; // what it read is never passed on
         for (let at = 0; at < n;) at += await to.write(buffer.subarray(at, n));
       }
     } catch {
@@ -483,8 +487,14 @@ export class Hiccup {
     this.#refusing = false;
   }
 
+  /** Stops every connection now open from passing bytes, either way; new ones pass as before. */
+  freeze(): void {
+    for (const conn of this.#conns) this.#frozen.add(conn);
+  }
+
   close(): void {
     this.cut();
     this.listener.close();
+    this.#thawed.resolve();
   }
 }

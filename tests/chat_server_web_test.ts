@@ -1,14 +1,23 @@
 // chat_server.ts --http: the web page and its WebSocket, beside telnet-style TCP clients.
 import assert from "node:assert/strict";
-import { PAGE, PAGE_MARKS, PAGE_READS, startChatServer, WebListenError } from "../chat_server.ts";
+import {
+  DEFAULT_HTTP_PING,
+  PAGE,
+  PAGE_MARKS,
+  PAGE_READS,
+  startChatServer,
+  WebListenError,
+} from "../chat_server.ts";
 import {
   Cli,
   freePort,
   GREETING,
   hasProgram,
+  Hiccup,
   joinChat,
   needs,
   readSlowly,
+  readUntil,
   rssKiB,
   runScript,
   TestClient,
@@ -265,6 +274,7 @@ Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and 
       PAGE_MARKS.history({ seq: 5, time: said, message: encoded("* bob waves") }),
       PAGE_MARKS.kept(6) + PAGE_READS.said("bob", "now"),
       PAGE_MARKS.mine(7),
+      PAGE_MARKS.alive(25),
       PAGE_READS.nowKnownAs("ann"),
     ]
   ) page.receive(line);
@@ -281,8 +291,18 @@ Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and 
   assert.ok(!page.lines.some((l) => l.text?.includes("\x1e")), "no mark is shown");
   page.socket.onclose();
   page.timers.shift()!(); // the reconnect
+  page.socket.onopen();
+  page.receive(PAGE_MARKS.alive(25));
+  page.clock.now = 40_000; // a ping is late, which may happen
+  page.intervals.forEach((check) => check());
+  assert.equal(page.clock.closes, 0);
+  page.clock.now = 52_000; // two pings' worth of silence, and then some: the page gives the server up
+  page.intervals.forEach((check) => check());
+  assert.equal(page.clock.closes, 1);
+  assert.equal(page.byId("status").textContent, "reconnecting in 1 s\u2026");
+  page.timers.shift()!(); // the reconnect
   assert.equal(
-    page.socket.urls[1],
+    page.socket.urls[2],
     "ws://localhost/ws?page=1&token=4f1c&nick=ann&room=dev&epoch=0a1b2c3d&seq=7",
   );
 });
@@ -310,21 +330,28 @@ function runPageScript() {
   const socket = { sent: [] as string[], readyState: 1, urls: [] as string[] } as
     & Record<string, unknown>
     & { sent: string[]; urls: string[] };
-  const timers: (() => void)[] = [];
+  const timers: (() => void)[] = [], intervals: (() => void)[] = [];
+  const clock = { now: 0, closes: 0 };
   class FakeWebSocket {
     static OPEN = 1;
     constructor(url: string) {
       socket.urls.push(url);
       socket.send = (text: string) => socket.sent.push(text);
+      socket.close = () => clock.closes++;
       return socket as unknown as FakeWebSocket;
     }
   }
+  class FakeDate extends Date {
+    static override now = () => clock.now;
+  }
   const script = /<script>([\s\S]*)<\/script>/.exec(PAGE)![1];
-  new Function("document", "WebSocket", "location", "setTimeout", script)(
+  new Function("document", "WebSocket", "location", "setTimeout", "setInterval", "Date", script)(
     document,
     FakeWebSocket,
     { protocol: "http:", host: "localhost" },
     (f: () => void) => timers.push(f),
+    (f: () => void) => intervals.push(f),
+    FakeDate,
   );
   const log = document.getElementById("log")!;
   (log.append as unknown) = (li: Record<string, unknown>) => {
@@ -340,6 +367,8 @@ function runPageScript() {
       onmessage(e: { data: string }): void;
     },
     timers,
+    intervals,
+    clock,
     lines,
     byId: (id: string) => document.getElementById(id)!,
     receive: (line: string) => (socket.onmessage as (e: { data: string }) => void)({ data: line }),
@@ -784,4 +813,100 @@ Deno.test("chat_server.ts --http closes a WebSocket that floods pings and never 
   const { code, stderr } = await cli.finish();
   assert.equal(code, 0);
   assert.match(stderr, new RegExp(`Dropped ${name}: WebSocket closed with 1008: over 20 control frames`));
+});
+
+// --- Vanished peers ------------------------------------------------------------------------------
+
+Deno.test("startChatServer({ http }) pings WebSocket clients: a frozen one leaves, with its nick; a live one stays", async () => {
+  await withWebServer({ http: { port: 0, ping: 0.5 } }, async (tcpPort, httpPort) => {
+    using tcp = await joinChat(tcpPort);
+    const hiccup = new Hiccup(httpPort);
+    const live = new WsClient(`ws://127.0.0.1:${httpPort}/ws`);
+    const lid = new WsClient(`ws://127.0.0.1:${hiccup.port}/ws`);
+    try {
+      await Promise.all([live.opened(), lid.opened()]);
+      await readUntil(tcp, (l) => l.startsWith("Client joined"));
+      await readUntil(tcp, (l) => l.startsWith("Client joined"));
+      lid.ws.send("/nick lid");
+      assert.match((await tcp.readLine())!, / is now known as lid\r\n$/);
+      hiccup.freeze(); // the lid closes: nothing passes, nothing is closed
+      const left = await within(
+        3000,
+        readUntil(tcp, (l) => l.startsWith("Client left")),
+        "the frozen page to go",
+      );
+      assert.equal(left, "Client left lid (no answer to pings)\r\n");
+      await new Promise((r) => setTimeout(r, 1500)); // three more pings: the live client answers them all
+      await tcp.write("/who\r\n");
+      assert.equal(await tcp.readLine(), "In lobby (2):\r\n");
+      await tcp.readLine();
+      await tcp.readLine();
+      await tcp.write("/nick lid\r\n");
+      assert.equal(await tcp.readLine(), "You are now known as lid\r\n");
+    } finally {
+      hiccup.close();
+      await Promise.all([live.close(), lid.close()]);
+    }
+  });
+});
+
+Deno.test("a frozen page leaves within 60 s with the default options: two pings", () => {
+  assert.ok(2 * DEFAULT_HTTP_PING <= 60, `pings every ${DEFAULT_HTTP_PING} s`);
+});
+
+Deno.test({
+  ...needs("startChatServer() turns TCP keepalive on for every socket it accepts, telnet and web (ss -o)", [
+    "ss",
+  ]),
+  async fn() {
+    await withWebServer({}, async (tcpPort, httpPort) => {
+      using tcp = await joinChat(tcpPort);
+      const web = new WsClient(`ws://127.0.0.1:${httpPort}/ws`);
+      await web.opened();
+      for (const port of [tcpPort, httpPort]) {
+        const out = await new Deno.Command("ss", {
+          args: ["-tnoH", "state", "established", `( sport = :${port} )`],
+        }).output();
+        const text = new TextDecoder().decode(out.stdout);
+        assert.match(text, /timer:\(keepalive,/, `port ${port}: ${text}`);
+      }
+      await web.close();
+      tcp.close();
+    });
+  },
+});
+
+Deno.test({
+  name: haveChromium
+    ? "the page in Chromium notices a server gone silent (no pings, no lines) and reconnects"
+    : "the page notices a silent server (ignored: chromium not installed)",
+  ignore: !haveChromium,
+  sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed below
+  sanitizeResources: false,
+  async fn() {
+    await withWebServer({ http: { port: 0, ping: 1 } }, async (tcpPort, httpPort) => {
+      const hiccup = new Hiccup(httpPort);
+      try {
+        await withChromium(async (browser) => {
+          using tcp = await joinChat(tcpPort);
+          const page = await browser.newPage();
+          await page.goto(`http://127.0.0.1:${hiccup.port}/`);
+          await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+          await page.fill("#input", "/nick ann");
+          await page.press("#input", "Enter");
+          await readUntil(tcp, (l) => l.endsWith("is now known as ann\r\n"));
+          hiccup.freeze(); // the server seems to vanish: nothing arrives, nothing is closed
+          await page.locator("#status", { hasText: "reconnecting" }).waitFor({ timeout: WAIT_MS });
+          await page.locator("#status", { hasText: /^connected$/ }).waitFor({ timeout: WAIT_MS });
+          await readUntil(tcp, (l) => l === "ann has joined lobby\r\n" || l.startsWith("Client joined"));
+          await page.fill("#input", "back again");
+          await page.press("#input", "Enter");
+          assert.equal(await readUntil(tcp, (l) => l.includes("back again")), "[ann] back again\r\n");
+          await page.close();
+        });
+      } finally {
+        hiccup.close();
+      }
+    });
+  },
 });

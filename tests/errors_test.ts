@@ -55,6 +55,19 @@ const CASES: [script: string, args: string[], code: number, line: string][] = [
     '--http-timeout wants seconds, not "soon"',
   ],
   [
+    "chat_server.ts",
+    ["0", "--http", "0", "--http-ping", "-1"],
+    2,
+    '--http-ping wants a value; for one that starts with "-", write --http-ping=VALUE',
+  ],
+  ["chat_server.ts", ["0", "--http-ping=-1", "--http", "0"], 2, '--http-ping wants seconds, not "-1"'],
+  [
+    "chat_server.ts",
+    ["0", "--http-ping", "5"],
+    2,
+    "--http-host, --http-origin, --http-timeout and --http-ping go with --http PORT",
+  ],
+  [
     "echo_tcp.ts",
     ["server", "--host", NO_SUCH_HOST],
     1,
