@@ -96,9 +96,13 @@ class Page {
     assert.equal(await this.ws.next(), GREETING.trimEnd());
   }
 
-  /** The next line, following the position as the page does; marks are returned as they came. */
+  /**
+   * The next line, following the position as the page does; marks are returned as they came, but
+   * for the server's "I am here" (PAGE_MARKS.alive), which says nothing of the room.
+   */
   async next(): Promise<string> {
-    const line = await this.ws.next();
+    let line = await this.ws.next();
+    while (line.startsWith("\x1e~ ")) line = await this.ws.next();
     let m;
     if ((m = /^\x1e! (\S+)$/.exec(line))) this.token = m[1];
     else if ((m = /^\x1e@ (\S+) ([0-9a-f]{8}) (\d+)$/.exec(line))) {
@@ -157,6 +161,7 @@ Deno.test("a page knows its room's position from its first moment, and sees the 
     assert.equal(await t.readLine(), `[${webName}] hello\r\n`);
     page.send("/me smiles");
     assert.equal(await page.next(), `${RS}= 6`);
+    assert.equal(await page.next(), `* ${webName} smiles`); // a page is shown its own /me
     assert.equal(await t.readLine(), `* ${webName} smiles\r\n`);
     const plain = new WsClient(`ws://127.0.0.1:${http}/ws`); // without ?page=1: the telnet lines, no marks
     await plain.opened();
