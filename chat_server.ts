@@ -262,9 +262,9 @@ export class ChatServer {
     new Reader(this, client, conn).next();
   }
 
-  /** Waits until no live reader is far behind (section 2), and stdout neither. */
-  async paced(): Promise<void> {
-    await this.flusher.waitForRoom();
+  /** Waits until no reader in `room` holds it back (section 2), and stdout and Redis neither. */
+  async paced(room: Room): Promise<void> {
+    await this.flusher.waitForRoom(room);
     await this.log.caughtUp();
     await this.bus?.caughtUp(); // section 6
   }
@@ -407,8 +407,11 @@ class Reader {
   next(): void {
     const { client, server } = this;
     if (client.closed || client.leaving !== null) this.end(null);
-    else if (server.flusher.congested.size > 0 || server.log.behind || server.bus?.behind) {
-      server.paced().then(() => this.read(), this.finish);
+    else if (
+      (server.flusher.congested.size > 0 && server.flusher.holding(client.room) > 0) || server.log.behind ||
+      server.bus?.behind
+    ) {
+      server.paced(client.room).then(() => this.read(), this.finish);
     } else this.read();
   }
 
@@ -673,10 +676,10 @@ export class Client {
   queue: Uint8Array[] = [];
   /** Bytes queued or being written: the figure the send queue limit applies to. */
   queued = 0;
-  /** When a write to this client last completed, or its flush began (ms since the epoch). */
+  /** When a write to this client last completed (ms since the epoch): whether it drains. */
   lastWrite = 0;
-  /** The longest a write to this client has taken to complete: a draining reader's rhythm. */
-  writeGap = 0;
+  /** How long it may hold back its room (section 2); made the first time it falls behind. */
+  hold: Hold | null = null;
   /** A write is under way; `inflight` is what it still has to write. */
   flushing = false;
   inflight: Uint8Array | null = null;
@@ -776,16 +779,24 @@ export class Client {
 // spot. At the end of the turn the flusher writes each client's queue as one write op, so a
 // line broadcast to 1,000 clients costs 1,000 array pushes and, later, 1,000 writes that each
 // carry everything that client has waiting. A client that stops reading fills its own queue and
-// is cut off; one that reads slowly holds back the senders instead (read() asks waitForRoom()).
+// is cut off; one that reads slowly, but drains, holds back its room's senders for a while
+// instead (read() asks waitForRoom()), and nobody else's.
 
-/** How long a client's writes may stand still before it stops holding back the senders. */
-const STALL_MS = 1000;
 /**
- * A draining reader behind big kernel buffers completes a write only now and then: measured
- * here, a reader taking 8 MB/s saw writes complete 280-290 ms apart. A client that has shown
- * such a rhythm gets this many times its longest wait before it counts as stopped.
+ * A client behind holds back its room only while it drains: a write to it completed less than
+ * DRAIN_MS ago. The rule is fixed, never learned from the client, so no client can teach it a
+ * longer wait. Behind big kernel buffers a write completes only when the kernel has room for a
+ * good part of them again: every 0.3 s or so for a reader of 8 MB/s (DESIGN.md), so such a reader
+ * is paced, and a far slower one, or one that has stopped, is not.
  */
-const STALL_RHYTHMS = 4;
+const DRAIN_MS = 500;
+/**
+ * How long one client may hold its room back: HOLD_BANK_MS at a stretch (a burst of 20 MB to a
+ * reader of 8 MB/s needs about a third of it), and HOLD_SHARE of the time in the long run. A client
+ * spends its bank while it is behind, whether or not anyone waits, and earns it back while it is not.
+ */
+export const HOLD_BANK_MS = 8000;
+const HOLD_SHARE = 0.1;
 /**
  * Most bytes copied together into one write. A batch of output that fits is joined into a buffer
  * of its own size; a bigger one (a slow reader catching up) goes through a pooled buffer of this
@@ -817,6 +828,14 @@ const LOG_STALL_MS = 1000;
  */
 const LOG_GATHER_MS = 10;
 
+/** A client's record of holding its room back: since when it is behind (0: it is not), and its bank. */
+class Hold {
+  since = 0;
+  /** Milliseconds it may still hold its room, as of `at`. */
+  bank = HOLD_BANK_MS;
+  at = 0;
+}
+
 /**
  * Writes every client's queue in rounds, and paces the senders for slow readers. All of the
  * write path's server-wide state lives here: the clients to flush this round, the gather timer,
@@ -828,7 +847,7 @@ export class Flusher {
   readonly paceBytes: number;
   /** Set when the server shuts down: then nothing waits to gather. */
   closing = false;
-  /** Clients more than paceBytes behind. */
+  /** Clients more than paceBytes behind, in any room. */
   readonly congested = new Set<Client>();
   private dirty: Client[] = [];
   private gathering: ReturnType<typeof setTimeout> | undefined = undefined;
@@ -836,6 +855,8 @@ export class Flusher {
   private readonly spareBuffers: Uint8Array[] = [];
   private roomFreed: Promise<void> | null = null;
   private releaseSenders: (() => void) | null = null;
+  private wakeTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+  private wakeAt = 0;
 
   constructor(sendq: number) {
     this.sendq = sendq;
@@ -851,7 +872,7 @@ export class Flusher {
     }
     client.queue.push(bytes);
     client.queued += bytes.length;
-    if (client.queued > this.paceBytes) this.congested.add(client);
+    if (client.queued > this.paceBytes) this.fallBehind(client);
     if (!client.dirty && !client.flushing) this.markDirty(client);
   }
 
@@ -865,7 +886,6 @@ export class Flusher {
     if (busy || client.queued + bytes.length > this.paceBytes) return this.enqueue(client, bytes);
     client.queued += bytes.length;
     client.flushing = true;
-    client.lastWrite = Date.now();
     client.inflight = bytes;
     client.link.write(bytes).then(client.wrote, client.failed);
   }
@@ -890,13 +910,9 @@ export class Flusher {
     this.gathering = undefined;
     const batch = this.dirty;
     this.dirty = [];
-    const now = Date.now();
     for (const client of batch) {
       client.dirty = false;
-      if (!client.closed && !client.flushing) {
-        client.lastWrite = now;
-        this.startWrite(client);
-      }
+      if (!client.closed && !client.flushing) this.startWrite(client);
     }
   };
 
@@ -968,47 +984,77 @@ export class Flusher {
 
   // Counts bytes written to a client, and lets paused senders go on if it has caught up.
   private noteWritten(client: Client, n: number): void {
-    const now = Date.now();
     client.queued -= n;
-    if (now - client.lastWrite > client.writeGap) client.writeGap = now - client.lastWrite;
-    client.lastWrite = now;
-    if (client.queued <= this.paceBytes && this.congested.delete(client)) this.wakeSenders();
+    client.lastWrite = Date.now();
+    if (client.queued <= this.paceBytes && client.hold?.since) this.catchUp(client, client.lastWrite);
   }
 
   /** A closed client no longer holds back the senders. */
   forget(client: Client): void {
-    if (this.congested.delete(client)) this.wakeSenders();
+    if (client.hold?.since) this.catchUp(client, Date.now());
+  }
+
+  // A client has passed paceBytes: it is behind from now on, with the bank it has earned.
+  private fallBehind(client: Client): void {
+    const hold = client.hold ??= new Hold();
+    if (hold.since !== 0) return;
+    const now = Date.now();
+    hold.bank = Math.min(HOLD_BANK_MS, hold.bank + (now - hold.at) * HOLD_SHARE);
+    hold.since = now;
+    this.congested.add(client);
+  }
+
+  // A client is no longer behind (or has gone): it has spent the time it was, and waiters look again.
+  private catchUp(client: Client, now: number): void {
+    const hold = client.hold!;
+    hold.bank -= now - hold.since;
+    hold.at = now;
+    hold.since = 0;
+    this.congested.delete(client);
+    this.wakeSenders();
+  }
+
+  /**
+   * How long the senders in `room` must still wait at `now` (ms), or 0: the longest that any of
+   * its members behind may still hold it, while it drains (DRAIN_MS) and has bank left.
+   */
+  holding(room: Room, now = Date.now()): number {
+    let wait = 0;
+    for (const client of this.congested) {
+      if (client.room !== room) continue;
+      const left = Math.min(
+        client.hold!.bank - (now - client.hold!.since),
+        DRAIN_MS - (now - client.lastWrite),
+      );
+      if (left > wait) wait = left;
+    }
+    return wait;
   }
 
   /**
    * The pacing gate, for every reader of client input (TCP in read(), WebSocket in section 5):
-   * resolves when no client that is still reading is more than `paceBytes` behind. A client
-   * whose writes have stood still for its stall limit does not hold the room back; its queue
-   * grows until `sendq` cuts it off.
+   * resolves when nobody behind in `room` holds it any more. Other rooms never wait for it; a
+   * client that does not drain, or has spent its bank, holds no one, and its queue grows until
+   * `sendq` cuts it off.
    */
-  async waitForRoom(): Promise<void> {
-    while (this.congested.size > 0) {
-      const now = Date.now();
-      let wait = Infinity;
-      for (const client of this.congested) {
-        const limit = Math.max(STALL_MS, STALL_RHYTHMS * client.writeGap);
-        const stalledFor = now - client.lastWrite;
-        if (stalledFor < limit) wait = Math.min(wait, limit - stalledFor);
+  async waitForRoom(room: Room): Promise<void> {
+    for (let wait = this.holding(room); wait > 0; wait = this.holding(room)) {
+      this.roomFreed ??= new Promise<void>((resolve) => this.releaseSenders = resolve);
+      // One timer for every room that waits: the soonest that any of them must look again.
+      const at = Date.now() + wait;
+      if (this.wakeTimer === undefined || at < this.wakeAt) {
+        clearTimeout(this.wakeTimer);
+        this.wakeTimer = setTimeout(this.wakeSenders, wait);
+        this.wakeAt = at;
       }
-      if (wait === Infinity) return;
-      this.roomFreed ??= new Promise<void>((resolve) => {
-        const timer = setTimeout(this.wakeSenders, wait);
-        this.releaseSenders = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
       await this.roomFreed;
     }
   }
 
   private readonly wakeSenders = (): void => {
     const release = this.releaseSenders;
+    clearTimeout(this.wakeTimer);
+    this.wakeTimer = undefined;
     this.roomFreed = null;
     this.releaseSenders = null;
     release?.();
@@ -1572,9 +1618,18 @@ function showHistory(server: ChatServer, client: Client, rest: string): void {
   if (history.limit === 0) return client.tell("This server keeps no history (--history-lines 0)");
   const n = rest === "" ? HISTORY_SHOWN : Number(rest);
   if (!Number.isInteger(n) || n < 1) return client.tell("Usage: /history [N], N a whole number from 1");
-  const lines = history.last(client.room.name, Math.min(n, history.limit));
+  let lines = history.last(client.room.name, Math.min(n, history.limit));
   if (lines.length === 0) return client.tell(`Nothing has been said in ${client.room.name} yet`);
-  client.tell(`History of ${client.room.name} (the last ${plural(lines.length, "line")}):`);
+  // An answer is at most what puts a client behind (a quarter of --sendq): asking twice at once
+  // must not cut off a client that reads.
+  let bytes = 0, from = lines.length;
+  while (from > 0 && (bytes += lines[from - 1].message.length + 12) <= server.flusher.paceBytes) from--;
+  const asked = lines.length;
+  lines = lines.slice(from);
+  client.tell(
+    `History of ${client.room.name} (the last ${plural(lines.length, "line")}` +
+      (lines.length < asked ? ` of ${asked}: more would not fit your send queue):` : "):"),
+  );
   for (const { time, message } of lines) {
     const clock = new Date(time).toTimeString().slice(0, 5);
     client.tell(`  (${clock}) ${decoder.decode(message.subarray(0, message.length - 2))}`);

@@ -76,6 +76,33 @@ Deno.test("/history shows a room's recent lines and /me, with their times; never
   });
 });
 
+Deno.test("/history asked twice at once answers within a quarter of --sendq each, and never cuts off the asker", async () => {
+  await withServer({ sendq: 64 * 1024, rate: 0 }, async (port) => {
+    using a = await joinChat(port);
+    using b = await joinChat(port);
+    await a.readLine();
+    const pad = "x".repeat(990);
+    await b.write(Array.from({ length: 100 }, (_, i) => `${String(i).padStart(3, "0")} ${pad}\r\n`).join(""));
+    for (let i = 0; i < 100; i++) await a.readLine();
+    await a.write("/history 100\r\n/history 100\r\n"); // pasted twice: 200 KB asked, with 64 KB of room
+    for (let answer = 0; answer < 2; answer++) {
+      const head = (await a.readLine())!;
+      const m = /^History of lobby \(the last (\d+) lines of 100: more would not fit your send queue\):\r\n$/
+        .exec(head);
+      assert.ok(m, head);
+      const shown = Number(m[1]);
+      assert.ok(shown > 0 && shown * 1000 <= 16 * 1024, `${shown} lines shown`);
+      for (let i = 100 - shown; i < 100; i++) {
+        assert.match(
+          (await a.readLine())!,
+          new RegExp(`^  \\(\\d\\d:\\d\\d\\) \\[${b.name}\\] ${String(i).padStart(3, "0")} `),
+        );
+      }
+    }
+    await ask(a, "/who", "In lobby (2):"); // still here
+  });
+});
+
 Deno.test("/nick refuses names that pass for someone else's: invisible, reversed, look-alike, folded", async () => {
   await withServer({}, async (port) => {
     using bob = await joinChat(port);

@@ -3,6 +3,7 @@ import {
   Client,
   Directory,
   Flusher,
+  HOLD_BANK_MS,
   LineFramer,
   parseChatArgs,
   SharedJoin,
@@ -18,6 +19,7 @@ import {
   joinChat,
   needs,
   readSlowly,
+  readUntil,
   resetConnections,
   rssKiB,
   sendNumberedLines,
@@ -238,6 +240,33 @@ Deno.test("chat_server.ts paces a fast sender for a slow but live reader, which 
   assert.equal(code, 0);
   assert.match(stderr, new RegExp(`Dropped ${sleeper.name.replaceAll(".", "\\.")}: send queue over`));
   assert.doesNotMatch(stderr, new RegExp(`Dropped ${reader.name.replaceAll(".", "\\.")}`));
+});
+
+Deno.test("startChatServer(): a client that stops reading in one room holds back nobody in another", async () => {
+  const server = await startChatServer({ port: 0, host: "127.0.0.1", log: null, rate: 0 });
+  const port = server.addr.port;
+  try {
+    using sender = await joinChat(port);
+    using sleeper = await TestClient.connect(port); // never reads a byte
+    using a = await joinChat(port);
+    using b = await joinChat(port);
+    for (const c of [sender, sleeper]) await c.write("/join busy\r\n");
+    for (const c of [a, b]) await c.write("/join quiet\r\n");
+    await readUntil(b, (l) => l.startsWith("You are now in quiet"));
+    await readUntil(a, (l) => l.startsWith("You are now in quiet"));
+    const line = `${"x".repeat(1000)}\n`.repeat(64);
+    while (server.flusher.congested.size === 0) await sender.write(line); // until the sleeper is behind
+    // The gate is asked before each read: the second line is the one a held reader would wait for.
+    for (const word of ["one", "two"]) {
+      const start = performance.now();
+      await a.write(`${word}\r\n`);
+      assert.equal(await b.readLine(), `[${a.name}] ${word}\r\n`);
+      const ms = performance.now() - start;
+      assert.ok(ms < 400, `a line in the quiet room took ${ms.toFixed(0)} ms while the busy room was held`);
+    }
+  } finally {
+    await server.close();
+  }
 });
 
 Deno.test("chat_server.ts cuts off a client that never reads, and no one else misses a line", async () => {
@@ -696,6 +725,43 @@ Deno.test("Flusher.sendNow() writes a greeting at once, but queues behind a writ
   assert.deepEqual(wrote.get("ann"), ["hi\r\n", "again\r\n"]);
   assert.deepEqual(wrote.get("bob"), ["hello\r\n"]);
   assert.equal(ann.queued + bob.queued, 0);
+});
+
+Deno.test("Flusher.holding(): a client behind holds its room only while it drains, and only for its bank", async () => {
+  const directory = new Directory(), room = directory.openRoom("busy"), other = directory.openRoom("quiet");
+  const flusher = new Flusher(4096); // behind past 1,024 bytes
+  const completions: (() => void)[] = [];
+  const link = {
+    write: (p: Uint8Array) => new Promise<number>((resolve) => completions.push(() => resolve(p.length))),
+    close() {},
+  };
+  const client = new Client(link, "127.0.0.1:1", "127.0.0.1", directory.lobby, flusher);
+  directory.enter(client, room);
+  client.send(new Uint8Array(2000)); // written, and never read: no write has completed
+  await new Promise((r) => setTimeout(r, 0));
+  assert.ok(flusher.congested.has(client));
+  const now = Date.now();
+  assert.equal(flusher.holding(room, now), 0, "a client that has never drained holds no one");
+
+  client.lastWrite = now; // a write completed just now: it drains
+  assert.equal(flusher.holding(room, now), 500);
+  assert.equal(flusher.holding(other, now), 0, "another room never waits for it");
+  assert.equal(flusher.holding(room, now + 400), 100);
+  assert.equal(flusher.holding(room, now + 600), 0, "no write for 0.6 s: it no longer drains");
+  // Its last write took 3 s to complete: the wait after it is the same 0.5 s, no rhythm is learned.
+  client.lastWrite = now + 3000;
+  assert.equal(flusher.holding(room, now + 3000), 500);
+
+  // Behind without a break, it spends its bank: 8 s at most at a stretch.
+  const since = client.hold!.since;
+  client.lastWrite = since + HOLD_BANK_MS - 200;
+  assert.equal(flusher.holding(room, since + HOLD_BANK_MS - 200), 200);
+  client.lastWrite = since + HOLD_BANK_MS;
+  assert.equal(flusher.holding(room, since + HOLD_BANK_MS), 0, "its bank is spent");
+  completions.shift()!(); // it catches up, having been behind for as long as it took
+  await new Promise((r) => setTimeout(r, 0));
+  assert.ok(!flusher.congested.has(client));
+  assert.ok(client.hold!.bank <= HOLD_BANK_MS - (client.hold!.at - since));
 });
 
 Deno.test("Flusher: a batch that fits one write gets a buffer of its size; only a bigger one a pooled 64 KiB", async () => {
