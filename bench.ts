@@ -235,6 +235,102 @@ async function runChatLoads(seconds: number, report: Report, label: string, port
   }
 }
 
+/**
+ * Who a slow or stopped reader holds back (DESIGN.md, "Slow readers"): a room carrying 1 KB lines
+ * at 2,000 lines/s to three live readers and a trickle reader (3 KB/s), ten members joining it one
+ * after another who never read, and a pair in another room saying a line every 50 ms. Reports each
+ * side's latency, from a timestamp in each line.
+ */
+async function benchSlowReaders(seconds: number, report: Report): Promise<void> {
+  console.log("== chat with slow and stopped readers (chat_server.ts)");
+  const chat = await spawnServer("chat_server.ts", CHAT_ARGS, CHAT_STARTED);
+  const conns: Deno.Conn[] = [];
+  const latency: Record<"busy" | "quiet", number[]> = { busy: [], quiet: [] };
+  let running = true;
+  const join = async (room: string, heard?: "busy" | "quiet", chunk = 65536, pauseMs = 0) => {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: chat.port });
+    conns.push(conn);
+    await writeText(conn, `/join ${room}\r\n`);
+    if (chunk > 0) {
+      readLines(conn, chunk, pauseMs, (line) => {
+        const sent = heard && /^\[[^\]]+\] T=(\d+\.\d+) /.exec(line);
+        if (sent) latency[heard!].push(performance.timeOrigin + performance.now() - Number(sent[1]));
+      }, () => running);
+    }
+    return conn;
+  };
+  const stamp = () => `T=${(performance.timeOrigin + performance.now()).toFixed(3)} `;
+  try {
+    const sender = await join("busy");
+    for (let i = 0; i < 3; i++) await join("busy", i === 0 ? "busy" : undefined);
+    await join("busy", undefined, 300, 100); // a trickle: 3 KB/s
+    const [talker] = [await join("quiet"), await join("quiet", "quiet")];
+    const pad = "x".repeat(960);
+    const loops = [
+      (async () => { // 20 lines every 10 ms
+        while (running) {
+          await writeText(sender, Array.from({ length: 20 }, () => `${stamp()}${pad}\r\n`).join(""));
+          await new Promise((r) => setTimeout(r, 10));
+        }
+      })(),
+      (async () => {
+        while (running) {
+          await writeText(talker, `${stamp()}hi\r\n`);
+          await new Promise((r) => setTimeout(r, 50));
+        }
+      })(),
+      (async () => {
+        for (let i = 0; i < 10 && running; i++) {
+          await new Promise((r) => setTimeout(r, seconds * 70));
+          await join("busy", undefined, 0); // never reads
+        }
+      })(),
+    ];
+    await new Promise((r) => setTimeout(r, seconds * 1000));
+    running = false;
+    await Promise.all(loops);
+  } finally {
+    for (const conn of conns) conn.close();
+    await chat.stop();
+  }
+  for (const side of ["quiet", "busy"] as const) {
+    const sorted = latency[side].sort((a, b) => a - b);
+    const at = (p: number) => sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))]?.toFixed(1);
+    const name = side === "quiet" ? "a pair in another room" : "a live reader in the busy room";
+    report.add(
+      `chat, ten non-readers joining: ${name}`,
+      { latencyMs: sorted.length },
+      at(0.99),
+      `ms p99 (max ${at(1)} ms)`,
+    );
+  }
+}
+
+async function writeText(conn: Deno.Conn, text: string): Promise<void> {
+  let bytes = new TextEncoder().encode(text);
+  while (bytes.length > 0) bytes = bytes.subarray(await conn.write(bytes));
+}
+
+/** Reads a connection `chunk` bytes at a time, pausing `pauseMs` after each read, line by line. */
+async function readLines(
+  conn: Deno.Conn,
+  chunk: number,
+  pauseMs: number,
+  onLine: (line: string) => void,
+  going: () => boolean,
+): Promise<void> {
+  const buffer = new Uint8Array(chunk), decoder = new TextDecoder();
+  let rest = "";
+  while (going()) {
+    const n = await conn.read(buffer).catch(() => null);
+    if (n === null) return;
+    const lines = (rest + decoder.decode(buffer.subarray(0, n), { stream: true })).split("\r\n");
+    rest = lines.pop()!;
+    lines.forEach(onLine);
+    if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs));
+  }
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({ args: Deno.args, options: { quick: { type: "boolean" } } });
   const seconds = values.quick ? 1 : 3;
@@ -242,6 +338,7 @@ async function main(): Promise<void> {
   await benchEcho(seconds, report);
   await benchUdp(seconds, report);
   await benchChat(seconds, report);
+  await benchSlowReaders(values.quick ? 8 : 20, report);
   console.log("\n" + report.table());
   await Deno.writeTextFile(RESULTS_FILE, JSON.stringify(report.results, null, 2) + "\n");
   console.log(`\nAll figures: ${RESULTS_FILE}`);
