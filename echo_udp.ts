@@ -12,6 +12,13 @@
  * echoes each datagram to its sender, up to the largest UDP payload (65,507 bytes), and a peer
  * that vanishes (an ICMP "port unreachable" on the next send) costs it nothing.
  *
+ * UDP's source address can be forged, so an echo server is a reflector: a datagram "from" a victim
+ * sends the echo to the victim, and one "from" another echo server (or this one) bounces for ever.
+ * The server never answers its own port, a privileged port (below 1024, where echo, chargen, DNS
+ * and NTP live) or another service known to answer datagrams, and bounds what it sends to each
+ * address (`--rate`) and in all (`--total-rate`). Loopback is spared by default, as no packet
+ * from outside can carry a loopback source.
+ *
  * @module
  */
 
@@ -29,6 +36,18 @@ export const MAX_DATAGRAM = 65_507;
 export const DEFAULT_TIMEOUT = 1;
 /** Times the client sends again after a timeout. */
 export const DEFAULT_RETRIES = 3;
+/** Bytes a second the server echoes to one address, in bursts of twice that; 0 is no limit. */
+export const DEFAULT_RATE = 1024 * 1024;
+/** Bytes a second the server echoes in all, to addresses other than loopback. */
+export const DEFAULT_TOTAL_RATE = 16 * 1024 * 1024;
+/**
+ * Source ports above 1023 of services that answer a datagram with one or more (SSDP, Apple Remote
+ * Desktop, WS-Discovery, mDNS, CoAP, Ubiquiti discovery, memcached): never answered, as a forged
+ * datagram from one would set the two of us bouncing.
+ */
+const REFLECTING_PORTS = new Set([1900, 3283, 3702, 5353, 5683, 10001, 11211]);
+/** Addresses whose rate is tracked at once; past that the oldest is forgotten. */
+const TRACKED_SOURCES = 4096;
 
 /** Options for {@linkcode startUdpEchoServer}. */
 export interface UdpServerOptions {
@@ -36,6 +55,13 @@ export interface UdpServerOptions {
   port?: number;
   /** Interface to bind. Default: all interfaces, IPv6 and IPv4, or IPv4 alone without IPv6. */
   host?: string;
+  /**
+   * Bytes a second echoed to one address, bursts of twice that; 0 is no limit. Default
+   * {@linkcode DEFAULT_RATE}, which spares loopback; a rate that is given applies to loopback too.
+   */
+  rate?: number;
+  /** Bytes a second echoed in all (loopback spared, as by `rate`). Default {@linkcode DEFAULT_TOTAL_RATE}. */
+  totalRate?: number;
 }
 
 /** A running UDP echo server. */
@@ -48,6 +74,8 @@ export interface UdpServer {
   readonly finished: Promise<void>;
   /** Datagrams echoed so far. */
   readonly echoed: number;
+  /** Datagrams not answered: from a port never answered, or over a rate. */
+  readonly refused: number;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -67,6 +95,7 @@ export interface UdpServer {
  */
 export function startUdpEchoServer(options: UdpServerOptions = {}): UdpServer {
   const socket = listenUdp(options.host, options.port ?? DEFAULT_PORT);
+  const guard = new ReflectionGuard((socket.addr as Deno.NetAddr).port, options);
   let closing = false;
   let echoed = 0;
 
@@ -82,6 +111,7 @@ export function startUdpEchoServer(options: UdpServerOptions = {}): UdpServer {
         if (isPeerError(e)) continue; // an ICMP error for an earlier send: that peer is gone
         throw e;
       }
+      if (!guard.allows(from as Deno.NetAddr, datagram.length)) continue;
       try {
         await socket.send(datagram, from);
         echoed++;
@@ -99,6 +129,9 @@ export function startUdpEchoServer(options: UdpServerOptions = {}): UdpServer {
     get echoed() {
       return echoed;
     },
+    get refused() {
+      return guard.refused;
+    },
     async close() {
       if (!closing) {
         closing = true;
@@ -107,6 +140,68 @@ export function startUdpEchoServer(options: UdpServerOptions = {}): UdpServer {
       await finished;
     },
   };
+}
+
+/**
+ * Decides whether a datagram gets its echo: never to this server's own port, a privileged port
+ * or a known reflecting service; and within a token bucket of bytes per source address, and one
+ * for everyone. Reads the clock once per datagram that is counted.
+ */
+export class ReflectionGuard {
+  /** Datagrams not answered. */
+  refused = 0;
+  readonly #ownPort: number;
+  readonly #rate: number;
+  readonly #totalRate: number;
+  readonly #limitsLoopback: boolean;
+  readonly #sources = new Map<string, { tokens: number; at: number }>();
+  readonly #total: { tokens: number; at: number };
+
+  constructor(ownPort: number, options: { rate?: number; totalRate?: number } = {}) {
+    this.#ownPort = ownPort;
+    this.#rate = options.rate ?? DEFAULT_RATE;
+    this.#totalRate = options.totalRate ?? DEFAULT_TOTAL_RATE;
+    this.#limitsLoopback = options.rate !== undefined || options.totalRate !== undefined;
+    this.#total = { tokens: 2 * this.#totalRate, at: performance.now() };
+  }
+
+  /** True if `from` may be sent `size` bytes back now; counts it, if not. */
+  allows(from: Deno.NetAddr, size: number): boolean {
+    const port = from.port;
+    if (port < 1024 || port === this.#ownPort || REFLECTING_PORTS.has(port)) return this.#refuse();
+    const host = from.hostname;
+    if (
+      !this.#limitsLoopback && (host.startsWith("127.") || host === "::1" || host.startsWith("::ffff:127."))
+    ) {
+      return true;
+    }
+    const cost = size + 28; // the IP and UDP headers: an empty datagram costs too
+    const now = performance.now();
+    if (this.#rate > 0) {
+      let bucket = this.#sources.get(host);
+      if (!bucket) {
+        if (this.#sources.size >= TRACKED_SOURCES) this.#sources.delete(this.#sources.keys().next().value!);
+        this.#sources.set(host, bucket = { tokens: 2 * this.#rate, at: now });
+      }
+      if (!take(bucket, this.#rate, cost, now)) return this.#refuse();
+    }
+    if (this.#totalRate > 0 && !take(this.#total, this.#totalRate, cost, now)) return this.#refuse();
+    return true;
+  }
+
+  #refuse(): false {
+    this.refused++;
+    return false;
+  }
+}
+
+/** Takes `cost` tokens from a bucket refilled at `rate` a second up to twice that; false if short. */
+function take(bucket: { tokens: number; at: number }, rate: number, cost: number, now: number): boolean {
+  bucket.tokens = Math.min(2 * rate, bucket.tokens + (now - bucket.at) * rate / 1000);
+  bucket.at = now;
+  if (bucket.tokens < cost) return false;
+  bucket.tokens -= cost;
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -397,7 +492,7 @@ function formatPeer(addr: Deno.NetAddr): string {
 // ---------------------------------------------------------------------------------------------
 // Command line
 
-const USAGE = `usage: echo_udp.ts server [--host H] [--port P]
+const USAGE = `usage: echo_udp.ts server [--host H] [--port P] [--rate BYTES] [--total-rate BYTES]
        echo_udp.ts client [--host H] [--port P] [--timeout S] [--retries N] [MESSAGE...]
        echo_udp.ts bench  [--host H] [--port P] [--size B] [--window N] [--duration S] [--timeout S] [--json]`;
 
@@ -411,6 +506,9 @@ const HELP = `${USAGE}
   --port P        port (default ${DEFAULT_PORT})
   --timeout S     client: seconds to wait for each echo (default ${DEFAULT_TIMEOUT}); bench: when a datagram counts lost
   --retries N     client: times to send again after a timeout (default ${DEFAULT_RETRIES})
+  --rate B        server: bytes a second echoed to one address, bursts of twice that (default 1M,
+                  loopback spared; K and M work; 0: no limit)
+  --total-rate B  server: bytes a second echoed in all (default 16M, loopback spared; 0: no limit)
   --size B        bench: bytes per datagram (default 64)
   --window N      bench: datagrams in flight at once (default 1)
   --duration S    bench: seconds to run (default 5)
@@ -455,6 +553,13 @@ function parseInteger(flag: string, text: string | undefined, fallback: number, 
   return value;
 }
 
+/** A byte count, with an optional K or M suffix (1024s). */
+function parseBytes(flag: string, text: string): number {
+  const m = /^(\d+)([kKmM]?)$/.exec(text);
+  if (!m) throw new UsageError(`${flag} wants a number of bytes like 64K or 2M, not "${text}"`);
+  return Number(m[1]) * (m[2] === "" ? 1 : /k/i.test(m[2]) ? 1024 : 1024 * 1024);
+}
+
 /** The parsed command line. */
 type Command =
   | { kind: "help" }
@@ -474,6 +579,8 @@ export function parseUdpArgs(args: string[]): Command {
         port: { type: "string" },
         timeout: { type: "string" },
         retries: { type: "string" },
+        rate: { type: "string" },
+        "total-rate": { type: "string" },
         size: { type: "string" },
         window: { type: "string" },
         duration: { type: "string" },
@@ -492,7 +599,7 @@ export function parseUdpArgs(args: string[]): Command {
   if (!["server", "client", "bench"].includes(kind)) throw new UsageError(`unknown command "${kind}"`);
   if (kind !== "client" && rest.length > 0) throw new UsageError(`unexpected argument "${rest[0]}"`);
   const allowed: Record<string, string[]> = {
-    server: ["host", "port"],
+    server: ["host", "port", "rate", "total-rate"],
     client: ["host", "port", "timeout", "retries"],
     bench: ["host", "port", "timeout", "size", "window", "duration", "json"],
   };
@@ -500,7 +607,11 @@ export function parseUdpArgs(args: string[]): Command {
     if (!allowed[kind].includes(flag)) throw new UsageError(`--${flag} does not apply to ${kind}`);
   }
   const port = parseInteger("--port", v.port, DEFAULT_PORT, kind === "server" ? 0 : 1, 65535); // 0: a free port
-  if (kind === "server") return { kind, options: { host: v.host, port } };
+  if (kind === "server") {
+    const rate = v.rate === undefined ? undefined : parseBytes("--rate", v.rate);
+    const totalRate = v["total-rate"] === undefined ? undefined : parseBytes("--total-rate", v["total-rate"]);
+    return { kind, options: { host: v.host, port, rate, totalRate } };
+  }
   const host = v.host ?? "localhost";
   if (kind === "client") {
     return {
@@ -560,7 +671,10 @@ async function main(): Promise<void> {
         await server.finished;
         Deno.removeSignalListener("SIGINT", stop);
         Deno.removeSignalListener("SIGTERM", stop);
-        console.log(`shutdown complete (${server.echoed} datagram${server.echoed === 1 ? "" : "s"} echoed)`);
+        const refused = server.refused > 0 ? `, ${server.refused} refused` : "";
+        console.log(
+          `shutdown complete (${server.echoed} datagram${server.echoed === 1 ? "" : "s"} echoed${refused})`,
+        );
         return;
       }
       case "client": {

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { MAX_DATAGRAM, runUdpBench, startUdpEchoServer, udpEcho } from "../echo_udp.ts";
-import { Cli, decoder, encoder, needs, runScript, within } from "./_helpers.ts";
+import { Cli, decoder, encoder, hasProgram, needs, runScript, within } from "./_helpers.ts";
 
 /** Starts a UDP echo server on a free loopback port for the length of `body`. */
 async function withUdpServer(body: (port: number) => Promise<void>, host = "127.0.0.1"): Promise<void> {
@@ -224,6 +224,95 @@ Deno.test({
     } finally {
       socat.kill();
       await socat.status;
+    }
+  },
+});
+
+/** Sends `count` datagrams of `size` bytes from one socket, and counts the echoes that come within `ms`. */
+async function echoesWithin(port: number, count: number, size: number, ms: number): Promise<number> {
+  const sock = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+  try {
+    for (let i = 0; i < count; i++) {
+      await sock.send(new Uint8Array(size), { transport: "udp", hostname: "127.0.0.1", port });
+    }
+    let got = 0;
+    const deadline = Date.now() + ms;
+    let receiving = sock.receive();
+    for (;;) {
+      const left = deadline - Date.now();
+      if (left <= 0) break;
+      const r = await Promise.race([
+        receiving,
+        new Promise<null>((res) => setTimeout(() => res(null), left)),
+      ]);
+      if (r === null) break;
+      got++;
+      receiving = sock.receive();
+    }
+    sock.close();
+    await receiving.catch(() => {});
+    return got;
+  } catch (e) {
+    sock.close();
+    throw e;
+  }
+}
+
+Deno.test("startUdpEchoServer() echoes at most --rate bytes a second to one address, and --total-rate in all", async () => {
+  const server = startUdpEchoServer({ port: 0, host: "127.0.0.1", rate: 2000 }); // bursts of 4,000
+  try {
+    const got = await echoesWithin(server.addr.port, 50, 972, 1000); // 1,000 bytes each, with headers
+    assert.ok(got >= 4 && got <= 9, `${got} of 50 echoed`);
+    assert.ok(server.refused >= 41, `${server.refused} refused`);
+  } finally {
+    await server.close();
+  }
+  const shared = startUdpEchoServer({ port: 0, host: "127.0.0.1", rate: 0, totalRate: 2000 });
+  try {
+    const [a, b] = await Promise.all([0, 1].map(() => echoesWithin(shared.addr.port, 25, 972, 1000)));
+    assert.ok(a + b >= 4 && a + b <= 9, `${a} + ${b} of 50 echoed`);
+  } finally {
+    await shared.close();
+  }
+});
+
+const root = Deno.uid() === 0;
+Deno.test({
+  ...needs(
+    root
+      ? "echo_udp.ts never answers a datagram forged from its own port or a privileged one (a spoofed source, in a network namespace)"
+      : "echo_udp.ts and forged sources (ignored: needs root for a network namespace)",
+    ["unshare", "ip", "python3"],
+  ),
+  ignore: !root || !hasProgram("unshare") || !hasProgram("ip") || !hasProgram("python3"),
+  async fn() {
+    // Inside a namespace of its own, on its loopback only: the server, then one datagram forged from
+    // its own address and port (which used to bounce for ever, ~63,000 times a second), and one from
+    // port 7 (echo: two echo servers would bounce it between them).
+    const spoof = `
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+for sport in (23000, 7, 19):
+    s.sendto(struct.pack("!HHHH", sport, 23000, 12, 0) + b"loop", ("127.0.0.1", 0))
+`;
+    const script = `ip link set lo up
+"${Deno.execPath()}" run -A echo_udp.ts server --host 127.0.0.1 --port 23000 > "$OUT" & pid=$!
+until grep -q listening "$OUT"; do sleep 0.05; done
+python3 -c '${spoof}'
+sleep 1
+kill -TERM $pid; wait $pid`;
+    const out = await Deno.makeTempFile();
+    try {
+      const r = await new Deno.Command("unshare", {
+        args: ["-n", "sh", "-c", script],
+        cwd: new URL("..", import.meta.url).pathname,
+        env: { OUT: out, NO_COLOR: "1" },
+      }).output();
+      assert.equal(r.code, 0, decoder.decode(r.stderr));
+      const lines = Deno.readTextFileSync(out).trim().split("\n");
+      assert.equal(lines.at(-1), "shutdown complete (0 datagrams echoed, 3 refused)");
+    } finally {
+      await Deno.remove(out);
     }
   },
 });
