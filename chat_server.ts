@@ -177,7 +177,10 @@ export class ChatServer {
       if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
       if (o.redis) {
-        this.bus = await startBus({ historyLines: o.historyLines, ...o.redis }, busHandlersFor(this));
+        this.bus = await startBus(
+          { historyLines: o.historyLines, maxLine: this.maxLine, ...o.redis },
+          busHandlersFor(this),
+        );
       }
       this.bus?.watch(LOBBY); // always: the lobby's stream is read before anyone arrives
       if (o.http) this.web = new WebGate(this, o.http);
@@ -3094,6 +3097,8 @@ export interface RedisOptions {
   expiry?: number;
   /** Kept lines each room's stream holds (at least STREAM_LINES, 10,000): its shared history. */
   historyLines?: number;
+  /** The server's --max-line: what the bus brings is cut to it, with room for a prefix. */
+  maxLine?: number;
 }
 
 /** A client of npm:redis, as createClient() makes it (a type only: nothing is loaded for it). */
@@ -3202,6 +3207,8 @@ class RedisBus implements Bus {
   private readonly prefix: string;
   private readonly expiry: number;
   private readonly keep: number;
+  /** The longest text said from the bus, in bytes: --max-line and room for a prefix. */
+  private readonly maxText: number;
   private readonly pub: RedisClient;
   private readonly sub: RedisClient;
   private readonly reader: RedisClient;
@@ -3241,6 +3248,7 @@ class RedisBus implements Bus {
     this.prefix = options.prefix ?? "chat";
     this.expiry = options.expiry ?? 30;
     this.keep = Math.max(STREAM_LINES, options.historyLines ?? 0);
+    this.maxText = (options.maxLine ?? DEFAULT_MAX_LINE) + BUS_PREFIX_BYTES;
     const socket = {
       reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
       connectTimeout: 2000,
@@ -3479,7 +3487,7 @@ class RedisBus implements Bus {
             lines.push({
               seq: Number(id.split("-")[0]),
               time: Number(f.w) || Date.now(),
-              message: encoder.encode(safeBusText(f.t) + "\r\n"),
+              message: encoder.encode(safeBusText(f.t, this.maxText) + "\r\n"),
             });
           }
         }
@@ -3615,7 +3623,7 @@ class RedisBus implements Bus {
       if (this.recent.length > 10_000) this.recent.shift();
     }
     const said = own && (f.d === "1" || local?.said === true);
-    const text = local ? "" : safeBusText(f.t);
+    const text = local ? "" : safeBusText(f.t, this.maxText);
     if (!local && text === "") return;
     const at = kept ? { epoch: f.e, seq } : null;
     this.handlers.onRoomLine(stream.name, text, at, local?.sender ?? null, local?.message, said);
@@ -3674,7 +3682,7 @@ class RedisBus implements Bus {
       return; // not ours
     }
     if (!isBusMessage(m) || m.i === this.instance) return;
-    const text = safeBusText(m.text);
+    const text = safeBusText(m.text, this.maxText);
     if (text !== "" && typeof m.nick === "string") this.handlers.onWhisper(m.nick, text);
   };
 
@@ -3815,6 +3823,8 @@ function entryFields(fields: string[]): Record<string, string> {
 
 /** The longest text a bus message may carry: a line of the longest --max-line, and its prefix. */
 const MAX_BUS_TEXT = 1 << 21;
+/** Room beyond --max-line for a line's prefix on the bus: `(private) [NICK] `, a nick of 32 characters. */
+const BUS_PREFIX_BYTES = 160;
 
 function isBusMessage(m: unknown): m is BusMessage {
   if (typeof m !== "object" || m === null) return false;
@@ -3824,9 +3834,15 @@ function isBusMessage(m: unknown): m is BusMessage {
 }
 
 /** A bus line under the client line's rules: controls, C1 and line ends removed. */
-function safeBusText(text: string): string {
+function safeBusText(text: string, maxBytes = MAX_BUS_TEXT): string {
   // deno-lint-ignore no-control-regex
-  return text.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, "");
+  text = text.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, "");
+  if (text.length * 3 <= maxBytes) return text; // a UTF-16 unit is at most three bytes of UTF-8
+  const bytes = encoder.encode(text);
+  if (bytes.length <= maxBytes) return text;
+  let end = maxBytes; // cut, like a long line, at the start of a character
+  while (end > 0 && (bytes[end] & 0xc0) === 0x80) end--;
+  return decoder.decode(bytes.subarray(0, end));
 }
 
 /** A presence entry from Redis, or null if it is not one. */

@@ -375,45 +375,63 @@ redisTest("after FLUSHALL the instances write back who is where and whose nick i
   }, 2);
 });
 
-redisTest("what the bus carries is checked like a client's line: no escapes, no broken entries", async () => {
-  await withInstances(1, async ({ servers, redis }) => {
-    using a = await joinChat(servers[0].addr.port);
-    await ask(a, "/who", "In lobby (1):", `  ${a.name} (you)`); // its join is in the lobby's stream by now
-    for (const [id, ...fields] of [["0-50", "e", "x"], ["0-51", "t", "no epoch"], ["0-52", "junk"]]) {
-      await redis.command("XADD", "chat:stream:lobby", id, ...fields); // entries that are not ours: ignored
-    }
-    const epoch = await redis.command("HGET", "chat:room:lobby", "epoch"); // of another epoch, it would be ignored too
-    await redis.command(
-      "XADD",
-      "chat:stream:lobby",
-      "0-53",
-      "e",
-      epoch,
-      "i",
-      "x",
-      "k",
-      "0",
-      "t",
-      "\u001b[2Jhi\u009b\r\nthere",
-    );
-    assert.equal(await a.readLine(), "[2Jhithere\r\n");
-    for (const raw of ['{"i":"x","nick":5,"text":[]}', "null", "[]"]) {
-      await redis.command("PUBLISH", "chat:instance:" + "x", raw); // private lines that are not ours either
-    }
-    await a.write("/join x\r\n/join lobby\r\n"); // and nothing is said twice after them
-    assert.equal(await a.readLine(), "You are now in x (1); /who lists who is here\r\n");
-    assert.equal(await a.readLine(), "You are now in lobby (1); /who lists who is here\r\n");
-    await redis.command("ZADD", "chat:instances", String(Date.now() + 60_000), "intruder");
-    await redis.command("HSET", "chat:presence:intruder", "1.2.3.4:5", "null");
-    await redis.command(
-      "HSET",
-      "chat:presence:intruder",
-      "1.2.3.4:6",
-      '{"address":"1.2.3.4:6","nick":null,"room":"lobby"}',
-    );
-    assert.deepEqual(await who(a), [`${a.name} (you)`, "1.2.3.4:6"]);
-  });
-});
+redisTest(
+  "what the bus carries is checked like a client's line: no escapes, no broken entries, no giant",
+  async () => {
+    await withInstances(1, async ({ servers, redis }) => {
+      using a = await joinChat(servers[0].addr.port);
+      await ask(a, "/who", "In lobby (1):", `  ${a.name} (you)`); // its join is in the lobby's stream by now
+      for (const [id, ...fields] of [["0-50", "e", "x"], ["0-51", "t", "no epoch"], ["0-52", "junk"]]) {
+        await redis.command("XADD", "chat:stream:lobby", id, ...fields); // entries that are not ours: ignored
+      }
+      const epoch = await redis.command("HGET", "chat:room:lobby", "epoch"); // of another epoch, it would be ignored too
+      await redis.command(
+        "XADD",
+        "chat:stream:lobby",
+        "0-53",
+        "e",
+        epoch,
+        "i",
+        "x",
+        "k",
+        "0",
+        "t",
+        "\u001b[2Jhi\u009b\r\nthere",
+      );
+      assert.equal(await a.readLine(), "[2Jhithere\r\n");
+      // One entry of 1.5 MB (more than --sendq) is cut like a long line, and costs nobody their place.
+      await redis.command(
+        "XADD",
+        "chat:stream:lobby",
+        "0-54",
+        "e",
+        epoch,
+        "i",
+        "x",
+        "k",
+        "0",
+        "t",
+        "[big] " + "y".repeat(1_500_000),
+      );
+      assert.equal(await a.readLine(), "[big] " + "y".repeat(4096 + 160 - 6) + "\r\n");
+      for (const raw of ['{"i":"x","nick":5,"text":[]}', "null", "[]"]) {
+        await redis.command("PUBLISH", "chat:instance:" + "x", raw); // private lines that are not ours either
+      }
+      await a.write("/join x\r\n/join lobby\r\n"); // and nothing is said twice after them
+      assert.equal(await a.readLine(), "You are now in x (1); /who lists who is here\r\n");
+      assert.equal(await a.readLine(), "You are now in lobby (1); /who lists who is here\r\n");
+      await redis.command("ZADD", "chat:instances", String(Date.now() + 60_000), "intruder");
+      await redis.command("HSET", "chat:presence:intruder", "1.2.3.4:5", "null");
+      await redis.command(
+        "HSET",
+        "chat:presence:intruder",
+        "1.2.3.4:6",
+        '{"address":"1.2.3.4:6","nick":null,"room":"lobby"}',
+      );
+      assert.deepEqual(await who(a), [`${a.name} (you)`, "1.2.3.4:6"]);
+    });
+  },
+);
 
 // --- Nothing lost: the rooms' streams -------------------------------------------------------------
 
