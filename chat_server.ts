@@ -172,7 +172,8 @@ export class ChatServer {
     try {
       if (o.historyFile) {
         const say = (text: string) => this.log.event(text, { event: "history", text });
-        this.history = new RoomHistory(this.history.limit, HistoryFile.open(o.historyFile, say)); // section 3
+        const file = await HistoryFile.open(o.historyFile, say); // section 3
+        this.history = new RoomHistory(this.history.limit, file);
       }
       if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
@@ -1779,11 +1780,21 @@ export class RoomHistory {
   }
 }
 
+/** How often a server that has a history file says so in it; one silent for 2.5 times that has gone. */
+const OWNER_BEAT_MS = 1000;
+
 /**
  * --history FILE: each room's epoch, its position and its last lines, in node:sqlite, so that a
  * restart keeps them. Rows are written at the end of a turn, all of that turn's in one
- * transaction (about 100k rows/s here; one transaction a row manages 20-30k). A file that fails
- * later (a full or vanished disk) is said once, and the history is kept in memory from then on.
+ * transaction, after the lines have gone out. A file that fails later (a full or vanished disk)
+ * is said once, and the history is kept in memory from then on.
+ *
+ * The server that has the file says so in it (`meta.owner`, renewed every OWNER_BEAT_MS) and
+ * clears it when it stops cleanly. So a second server on the same file is refused, and a server
+ * that finds the mark of one that stopped without a word (`kill -9`, the OOM killer, a power cut)
+ * knows that lines shown at the end may never have reached the file: it gives every room a new
+ * epoch, and a page that saw those positions is told its room's history was reset, never shown
+ * other lines at the same positions.
  */
 export class HistoryFile {
   readonly path: string;
@@ -1792,6 +1803,8 @@ export class HistoryFile {
   private readonly rooms = new Map<string, Ring>(); // rooms whose position changed this turn
   private lines: [string, Kept, number][] = []; // room key, line, and the lines the room keeps
   private timer: ReturnType<typeof setTimeout> | null = null;
+  private readonly owner = crypto.randomUUID();
+  private beat: ReturnType<typeof setInterval> | undefined = undefined;
 
   private constructor(path: string, db: import("node:sqlite").DatabaseSync, say: (text: string) => void) {
     this.path = path;
@@ -1799,22 +1812,64 @@ export class HistoryFile {
     this.say = say;
   }
 
-  /** Opens (or makes) the file; throws HistoryFileError, in node:sqlite's words, if it cannot. */
-  static open(path: string, say: (text: string) => void): HistoryFile {
+  /**
+   * Opens (or makes) the file, and takes it; throws HistoryFileError, in node:sqlite's words or
+   * ours, if it cannot, or if another server has it. Waits up to 2.5 s when the file bears a fresh
+   * mark, to tell a live server from one that has just died.
+   */
+  static async open(path: string, say: (text: string) => void): Promise<HistoryFile> {
     const { DatabaseSync } = nodeBuiltin<typeof import("node:sqlite")>("node:sqlite");
     let db: import("node:sqlite").DatabaseSync | undefined;
+    let file: HistoryFile;
     try {
       db = new DatabaseSync(path);
       db.exec(`PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
         CREATE TABLE IF NOT EXISTS rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, seq INTEGER NOT NULL);
         CREATE TABLE IF NOT EXISTS lines (room TEXT NOT NULL, seq INTEGER NOT NULL, time INTEGER NOT NULL,
-          message BLOB NOT NULL, PRIMARY KEY (room, seq));`);
+          message BLOB NOT NULL, PRIMARY KEY (room, seq));
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);`);
+      file = new HistoryFile(path, db, say);
+      await file.take();
     } catch (e) {
       db?.close();
+      if (e instanceof HistoryFileError) throw e;
       const why = e instanceof Error ? e.message : String(e);
       throw new HistoryFileError(path, why.endsWith(`: ${path}`) ? why.slice(0, -path.length - 2) : why);
     }
-    return new HistoryFile(path, db, say);
+    file.beat = setInterval(() => file.renew(), OWNER_BEAT_MS);
+    return file;
+  }
+
+  // Takes the file: refused if another server renews its mark; new epochs if the last one died.
+  private async take(): Promise<void> {
+    const db = this.db!;
+    const mark = () =>
+      db.prepare("SELECT value FROM meta WHERE key = 'owner'").get()?.value as string | undefined;
+    const seen = mark();
+    if (seen !== undefined) {
+      const last = Number(seen.split(" ")[1]);
+      const fresh = Date.now() - last < 2.5 * OWNER_BEAT_MS;
+      if (fresh) await delay(last + 2.5 * OWNER_BEAT_MS - Date.now());
+      if (fresh && mark() !== seen) throw new HistoryFileError(this.path, "another chat server is using it");
+      // Its last lines may have been shown and never written: their positions must not be reused.
+      db.exec("UPDATE rooms SET epoch = lower(hex(randomblob(4)))");
+      this.say(
+        `History file ${this.path} was not closed cleanly: every room starts a new epoch, and pages are told`,
+      );
+    }
+    db.prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('owner', ?)").run(
+      `${this.owner} ${Date.now()}`,
+    );
+  }
+
+  // Says, again, that this server has the file.
+  private renew(): void {
+    if (this.db === null) return;
+    try {
+      this.db.prepare("UPDATE meta SET value = ? WHERE key = 'owner'").run(`${this.owner} ${Date.now()}`);
+    } catch (e) {
+      this.fail(e);
+    }
   }
 
   /** A room's epoch, position and last `limit` lines as the file has them; null if it has none. */
@@ -1889,6 +1944,7 @@ export class HistoryFile {
 
   private fail(e: unknown): void {
     if (this.db === null) return;
+    clearInterval(this.beat);
     try {
       this.db.close();
     } catch {
@@ -1899,10 +1955,12 @@ export class HistoryFile {
     this.say(`History file ${this.path} failed (${why}): history is kept in memory only from now on`);
   }
 
-  /** Writes what is left, and closes the file. */
+  /** Writes what is left, clears the mark (a clean stop), and closes the file. */
   close(): void {
+    clearInterval(this.beat);
     this.flush();
     try {
+      this.db?.exec("DELETE FROM meta WHERE key = 'owner'");
       this.db?.close();
     } catch {
       // closed already

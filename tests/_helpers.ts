@@ -371,6 +371,15 @@ export async function withWebServer(
   }
 }
 
+/** Waits until `test` passes, looking every 100 ms; throws, naming `what`, after WAIT_MS. */
+export async function eventually(what: string, test: () => boolean | Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + WAIT_MS;
+  while (!await test()) {
+    if (Date.now() > deadline) throw new Error(`never: ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 /** Sends a line and expects these lines back, in order. */
 export async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
   await client.write(line + "\r\n");

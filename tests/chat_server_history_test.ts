@@ -5,11 +5,15 @@ import assert from "node:assert/strict";
 import { HistoryFile, RoomHistory } from "../chat_server.ts";
 import {
   ask,
+  Cli,
+  eventually,
+  freePort,
   GREETING,
   hasProgram,
   Hiccup,
   joinChat,
   runScript,
+  sendNumberedLines,
   WAIT_MS,
   withChromium,
   within,
@@ -406,16 +410,15 @@ Deno.test("a history file keeps what --history-lines says, and a failing file co
   const dir = await Deno.makeTempDir();
   try {
     const said: string[] = [];
-    const file = HistoryFile.open(`${dir}/h.db`, (text) => said.push(text));
+    const first = await HistoryFile.open(`${dir}/h.db`, (text) => said.push(text));
+    const written = new RoomHistory(3, first);
+    for (let i = 1; i <= 5; i++) written.keep("Lobby", line(`l${i}`), 1000 * i);
+    first.close();
+    const file = await HistoryFile.open(`${dir}/h.db`, (text) => said.push(text));
     const history = new RoomHistory(3, file);
-    for (let i = 1; i <= 5; i++) history.keep("Lobby", line(`l${i}`), 1000 * i);
-    file.flush();
-    const reopened = HistoryFile.open(`${dir}/h.db`, (text) => said.push(text));
-    const again = new RoomHistory(3, reopened);
-    assert.deepEqual(again.position("lobby"), history.position("lobby"));
-    assert.deepEqual(again.last("lobby", 9).map((k) => [k.seq, k.time]), [[3, 3000], [4, 4000], [5, 5000]]);
-    assert.deepEqual(texts(again.after("lobby", 1).lines), ["l3", "l4", "l5"]);
-    reopened.close();
+    assert.deepEqual(history.position("lobby"), written.position("lobby"));
+    assert.deepEqual(history.last("lobby", 9).map((k) => [k.seq, k.time]), [[3, 3000], [4, 4000], [5, 5000]]);
+    assert.deepEqual(texts(history.after("lobby", 1).lines), ["l3", "l4", "l5"]);
     const { DatabaseSync } = await import("node:sqlite");
     const other = new DatabaseSync(`${dir}/h.db`); // another process takes the file: writes fail
     other.exec("BEGIN EXCLUSIVE");
@@ -486,6 +489,96 @@ Deno.test("after a restart with --history FILE, telnet's /history shows the file
         new RegExp(`^  \\(\\d\\d:\\d\\d\\) \\[${name}\\] said in dev\\r\\n$`),
       );
     });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** chat_server.ts with --history FILE and --http on fresh ports; its log is read into `log`. */
+function historyServer(file: string, port = freePort(), http = freePort()) {
+  const cli = new Cli("chat_server.ts", [
+    String(port),
+    "--host",
+    "127.0.0.1",
+    "--rate",
+    "0",
+    "--http",
+    String(http),
+    "--history",
+    file,
+  ]);
+  const log: string[] = [];
+  const reading = (async () => {
+    for (let line; (line = await cli.readLine(60_000)) !== null;) log.push(line);
+  })();
+  return { cli, port, http, log, reading };
+}
+
+Deno.test("after kill -9 mid-burst, a page resuming with its position is told its room's history was reset", async () => {
+  const dir = await Deno.makeTempDir();
+  const file = `${dir}/history.db`;
+  try {
+    const first = historyServer(file);
+    await eventually("the server to listen", () => first.log.some((l) => l.startsWith("Web page at")));
+    const page = new Page();
+    await page.connect(first.http);
+    await page.until((l) => l.startsWith(`${RS}@`));
+    const before = page.epoch;
+    const sender = await joinChat(first.port);
+    const sending = sendNumberedLines(sender, 50_000, 100).catch(() => {});
+    await page.until((l) => l.startsWith(`${RS}# `) && page.seq >= 5000); // shown, and maybe not yet written
+    first.cli.kill("SIGKILL");
+    await sending;
+    sender.close();
+    await first.reading;
+    await first.cli.finish();
+    await page.close();
+
+    const second = historyServer(file, first.port, first.http);
+    await eventually("the restart to listen", () => second.log.some((l) => l.startsWith("Web page at")));
+    assert.ok(
+      second.log.some((l) =>
+        l.endsWith("was not closed cleanly: every room starts a new epoch, and pages are told")
+      ),
+    );
+    await page.connect(second.http); // as it reconnects, with where it was
+    const seen = await page.until((l) => l.startsWith(`${RS}@`));
+    assert.ok(
+      seen.includes("The history of lobby was reset while you were away: what was said meanwhile is lost"),
+      seen.join("\n"),
+    );
+    assert.notEqual(page.epoch, before);
+    await page.close();
+    second.cli.kill();
+    await second.reading;
+    assert.equal((await second.cli.finish()).code, 0);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a second server on the same --history file refuses to start, in one line that names the file", async () => {
+  const dir = await Deno.makeTempDir();
+  const file = `${dir}/history.db`;
+  try {
+    const first = historyServer(file);
+    await eventually("the server to listen", () => first.log.some((l) => l.startsWith("Web page at")));
+    const second = await runScript("chat_server.ts", ["0", "--host", "127.0.0.1", "--history", file]);
+    assert.equal(second.code, 1);
+    assert.equal(
+      second.stderr,
+      `chat_server: cannot keep history in ${file}: another chat server is using it\n`,
+    );
+    first.cli.kill();
+    await first.reading;
+    assert.equal((await first.cli.finish()).code, 0);
+    // Stopped cleanly: the next server starts at once, with the same epochs.
+    const third = historyServer(file);
+    await eventually("the restart to listen", () => third.log.some((l) => l.startsWith("Web page at")));
+    assert.ok(!third.log.some((l) => l.includes("not closed cleanly")));
+    third.cli.kill();
+    await third.reading;
+    assert.equal((await third.cli.finish()).code, 0);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -6,6 +6,7 @@ import {
   ask,
   Capture,
   Cli,
+  eventually,
   freePort,
   joinChat,
   needs,
@@ -314,14 +315,6 @@ redisTest("/join counts the room's members on every instance, as /who does", asy
 });
 
 /** Until `test` passes (it polls: what it waits for lives in Redis, not in a line), or WAIT_MS. */
-async function eventually(what: string, test: () => Promise<boolean>): Promise<void> {
-  const deadline = Date.now() + WAIT_MS;
-  while (!await test()) {
-    if (Date.now() > deadline) throw new Error(`never: ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
 redisTest("a room joined while Redis is away is shared again once it is back", async () => {
   await withInstances(2, async ({ servers, logs, redis }) => {
     using a = await joinChat(servers[0].addr.port);
