@@ -142,6 +142,7 @@ export class ChatServer {
     this.log = new EventLog(options.log === undefined ? Deno.stdout : options.log, options.logFormat);
     this.limits = new Limits(options);
     this.history = new RoomHistory(options.historyLines ?? DEFAULT_HISTORY_LINES);
+    this.history.occupied = this.occupied;
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
     this.tooLong = encoder.encode(
       `Your line was over ${this.maxLine} bytes; the rest of it was discarded\r\n`,
@@ -150,6 +151,9 @@ export class ChatServer {
     this.finished = promise;
     this.#stopped = resolve;
   }
+
+  /** Whether a room (by its directory key) has members here: its history is kept longer. */
+  private readonly occupied = (key: string): boolean => (this.directory.room(key)?.members.size ?? 0) > 0;
 
   /** The address actually bound. */
   get addr(): Deno.NetAddr {
@@ -174,6 +178,7 @@ export class ChatServer {
         const say = (text: string) => this.log.event(text, { event: "history", text });
         const file = await HistoryFile.open(o.historyFile, say); // section 3
         this.history = new RoomHistory(this.history.limit, file);
+        this.history.occupied = this.occupied;
       }
       if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
@@ -1642,7 +1647,12 @@ function showHistory(server: ChatServer, client: Client, rest: string): void {
 
 /** How many lines /history shows when it is not told. */
 const HISTORY_SHOWN = 20;
-/** Rooms whose history is kept at once; past that, the room that started keeping first loses its own. */
+/**
+ * Rooms whose history is kept at once, in memory and in a --history file. Past that, one room loses
+ * its own: first a room where nothing was kept (a page only looked in), then one with nobody in
+ * it here, and among those the one where a line was last kept longest ago: rooms nobody speaks in
+ * never push out those people use.
+ */
 const HISTORY_ROOMS = 64;
 /** Bytes of lines a room keeps at most, whatever --history-lines says: 64 rooms then hold 32 MiB. */
 const HISTORY_ROOM_BYTES = 512 * 1024;
@@ -1668,6 +1678,8 @@ interface Ring {
   /** Where the oldest line is in `kept`, once it is full. */
   next: number;
   bytes: number;
+  /** When a line was last kept (0: never), for choosing which room loses its history. */
+  used: number;
 }
 
 /**
@@ -1685,6 +1697,9 @@ export class RoomHistory {
   readonly file: HistoryFile | null;
   private readonly rooms = new Map<string, Ring>();
 
+  /** Whether anyone is in a room (by its key), here: such a room keeps its history longer. */
+  occupied: (key: string) => boolean = () => false;
+
   constructor(limit: number, file: HistoryFile | null = null) {
     this.limit = limit;
     this.file = file;
@@ -1694,15 +1709,26 @@ export class RoomHistory {
     const key = Directory.key(room);
     let ring = this.rooms.get(key);
     if (!ring) {
-      if (this.rooms.size >= HISTORY_ROOMS) this.rooms.delete(this.rooms.keys().next().value!);
-      ring = { epoch: crypto.randomUUID().slice(0, 8), seq: 0, kept: [], next: 0, bytes: 0 };
+      if (this.rooms.size >= HISTORY_ROOMS) this.forgetOne();
+      ring = { epoch: crypto.randomUUID().slice(0, 8), seq: 0, kept: [], next: 0, bytes: 0, used: 0 };
       const saved = this.file?.load(key, this.limit);
       if (saved) [ring.epoch, ring.seq] = [saved.epoch, saved.seq];
-      else this.file?.room(key, ring);
       for (const line of saved?.lines ?? []) this.push(ring, line);
+      if (saved?.lines.length) ring.used = saved.lines.at(-1)!.time;
       this.rooms.set(key, ring);
     }
     return ring;
+  }
+
+  // Over HISTORY_ROOMS: a room where nothing was kept goes first, then an empty one, then the least used.
+  private forgetOne(): void {
+    let victim: string | null = null, worst = Infinity;
+    for (const [key, ring] of this.rooms) {
+      const rank = ring.used === 0 ? 0 : (this.occupied(key) ? 2 : 1) * 1e15 + ring.used;
+      if (rank < worst) [victim, worst] = [key, rank];
+    }
+    this.rooms.delete(victim!);
+    this.file?.forget(victim!);
   }
 
   /** Where a room stands now; a room that has kept nothing yet starts at 0 under a new epoch. */
@@ -1715,8 +1741,9 @@ export class RoomHistory {
   keep(room: string, message: Uint8Array, now = Date.now()): number {
     const ring = this.ring(room);
     const line = { seq: ++ring.seq, time: now, message };
-    this.file?.add(Directory.key(room), ring, line, this.limit);
+    ring.used = now;
     if (this.limit > 0) this.push(ring, line);
+    this.file?.add(Directory.key(room), ring, line);
     return line.seq;
   }
 
@@ -1751,6 +1778,7 @@ export class RoomHistory {
     }
     if (at.seq <= ring.seq) return false; // had it
     ring.seq = at.seq;
+    ring.used = now;
     if (this.limit > 0) this.push(ring, { seq: at.seq, time: now, message });
     return reset;
   }
@@ -1758,7 +1786,7 @@ export class RoomHistory {
   /** Replaces a room's history with what the bus has of it, when the instance starts reading it. */
   load(room: string, at: Position, lines: Kept[]): void {
     const ring = this.ring(room);
-    Object.assign(ring, { epoch: at.epoch, seq: at.seq, kept: [], next: 0, bytes: 0 });
+    Object.assign(ring, { epoch: at.epoch, seq: at.seq, kept: [], next: 0, bytes: 0, used: Date.now() });
     for (const line of lines.slice(-this.limit)) if (this.limit > 0) this.push(ring, line);
   }
 
@@ -1801,7 +1829,8 @@ export class HistoryFile {
   private db: import("node:sqlite").DatabaseSync | null;
   private readonly say: (text: string) => void;
   private readonly rooms = new Map<string, Ring>(); // rooms whose position changed this turn
-  private lines: [string, Kept, number][] = []; // room key, line, and the lines the room keeps
+  private lines: [string, Kept][] = []; // room key, and a line kept there
+  private readonly gone = new Set<string>(); // rooms that lost their history this turn
   private timer: ReturnType<typeof setTimeout> | null = null;
   private readonly owner = crypto.randomUUID();
   private beat: ReturnType<typeof setInterval> | undefined = undefined;
@@ -1896,17 +1925,20 @@ export class HistoryFile {
     }
   }
 
-  /** A room that starts keeping: its epoch is written, so that a restart keeps it. */
-  room(key: string, ring: Ring): void {
+  /** A line kept at its position; the room's ring says which lines it still keeps. */
+  add(key: string, ring: Ring, line: Kept): void {
+    if (this.db === null) return;
     this.rooms.set(key, ring);
+    this.gone.delete(key);
+    if (ring.kept.length > 0) this.lines.push([key, line]);
     this.soon();
   }
 
-  /** A line kept at its position. */
-  add(key: string, ring: Ring, line: Kept, limit: number): void {
+  /** A room that lost its history to another (HISTORY_ROOMS): the file forgets it too. */
+  forget(key: string): void {
     if (this.db === null) return;
-    this.rooms.set(key, ring);
-    if (limit > 0) this.lines.push([key, line, limit]);
+    this.rooms.delete(key);
+    this.gone.add(key);
     this.soon();
   }
 
@@ -1918,10 +1950,11 @@ export class HistoryFile {
   flush(): void {
     if (this.timer !== null) clearTimeout(this.timer);
     this.timer = null;
-    const [rooms, lines] = [[...this.rooms], this.lines];
+    const [rooms, lines, gone] = [[...this.rooms], this.lines, [...this.gone]];
     this.rooms.clear();
     this.lines = [];
-    if (this.db === null || (rooms.length === 0 && lines.length === 0)) return;
+    this.gone.clear();
+    if (this.db === null || (rooms.length === 0 && lines.length === 0 && gone.length === 0)) return;
     try {
       const db = this.db;
       db.exec("BEGIN");
@@ -1930,12 +1963,16 @@ export class HistoryFile {
       );
       for (const [room, { seq, time, message }] of lines) insert.run(room, seq, time, message);
       const position = db.prepare("INSERT OR REPLACE INTO rooms (room, epoch, seq) VALUES (?, ?, ?)");
-      const trim = db.prepare("DELETE FROM lines WHERE room = ? AND seq <= ?");
-      const limits = new Map(lines.map(([room, , limit]) => [room, limit]));
-      for (const [room, { epoch, seq }] of rooms) {
-        position.run(room, epoch, seq);
-        trim.run(room, seq - (limits.get(room) ?? 0));
+      // The file keeps what the ring keeps (lines and bytes), and drops the same lines, oldest first.
+      const trim = db.prepare("DELETE FROM lines WHERE room = ? AND seq < ?");
+      for (const [room, ring] of rooms) {
+        position.run(room, ring.epoch, ring.seq);
+        const oldest = ring.kept.length === 0 ? ring.seq + 1 : ring.kept[ring.next % ring.kept.length].seq;
+        trim.run(room, oldest);
       }
+      const forgetRoom = db.prepare("DELETE FROM rooms WHERE room = ?");
+      const forgetLines = db.prepare("DELETE FROM lines WHERE room = ?");
+      for (const room of gone) forgetRoom.run(room), forgetLines.run(room);
       db.exec("COMMIT");
     } catch (e) {
       this.fail(e);

@@ -12,6 +12,7 @@ import {
   hasProgram,
   Hiccup,
   joinChat,
+  readUntil,
   runScript,
   sendNumberedLines,
   WAIT_MS,
@@ -579,6 +580,61 @@ Deno.test("a second server on the same --history file refuses to start, in one l
     third.cli.kill();
     await third.reading;
     assert.equal((await third.cli.finish()).code, 0);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a page looking into 70 rooms, or a speaker in 70 empty rooms, never costs the lobby its history", async () => {
+  await withWebServer({ rate: 0 }, async (tcp, http) => {
+    using t = await joinChat(tcp);
+    await t.write("said in the lobby\r\n");
+    const page = new Page();
+    await page.connect(http);
+    for (let i = 1; i <= 70; i++) page.send(`/join r${i}`); // each room it enters starts keeping
+    await page.until((l) => l.startsWith("You are now in r70"));
+    using s = await joinChat(tcp);
+    for (let i = 1; i <= 70; i++) await s.write(`/join s${i}\r\nin s${i}\r\n`); // each room it leaves is empty
+    await readUntil(s, (l) => l.startsWith("You are now in s70"));
+    await t.write("/history\r\n");
+    await readUntil(t, (l) => l.startsWith("History of lobby"));
+    assert.match((await t.readLine())!, /\] said in the lobby\r\n$/);
+    await ask(s, "/join s1", "You are now in s1 (1); /who lists who is here");
+    await ask(s, "/history", "Nothing has been said in s1 yet"); // the first of them went, oldest first
+    await page.close();
+  });
+});
+
+Deno.test("a --history file keeps what memory keeps: 64 rooms, and 512 KiB a room, dropped oldest first", async () => {
+  const dir = await Deno.makeTempDir();
+  const file = `${dir}/history.db`;
+  try {
+    await withWebServer({ rate: 0, historyFile: file }, async (tcp) => {
+      using t = await joinChat(tcp);
+      using _stays = await joinChat(tcp); // someone is in the lobby: it keeps its history
+      const big = "x".repeat(4000);
+      for (let i = 0; i < 200; i++) await t.write(`${String(i).padStart(3, "0")} ${big}\r\n`); // 800 KB in the lobby
+      for (let i = 1; i <= 100; i++) await t.write(`/join r${i}\r\nin r${i}\r\n`);
+      await readUntil(t, (l) => l.startsWith("You are now in r100"));
+      await ask(t, "/history 1", "History of r100 (the last 1 line):");
+      await t.readLine();
+    });
+    const { DatabaseSync } = await import("node:sqlite");
+    const db = new DatabaseSync(file);
+    try {
+      const rooms = Number(db.prepare("SELECT count(*) AS n FROM rooms").get()!.n);
+      assert.ok(rooms <= 64, `${rooms} rooms in the file`);
+      const lobby = db.prepare(
+        "SELECT sum(length(message)) AS bytes, min(seq) AS first FROM lines WHERE room = 'lobby'",
+      )
+        .get()!;
+      assert.ok(Number(lobby.bytes) <= 512 * 1024, `the lobby holds ${lobby.bytes} bytes`);
+      assert.ok(Number(lobby.first) > 60, `the oldest line left is ${lobby.first}`);
+      const last = db.prepare("SELECT count(*) AS n FROM lines WHERE room = 'r100'").get()!;
+      assert.equal(Number(last.n), 1);
+    } finally {
+      db.close();
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
