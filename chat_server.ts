@@ -3208,29 +3208,40 @@ async function startBus(options: RedisOptions, handlers: BusHandlers): Promise<R
 /**
  * Appends one entry to a room's stream, atomically: the room's epoch (made if the room has none:
  * a Redis that restarted empty, or was flushed), its position, and the entry, whose id is the
- * position: `SEQ-0` for a kept line, `SEQ-N` for the Nth announcement after it. Returns the
- * epoch, the position, and 1 if the epoch is new.
+ * position: `SEQ-0` for a kept line, `SEQ-N` for the Nth announcement after it. A stream whose
+ * last entry is not ours (someone typed `XADD ROOM * ...`: an id no position can pass) starts
+ * again under a new epoch. Returns the epoch, the position, 1 if the epoch is new, 2 if it is new
+ * because of such an entry, and that entry's id.
  */
 const APPEND_SCRIPT = `
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local fresh = 0
-if not epoch then
-  epoch = ARGV[1]; fresh = 1
+local fresh, rogue = 0, ''
+local function position()
+  if ARGV[2] == '1' then
+    redis.call('HSET', KEYS[1], 'sub', 0)
+    return redis.call('HINCRBY', KEYS[1], 'seq', 1), 0
+  end
+  return tonumber(redis.call('HGET', KEYS[1], 'seq')), redis.call('HINCRBY', KEYS[1], 'sub', 1)
+end
+local function start()
+  epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'sub', 0)
 end
-local seq, sub
-if ARGV[2] == '1' then
-  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1); sub = 0
-  redis.call('HSET', KEYS[1], 'sub', 0)
-else
-  seq = tonumber(redis.call('HGET', KEYS[1], 'seq')); sub = redis.call('HINCRBY', KEYS[1], 'sub', 1)
+if not epoch then fresh = 1; start() end
+local seq, sub = position()
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if top then
+  local s, n = string.match(top[1], '^(%d+)-(%d+)$')
+  if tonumber(s) > seq or (tonumber(s) == seq and tonumber(n) >= sub) then
+    fresh, rogue = 2, top[1]; start(); seq, sub = position()
+  end
 end
 redis.call('XADD', KEYS[2], seq .. '-' .. sub, 'e', epoch, 'i', ARGV[3], 'l', ARGV[4], 'k', ARGV[2], 'd', ARGV[5], 't', ARGV[6], 'w', ARGV[8])
 if ARGV[2] == '1' and seq > tonumber(ARGV[7]) then
   redis.call('XTRIM', KEYS[2], 'MINID', '~', seq - tonumber(ARGV[7]))
 end
-return {epoch, seq, fresh}`;
+return {epoch, seq, fresh, rogue}`;
 
 /** The epoch of a room Redis has no history for yet: the first line it keeps makes a real one. */
 const NO_EPOCH = "00000000";
@@ -3442,8 +3453,14 @@ class RedisBus implements Bus {
       return this.pub.sendCommand(args);
     });
     return sent.then((reply) => {
-      const [epoch, , fresh] = reply as unknown as [string, number, number];
-      if (Number(fresh) === 1) {
+      const [epoch, , fresh, rogue] = reply as unknown as [string, number, number, string];
+      if (Number(fresh) === 2) {
+        this.handlers.say(
+          `The stream of ${room} in Redis ended with an entry that was not this chat's (${rogue}): ` +
+            "the room's history starts again under a new epoch",
+        );
+      }
+      if (Number(fresh) >= 1) {
         // The room had lost its history (a flush, an empty restart): everyone reads it from the start.
         this.rewind(Directory.key(room), epoch);
         this.pub.publish(this.#key("reset"), Directory.key(room)).catch(ignore);
@@ -3476,10 +3493,13 @@ class RedisBus implements Bus {
           const results = await Promise.allSettled(
             batch.map((q) => this.append(q.room, q.text, q.kept, q.local, true)),
           );
-          const done = results.findIndex((r) => r.status === "rejected");
-          const sent = done === -1 ? batch.length : done;
-          for (const q of this.queue.splice(0, sent)) this.queuedBytes -= q.text.length;
-          if (done !== -1) return; // the next heartbeat tries again (beat)
+          // What was appended leaves the queue, whatever failed around it: it is never sent twice.
+          const failed = batch.filter((_, i) => results[i].status === "rejected");
+          this.queue.splice(0, batch.length, ...failed);
+          for (const [i, q] of batch.entries()) {
+            if (results[i].status === "fulfilled") this.queuedBytes -= q.text.length;
+          }
+          if (failed.length > 0) return; // the next heartbeat tries again (beat)
         }
         if (this.dropped > 0) {
           this.handlers.say(

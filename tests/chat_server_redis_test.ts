@@ -759,3 +759,38 @@ redisTest(
     }, 2);
   },
 );
+
+redisTest(
+  "an entry added by hand with Redis's own id (XADD *) starts the room again, once, and nothing is said twice",
+  async () => {
+    await withInstances(2, async ({ servers, logs, redis }) => {
+      using a = await joinChat(servers[0].addr.port);
+      using b = await joinChat(servers[1].addr.port);
+      await sync(a, b);
+      await sync(b, a);
+      await redis.command("XADD", "chat:stream:lobby", "*", "t", "typed by hand"); // an id far above ours
+      await a.write("after the rogue\r\n");
+      assert.equal(
+        await readUntil(b, (l) => l.includes("after the rogue")),
+        `[${a.name}] after the rogue\r\n`,
+      );
+      await b.write("and back\r\n");
+      assert.equal(await readUntil(a, (l) => l.includes("and back")), `[${b.name}] and back\r\n`);
+      await a.write("/join dev\r\n"); // a room joined afterwards crosses too
+      await b.write("/join dev\r\n");
+      await readUntil(a, (l) => l.startsWith("You are now in dev"));
+      await readUntil(b, (l) => l.startsWith("You are now in dev"));
+      await sync(b, a);
+      await sync(a, b);
+      await new Promise((r) => setTimeout(r, 2000)); // two heartbeats: nothing is sent again
+      const length = Number((await redis.command("XLEN", "chat:stream:lobby")).slice(1)); // ":N"
+      assert.ok(length < 10, `the lobby's stream has ${length} entries`);
+      await ask(b, "/join lobby", "You are now in lobby (1); /who lists who is here");
+      await b.write("/history\r\n");
+      const shown = await collectUntil(b, (l) => l.includes("and back"));
+      assert.equal(shown.filter((l) => l.includes("after the rogue")).length, 1, shown.join(""));
+      const said = logs[0].text + logs[1].text;
+      assert.equal(said.match(/was not this chat's/g)?.length, 1, said);
+    });
+  },
+);
