@@ -3249,6 +3249,11 @@ const NO_EPOCH = "00000000";
 /** Bytes of lines that wait for Redis while it is away; past that the oldest are dropped, and said. */
 export const BUS_QUEUE_BYTES = 16 * 1024 * 1024;
 /**
+ * Bytes of this instance's lines on their way to Redis, or waiting for it, past which its senders
+ * wait while Redis is up but not answering (frozen, swapping): the queue then never has to drop.
+ */
+const BUS_PACE_BYTES = BUS_QUEUE_BYTES / 2;
+/**
  * Lines this instance may have on their way through Redis before its senders wait (their reads
  * pause, as for a slow reader): a Redis that falls behind slows the chat rather than letting
  * lines pile up in memory and hours of latency.
@@ -3326,6 +3331,10 @@ class RedisBus implements Bus {
   private nextLocal = 0;
   /** Lines appended and neither read back nor said yet: past BUS_IN_FLIGHT, the senders wait. */
   private unsaid = 0;
+  /** Bytes of the lines in `mine`: with the queue's, past BUS_PACE_BYTES the senders wait. */
+  private inFlightBytes = 0;
+  /** Redis is up but has not read back a line for REDIS_ANSWER_MS: said once, and when it ends. */
+  private stuck = false;
   private roomWaiters: (() => void)[] = [];
   private sha: string | null = null;
   private readonly queue: Queued[] = [];
@@ -3359,7 +3368,14 @@ class RedisBus implements Bus {
       reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
       connectTimeout: 2000,
     };
-    this.pub = createClient({ url: options.url, disableOfflineQueue: true, socket });
+    // No command timeout: a command that times out before it is written is never sent, and sending
+    // it again later would put it after lines said after it. A Redis that is slow is paced instead.
+    this.pub = createClient({
+      url: options.url,
+      disableOfflineQueue: true,
+      socket,
+      commandOptions: { timeout: 0 },
+    });
     this.sub = this.pub.duplicate();
     this.reader = this.pub.duplicate();
     // Errors come once per failed attempt; the operator hears of a loss once, and of the recovery.
@@ -3419,10 +3435,12 @@ class RedisBus implements Bus {
     }
     this.mine.set(local, { sender, message, stream, kept, at: Date.now(), said: false });
     this.unsaid++;
+    this.inFlightBytes += message.length;
     this.append(stream.name, text, kept, local, false).catch(() => {
       // Lost on the way: say it here now, and send it on when Redis returns.
       const line = this.mine.get(local);
       if (!line || !this.mine.delete(local)) return;
+      this.inFlightBytes -= message.length;
       if (!line.said) this.said();
       if (!line.said) this.handlers.onRoomLine(stream.name, text, null, sender, message, false);
       this.enqueue({ room: stream.name, text, kept, local });
@@ -3499,6 +3517,7 @@ class RedisBus implements Bus {
           for (const [i, q] of batch.entries()) {
             if (results[i].status === "fulfilled") this.queuedBytes -= q.text.length;
           }
+          this.wakeSenders();
           if (failed.length > 0) return; // the next heartbeat tries again (beat)
         }
         if (this.dropped > 0) {
@@ -3540,6 +3559,7 @@ class RedisBus implements Bus {
   private lost(): void {
     for (const [local, line] of this.mine) {
       this.mine.delete(local);
+      this.inFlightBytes -= line.message.length;
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
       if (!line.said) {
         this.said();
@@ -3555,6 +3575,13 @@ class RedisBus implements Bus {
     for (const line of this.mine.values()) {
       if (now - line.at < REDIS_ANSWER_MS) break; // in the order they were sent
       if (line.said) continue;
+      if (!this.stuck) {
+        this.stuck = true;
+        this.handlers.say(
+          "Redis is not answering: lines are said here at once, and shared when it answers; " +
+            `past ${BUS_PACE_BYTES / 1024 / 1024} MiB waiting, senders wait for it`,
+        );
+      }
       line.said = true;
       this.said();
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
@@ -3725,7 +3752,7 @@ class RedisBus implements Bus {
     if (stream.seen.size > 4) stream.seen.delete(stream.seen.keys().next().value!); // the oldest epoch
     const kept = f.k === "1";
     const local = f.i === this.instance ? this.mine.get(Number(f.l)) : undefined;
-    if (local) this.mine.delete(Number(f.l));
+    if (local) this.readBack(Number(f.l), local);
     if (local && !local.said) this.said();
     const own = f.i === this.instance, number = Number(f.l) || 0;
     const from = `${f.i} ${Directory.key(stream.name)}`, last = this.lastFrom.get(from) ?? 0;
@@ -3755,9 +3782,13 @@ class RedisBus implements Bus {
     if (this.streams.delete(Directory.key(room))) this.nudge();
   }
 
-  /** True while too many of this instance's lines are on their way through Redis. */
+  /**
+   * True while too many of this instance's lines are on their way through Redis: more than
+   * BUS_IN_FLIGHT not said yet, or, while Redis is up but slow, more than BUS_PACE_BYTES unshared.
+   */
   get behind(): boolean {
-    return this.unsaid >= BUS_IN_FLIGHT;
+    return this.unsaid >= BUS_IN_FLIGHT ||
+      (this.up && this.inFlightBytes + this.queuedBytes >= BUS_PACE_BYTES);
   }
 
   /** Settles when few enough lines are on their way (at once, if they are). */
@@ -3769,9 +3800,25 @@ class RedisBus implements Bus {
   // One line on its way has been said: the senders may go on once half the way is clear.
   private said(): void {
     this.unsaid--;
-    if (this.unsaid <= BUS_IN_FLIGHT / 2 && this.roomWaiters.length > 0) {
-      for (const wake of this.roomWaiters.splice(0)) wake();
+    this.wakeSenders();
+  }
+
+  // One of this instance's lines is back from Redis: it is shared.
+  private readBack(local: number, line: Mine): void {
+    this.mine.delete(local);
+    this.inFlightBytes -= line.message.length;
+    if (this.stuck) {
+      this.stuck = false;
+      this.handlers.say("Redis answers again: what waited is shared");
     }
+    this.wakeSenders();
+  }
+
+  // Lets the senders go on once few enough lines are on their way (half the bounds, so they do not flap).
+  private wakeSenders(): void {
+    if (this.roomWaiters.length === 0 || this.unsaid > BUS_IN_FLIGHT / 2) return;
+    if (this.up && this.inFlightBytes + this.queuedBytes > BUS_PACE_BYTES / 2) return;
+    for (const wake of this.roomWaiters.splice(0)) wake();
   }
 
   /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */

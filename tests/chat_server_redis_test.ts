@@ -794,3 +794,51 @@ redisTest(
     });
   },
 );
+
+redisTest(
+  "Redis frozen for 20 s under 2,000 lines/s of 1 KB: the log says so, the sender is paced, and every line crosses on thaw",
+  async () => {
+    await withInstances(
+      2,
+      async ({ servers, logs, redis }) => {
+        using a = await joinChat(servers[0].addr.port);
+        using b = await joinChat(servers[1].addr.port);
+        await sync(a, b);
+        const count = 40_000, pad = "y".repeat(1000);
+        redis.signal("SIGSTOP");
+        const thaw = setTimeout(() => redis.signal("SIGCONT"), 20_000);
+        try {
+          const sending = (async () => {
+            for (let i = 1; i <= count; i += 20) {
+              let batch = "";
+              for (let j = i; j < i + 20; j++) batch += `frozen ${pad} ${j}\r\n`;
+              await a.write(batch);
+              await new Promise((r) => setTimeout(r, 10));
+            }
+          })();
+          let got = 0;
+          const reading = (async () => {
+            while (got < count) {
+              const line = await b.readLine(40_000);
+              if (line?.startsWith(`[${a.name}] frozen `)) {
+                assert.ok(
+                  line.endsWith(` ${got + 1}\r\n`),
+                  `line ${got + 1} out of order: ${line.slice(-20)}`,
+                );
+                got++;
+              }
+            }
+          })();
+          await Promise.all([sending, within(60_000, reading, "every line on the other instance")]);
+        } finally {
+          clearTimeout(thaw);
+          redis.signal("SIGCONT");
+        }
+        assert.match(logs[0].text, /Redis is not answering/);
+        assert.doesNotMatch(logs[0].text, /did not fit the queue/);
+      },
+      30,
+      { rate: 0 },
+    );
+  },
+);
