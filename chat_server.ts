@@ -3311,48 +3311,19 @@ const RECENT_MS = 3000;
  * Private lines and who-is-where use pub/sub and keys, as before.
  */
 class RedisBus implements Bus {
-  readonly instance = crypto.randomUUID().slice(0, 12);
   /** Settles when Redis first answers and the instance's channel is subscribed. */
   readonly ready: Promise<void>;
-  private readonly handlers: BusHandlers;
-  private readonly prefix: string;
-  private readonly expiry: number;
-  private readonly keep: number;
+  readonly link: RedisLink;
+  readonly handlers: BusHandlers;
+  /** Kept lines each room's stream holds. */
+  readonly keep: number;
   /** The longest text said from the bus, in bytes: --max-line and room for a prefix. */
-  private readonly maxText: number;
-  private readonly pub: RedisClient;
-  private readonly sub: RedisClient;
-  private readonly reader: RedisClient;
-  private readerId: number | null = null;
-  private readonly streams = new Map<string, RoomStream>(); // by room key
-  private readonly myNicks = new Set<string>(); // lower-case
-  /** Lines this instance appended and has not read back: who said them, the bytes, and when. */
-  private readonly mine = new Map<number, Mine>();
-  private nextLocal = 0;
-  /** Lines appended and neither read back nor said yet: past BUS_IN_FLIGHT, the senders wait. */
-  private unsaid = 0;
-  /** Bytes of the lines in `mine`: with the queue's, past BUS_PACE_BYTES the senders wait. */
-  private inFlightBytes = 0;
-  /** Redis is up but has not read back a line for REDIS_ANSWER_MS: said once, and when it ends. */
-  private stuck = false;
-  private roomWaiters: (() => void)[] = [];
-  private sha: string | null = null;
-  private readonly queue: Queued[] = [];
-  /** This instance's lines read back in the last RECENT_MS: sent again if Redis loses them. */
-  private recent: (Queued & { at: number })[] = [];
-  /** The last line number read from each instance in each room (`instance room`): a repeat is skipped. */
-  private readonly lastFrom = new Map<string, number>();
-  private queuedBytes = 0;
-  private dropped = 0;
-  private flushing = false;
-  private checking: Promise<void> | null = null;
-  private checkAgain = false;
-  private up = false;
-  private everUp = false;
-  private closed = false;
-  private wake: (() => void) | null = null;
+  readonly maxText: number;
+  readonly outbox: Outbox;
+  readonly streams: StreamReader;
+  readonly epochs: Epochs;
+  readonly presence: BusPresence;
   private readonly heartbeat: ReturnType<typeof setInterval>;
-  private readonly reading: Promise<void>;
 
   constructor(
     createClient: typeof import("redis").createClient,
@@ -3360,10 +3331,138 @@ class RedisBus implements Bus {
     handlers: BusHandlers,
   ) {
     this.handlers = handlers;
-    this.prefix = options.prefix ?? "chat";
-    this.expiry = options.expiry ?? 30;
     this.keep = Math.max(STREAM_LINES, options.historyLines ?? 0);
     this.maxText = (options.maxLine ?? DEFAULT_MAX_LINE) + BUS_PREFIX_BYTES;
+    const link = this.link = new RedisLink(createClient, options);
+    this.presence = new BusPresence(link, handlers, this.maxText);
+    this.outbox = new Outbox(this);
+    this.streams = new StreamReader(this);
+    this.epochs = new Epochs(this);
+    // Errors come once per failed attempt; the operator hears of a loss once, and of the recovery.
+    // (Before Redis has ever answered, the caller reports that, once.)
+    link.pub.on("error", (e: Error) => {
+      if (link.up) handlers.say(`Redis unavailable (${e.message}): local chat goes on; reconnecting`);
+      link.up = false;
+      this.outbox.lost();
+    });
+    link.reader.on("ready", () => this.streams.identify());
+    link.pub.on("ready", () => {
+      link.up = true;
+      this.outbox.loadScript();
+      if (link.everUp) handlers.say("Redis is back: rooms are shared again");
+      link.everUp = true;
+      this.presence.restore().then(() => this.outbox.catchUp()).catch(ignore);
+    });
+    this.heartbeat = setInterval(() => this.beat(), Math.max(200, Math.min(1000, link.expiry * 1000 / 3)));
+    const connecting = link.connect();
+    connecting.catch(ignore);
+    this.ready = connecting.then(async () => {
+      await link.sub.subscribe(link.key("instance", link.instance), this.presence.onMessage);
+      await link.sub.subscribe(link.key("reset"), this.epochs.onReset);
+      await this.epochs.check(); // the lobby's stream is read from here on
+    });
+    this.ready.catch(ignore);
+    this.streams.start();
+  }
+
+  get instance(): string {
+    return this.link.instance;
+  }
+
+  // Each part's tick: lines Redis is late with, the expiry of who is where, and a catch-up or a
+  // check of the rooms' epochs (so that a flush nobody has written to since is noticed).
+  private beat(): void {
+    this.outbox.sayLate(Date.now());
+    if (!this.link.up) return;
+    this.presence.renew();
+    this.outbox.tick();
+  }
+
+  send(room: string, message: Uint8Array, kept: boolean, sender: Client | null): boolean {
+    return this.outbox.send(room, message, kept, sender);
+  }
+
+  watch(room: string): void {
+    this.streams.watch(room);
+  }
+
+  unwatch(room: string): void {
+    this.streams.unwatch(room);
+  }
+
+  knows(room: string): boolean {
+    return this.streams.knows(room);
+  }
+
+  get behind(): boolean {
+    return this.outbox.behind;
+  }
+
+  caughtUp(): Promise<void> {
+    return this.outbox.caughtUp();
+  }
+
+  /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */
+  get queued(): number {
+    return this.outbox.queued;
+  }
+
+  whisper(nick: string, text: string): Promise<boolean> {
+    return this.presence.whisper(nick, text);
+  }
+
+  claimNick(nick: string): Promise<boolean> {
+    return this.presence.claimNick(nick);
+  }
+
+  releaseNick(nick: string): void {
+    this.presence.releaseNick(nick);
+  }
+
+  present(who: Presence): void {
+    this.presence.present(who);
+  }
+
+  absent(address: string): void {
+    this.presence.absent(address);
+  }
+
+  others(): Promise<Presence[] | null> {
+    return this.presence.others();
+  }
+
+  async close(): Promise<void> {
+    this.link.closed = true;
+    clearInterval(this.heartbeat);
+    this.streams.stop();
+    this.outbox.releaseSenders();
+    await this.presence.leave();
+    this.link.destroy();
+    await this.streams.finished;
+  }
+}
+
+/**
+ * The connections to Redis, and whether it answers: what every part of the bus shares. `pub`
+ * carries commands and appends, `sub` this instance's channels, `reader` the blocking reads of
+ * the rooms' streams.
+ */
+class RedisLink {
+  readonly instance = crypto.randomUUID().slice(0, 12);
+  readonly prefix: string;
+  /** Seconds after which a crashed instance's members leave the directory. */
+  readonly expiry: number;
+  readonly pub: RedisClient;
+  readonly sub: RedisClient;
+  readonly reader: RedisClient;
+  /** Redis answers (`pub` is ready and has not failed since). */
+  up = false;
+  everUp = false;
+  closed = false;
+
+  constructor(createClient: typeof import("redis").createClient, options: RedisOptions) {
+    this.prefix = options.prefix ?? "chat";
+    this.expiry = options.expiry ?? 30;
     const socket = {
       reconnectStrategy: (tries: number) => Math.min(100 * 2 ** tries, 3000),
       connectTimeout: 2000,
@@ -3378,42 +3477,12 @@ class RedisBus implements Bus {
     });
     this.sub = this.pub.duplicate();
     this.reader = this.pub.duplicate();
-    // Errors come once per failed attempt; the operator hears of a loss once, and of the recovery.
-    // (Before Redis has ever answered, the caller reports that, once.)
-    this.pub.on("error", (e: Error) => {
-      if (this.up) handlers.say(`Redis unavailable (${e.message}): local chat goes on; reconnecting`);
-      this.up = false;
-      this.lost();
-    });
     this.sub.on("error", ignore); // reported through pub, which shares its fate
     this.reader.on("error", ignore);
-    this.reader.on("ready", () => {
-      this.reader.sendCommand(["CLIENT", "ID"]).then((id) => {
-        this.readerId = Number(id);
-        this.nudge();
-      }, ignore);
-    });
-    this.pub.on("ready", () => {
-      this.up = true;
-      this.pub.sendCommand(["SCRIPT", "LOAD", APPEND_SCRIPT]).then((sha) => this.sha = String(sha), ignore);
-      if (this.everUp) handlers.say("Redis is back: rooms are shared again");
-      this.everUp = true;
-      this.restore().then(() => this.catchUp()).catch(ignore);
-    });
-    this.heartbeat = setInterval(() => this.beat(), Math.max(200, Math.min(1000, this.expiry * 1000 / 3)));
-    const connecting = Promise.all([this.pub.connect(), this.sub.connect(), this.reader.connect()]);
-    connecting.catch(ignore);
-    this.ready = connecting.then(async () => {
-      await this.sub.subscribe(this.#key("instance", this.instance), this.onMessage);
-      await this.sub.subscribe(this.#key("reset"), this.onReset);
-      await this.checkRooms(); // the lobby's stream is read from here on
-    });
-    this.ready.catch(ignore);
-    this.reading = this.read();
   }
 
   /** Every key and channel: `<prefix>:stream:<room>`, `:room:<room>` (its epoch and position), `:instance:<id>`, ... */
-  #key(
+  key(
     kind: "stream" | "room" | "instance" | "presence" | "nick" | "instances" | "reset",
     name = "",
   ): string {
@@ -3422,14 +3491,55 @@ class RedisBus implements Bus {
       : `${this.prefix}:${kind}:${Directory.key(name)}`;
   }
 
-  // --- Rooms: streams ------------------------------------------------------------------------
+  connect(): Promise<unknown> {
+    return Promise.all([this.pub.connect(), this.sub.connect(), this.reader.connect()]);
+  }
 
+  destroy(): void {
+    for (const client of [this.reader, this.sub, this.pub]) client.destroy();
+  }
+}
+
+/**
+ * This instance's lines on their way into the rooms' streams: each is appended (APPEND_SCRIPT)
+ * and said here when it is read back, in the stream's order; said here at once if Redis is away,
+ * late or failing, and queued (in order, BUS_QUEUE_BYTES at most) for when it answers. The
+ * senders wait while too much is on its way.
+ */
+class Outbox {
+  private readonly bus: RedisBus;
+  private readonly link: RedisLink;
+  /** Lines this instance appended and has not read back: who said them, the bytes, and when. */
+  private readonly mine = new Map<number, Mine>();
+  private nextLocal = 0;
+  /** Lines appended and neither read back nor said yet: past BUS_IN_FLIGHT, the senders wait. */
+  private unsaid = 0;
+  /** Bytes of the lines in `mine`: with the queue's, past BUS_PACE_BYTES the senders wait. */
+  private inFlightBytes = 0;
+  /** Redis is up but has not read back a line for REDIS_ANSWER_MS: said once, and when it ends. */
+  private stuck = false;
+  private senders: (() => void)[] = [];
+  private sha: string | null = null;
+  private queue: Queued[] = [];
+  private queuedBytes = 0;
+  private dropped = 0;
+  /** This instance's lines read back in the last RECENT_MS: sent again if Redis loses them. */
+  private recent: (Queued & { at: number })[] = [];
+  /** A catch-up is under way. */
+  flushing = false;
+
+  constructor(bus: RedisBus) {
+    this.bus = bus;
+    this.link = bus.link;
+  }
+
+  /** Appends a line, or queues it (and returns false: the caller says it here) while that cannot be. */
   send(room: string, message: Uint8Array, kept: boolean, sender: Client | null): boolean {
-    const stream = this.streams.get(Directory.key(room));
+    const stream = this.bus.streams.of(room);
     if (!stream) return false; // a room nobody here is in (the lobby is always watched)
     const text = decoder.decode(message.subarray(0, message.length - 2));
     const local = ++this.nextLocal;
-    if (!this.up || this.queue.length > 0 || stream.id === null) {
+    if (!this.link.up || this.queue.length > 0 || stream.id === null) {
       this.enqueue({ room: stream.name, text, kept, local });
       return false;
     }
@@ -3442,46 +3552,55 @@ class RedisBus implements Bus {
       if (!line || !this.mine.delete(local)) return;
       this.inFlightBytes -= message.length;
       if (!line.said) this.said();
-      if (!line.said) this.handlers.onRoomLine(stream.name, text, null, sender, message, false);
+      if (!line.said) this.bus.handlers.onRoomLine(stream.name, text, null, sender, message, false);
       this.enqueue({ room: stream.name, text, kept, local });
     });
     return true;
   }
 
+  /** Loads APPEND_SCRIPT, so that each append sends its hash rather than its text. */
+  loadScript(): void {
+    this.link.pub.sendCommand(["SCRIPT", "LOAD", APPEND_SCRIPT]).then(
+      (sha) => this.sha = String(sha),
+      ignore,
+    );
+  }
+
   private append(room: string, text: string, kept: boolean, local: number, said: boolean): Promise<void> {
+    const { link, bus } = this;
     const args = [
       "EVAL",
       APPEND_SCRIPT,
       "2",
-      this.#key("room", room),
-      this.#key("stream", room),
+      link.key("room", room),
+      link.key("stream", room),
       crypto.randomUUID().slice(0, 8),
       kept ? "1" : "0",
-      this.instance,
+      link.instance,
       String(local),
       said ? "1" : "0",
       text,
-      String(this.keep),
+      String(bus.keep),
       String(Date.now()),
     ];
     const call = this.sha ? ["EVALSHA", this.sha, ...args.slice(2)] : args; // the script's text once, not each line
-    const sent = this.pub.sendCommand(call).catch((e: Error) => {
+    const sent = link.pub.sendCommand(call).catch((e: Error) => {
       if (!this.sha || !String(e.message).startsWith("NOSCRIPT")) throw e;
       this.sha = null; // a Redis that restarted has forgotten it
-      return this.pub.sendCommand(args);
+      return link.pub.sendCommand(args);
     });
     return sent.then((reply) => {
       const [epoch, , fresh, rogue] = reply as unknown as [string, number, number, string];
       if (Number(fresh) === 2) {
-        this.handlers.say(
+        bus.handlers.say(
           `The stream of ${room} in Redis ended with an entry that was not this chat's (${rogue}): ` +
             "the room's history starts again under a new epoch",
         );
       }
       if (Number(fresh) >= 1) {
         // The room had lost its history (a flush, an empty restart): everyone reads it from the start.
-        this.rewind(Directory.key(room), epoch);
-        this.pub.publish(this.#key("reset"), Directory.key(room)).catch(ignore);
+        bus.epochs.rewind(Directory.key(room), epoch);
+        link.pub.publish(link.key("reset"), Directory.key(room)).catch(ignore);
       }
     });
   }
@@ -3496,17 +3615,24 @@ class RedisBus implements Bus {
       this.queuedBytes -= this.queue.shift()!.text.length;
       this.dropped++;
     }
-    if (this.up && !this.flushing) this.catchUp().catch(ignore); // up, but the room was not read yet
+    if (this.link.up && !this.flushing) this.catchUp().catch(ignore); // up, but the room was not read yet
   }
 
-  // Redis is back: what waited goes out first, in order; then the rooms are read on.
-  private async catchUp(): Promise<void> {
+  /** The heartbeat: a catch-up that Redis cut short goes on; else the rooms' epochs are checked. */
+  tick(): void {
+    if (this.flushing) return;
+    if (this.queue.length > 0) this.catchUp().catch(ignore);
+    else this.bus.epochs.check().catch(ignore);
+  }
+
+  /** Redis is back: what waited goes out first, in order; then the rooms are read on. */
+  async catchUp(): Promise<void> {
     if (this.flushing) return;
     this.flushing = true;
     try {
       await this.resendRecent();
       do {
-        while (this.up && this.queue.length > 0) {
+        while (this.link.up && this.queue.length > 0) {
           const batch = this.queue.slice(0, 500);
           const results = await Promise.allSettled(
             batch.map((q) => this.append(q.room, q.text, q.kept, q.local, true)),
@@ -3518,21 +3644,21 @@ class RedisBus implements Bus {
             if (results[i].status === "fulfilled") this.queuedBytes -= q.text.length;
           }
           this.wakeSenders();
-          if (failed.length > 0) return; // the next heartbeat tries again (beat)
+          if (failed.length > 0) return; // the next heartbeat tries again (tick)
         }
         if (this.dropped > 0) {
-          this.handlers.say(
+          this.bus.handlers.say(
             `${
               plural(this.dropped, "line")
             } said while Redis was away did not fit the queue and were not shared`,
           );
           this.dropped = 0;
         }
-        await this.checkRooms();
-      } while (this.up && this.queue.length > 0); // lines said while the rooms were checked
+        await this.bus.epochs.check();
+      } while (this.link.up && this.queue.length > 0); // lines said while the rooms were checked
     } finally {
       this.flushing = false;
-      this.nudge();
+      this.bus.streams.nudge();
     }
   }
 
@@ -3544,40 +3670,41 @@ class RedisBus implements Bus {
     while (this.recent.length > 0 && now - this.recent[0].at > RECENT_MS) this.recent.shift();
     if (this.recent.length === 0) return;
     const gone = new Set<string>();
-    for (const [key, stream] of this.streams) {
+    for (const [key, stream] of this.bus.streams.all) {
       if (stream.epoch === null) continue;
-      const epoch = await this.pub.hGet(this.#key("room", key), "epoch");
+      const epoch = await this.link.pub.hGet(this.link.key("room", key), "epoch");
       if (epoch !== stream.epoch) gone.add(key);
     }
     const again = this.recent.filter((q) => gone.has(Directory.key(q.room)));
     this.recent = [];
-    if (again.length === 0) return;
     for (const q of again) this.enqueue(q);
   }
 
-  // Redis went away: lines appended but not read back may be lost with it; say them here now.
-  private lost(): void {
+  /** Redis went away: lines appended but not read back may be lost with it; say them here now. */
+  lost(): void {
     for (const [local, line] of this.mine) {
       this.mine.delete(local);
       this.inFlightBytes -= line.message.length;
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
       if (!line.said) {
         this.said();
-        this.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
+        this.bus.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
       }
       this.enqueue({ room: line.stream.name, text, kept: line.kept, local });
     }
   }
 
-  // A Redis that is up but stuck (frozen, swapping) must not hold this instance's own rooms: a
-  // line not read back within REDIS_ANSWER_MS is said here, and only the history waits for Redis.
-  private sayLate(now: number): void {
+  /**
+   * A Redis that is up but stuck (frozen, swapping) must not hold this instance's own rooms: a
+   * line not read back within REDIS_ANSWER_MS is said here, and only the history waits for Redis.
+   */
+  sayLate(now: number): void {
     for (const line of this.mine.values()) {
       if (now - line.at < REDIS_ANSWER_MS) break; // in the order they were sent
       if (line.said) continue;
       if (!this.stuck) {
         this.stuck = true;
-        this.handlers.say(
+        this.bus.handlers.say(
           "Redis is not answering: lines are said here at once, and shared when it answers; " +
             `past ${BUS_PACE_BYTES / 1024 / 1024} MiB waiting, senders wait for it`,
         );
@@ -3585,97 +3712,150 @@ class RedisBus implements Bus {
       line.said = true;
       this.said();
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
-      this.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
+      this.bus.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
     }
+  }
+
+  /** One of this instance's lines, `local`, is back from Redis: what it was, if this instance has it. */
+  readBack(local: number): Mine | undefined {
+    const line = this.mine.get(local);
+    if (!line) return undefined;
+    this.mine.delete(local);
+    this.inFlightBytes -= line.message.length;
+    if (this.stuck) {
+      this.stuck = false;
+      this.bus.handlers.say("Redis answers again: what waited is shared");
+    }
+    if (!line.said) this.said();
+    else this.wakeSenders();
+    return line;
+  }
+
+  /** Keeps a line of this instance's, read back, for RECENT_MS: resendRecent() may need it. */
+  remember(line: Queued): void {
+    this.recent.push({ ...line, at: Date.now() });
+    if (this.recent.length > 10_000) this.recent.shift();
+  }
+
+  private said(): void {
+    this.unsaid--;
+    this.wakeSenders();
   }
 
   /**
-   * Checks each room against Redis: a room not read yet starts at the stream's end, with its last
-   * lines as history; one whose epoch changed, or whose position went back (a Redis restored from
-   * an older snapshot), is read again from the start of what Redis has.
+   * True while too many of this instance's lines are on their way through Redis: more than
+   * BUS_IN_FLIGHT not said yet, or, while Redis is up but slow, more than BUS_PACE_BYTES unshared.
    */
-  private checkRooms(): Promise<void> {
-    if (this.checking) {
-      this.checkAgain = true; // a room was added since the check under way looked
-      return this.checking;
-    }
-    this.checking = (async () => {
-      try {
-        do {
-          this.checkAgain = false;
-          await this.checkEach();
-        } while (this.checkAgain && this.up);
-      } finally {
-        this.checking = null;
-        this.nudge();
-      }
-    })();
-    return this.checking;
+  get behind(): boolean {
+    return this.unsaid >= BUS_IN_FLIGHT ||
+      (this.link.up && this.inFlightBytes + this.queuedBytes >= BUS_PACE_BYTES);
   }
 
-  private async checkEach(): Promise<void> {
-    for (const [key, stream] of this.streams) {
-      const read = stream.seq; // before asking: what is read meanwhile may be past Redis's answer
-      const [epoch, seq] = await this.pub.hmGet(this.#key("room", key), ["epoch", "seq"]);
-      if (this.streams.get(key) !== stream) continue; // unwatched meanwhile
-      if (stream.id === null) {
-        const entries = (await this.pub.sendCommand(
-          ["XREVRANGE", this.#key("stream", key), "+", "-", "COUNT", String(this.keep)],
-        )) as unknown as [string, string[]][];
-        const lines: Kept[] = [];
-        for (const [id, fields] of entries.reverse()) {
-          const f = entryFields(fields);
-          if (f.k === "1" && f.e === epoch) {
-            lines.push({
-              seq: Number(id.split("-")[0]),
-              time: Number(f.w) || Date.now(),
-              message: encoder.encode(safeBusText(f.t, this.maxText) + "\r\n"),
-            });
-          }
-        }
-        stream.epoch = epoch ?? null;
-        stream.seq = Number(seq ?? 0);
-        stream.id = entries.length > 0 ? entries.at(-1)![0] : "0-0";
-        this.handlers.onRoomRead(stream.name, { epoch: epoch ?? NO_EPOCH, seq: stream.seq }, lines);
-      } else if (stream.epoch === null) {
-        if (epoch) this.rewind(key, epoch); // the epoch is known now: read it from its start
-      } else if (epoch !== stream.epoch) {
-        this.rewind(key, epoch ?? null);
-      } else if (Number(seq ?? 0) < read) { // an older snapshot: the room's history forks here
-        const forked = crypto.randomUUID().slice(0, 8);
-        await this.pub.hSet(this.#key("room", key), "epoch", forked);
-        this.rewind(key, forked);
-      }
-    }
+  /** Settles when few enough lines are on their way (at once, if they are). */
+  caughtUp(): Promise<void> {
+    if (!this.behind) return Promise.resolve();
+    return new Promise((resolve) => this.senders.push(resolve));
   }
 
-  // Reads the room from the start of what its stream holds: its epoch is now `epoch` (null: not known yet).
-  private rewind(key: string, epoch: string | null): void {
-    const stream = this.streams.get(key);
-    if (!stream || stream.id === null) return;
-    if (epoch !== null && stream.epoch === epoch) return; // the same history: nothing to read again
-    stream.id = "0-0";
-    stream.epoch = epoch;
-    stream.seq = 0;
-    this.nudge();
+  // Lets the senders go on once few enough lines are on their way (half the bounds, so they do not flap).
+  private wakeSenders(): void {
+    if (this.senders.length === 0 || this.unsaid > BUS_IN_FLIGHT / 2) return;
+    if (this.link.up && this.inFlightBytes + this.queuedBytes > BUS_PACE_BYTES / 2) return;
+    this.releaseSenders();
   }
 
-  private readonly onReset = (key: string): void => this.rewind(key, null);
+  /** Lets every waiting sender go on (and at close). */
+  releaseSenders(): void {
+    for (const wake of this.senders.splice(0)) wake();
+  }
 
-  // Wakes the reader: a room was added or rewound, so its XREAD must start again.
-  private nudge(): void {
+  /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */
+  get queued(): number {
+    return this.queuedBytes;
+  }
+}
+
+/**
+ * Reads the rooms' streams, each from this instance's own position, with XREAD BLOCK on a
+ * connection of its own, and hands each entry to the room here once: not again after a rewind
+ * (each room remembers how far it read in each epoch), not this instance's own line twice (the
+ * outbox has it), and not another instance's line sent again after Redis lost it (by its number).
+ */
+class StreamReader {
+  private readonly bus: RedisBus;
+  private readonly link: RedisLink;
+  private readonly streams = new Map<string, RoomStream>(); // by room key
+  /** The last line number read from each instance in each room (`instance room`): a repeat is skipped. */
+  private readonly lastFrom = new Map<string, number>();
+  private readerId: number | null = null;
+  private wake: (() => void) | null = null;
+  /** Settles when the read loop has stopped (at close). */
+  finished: Promise<void> = Promise.resolve();
+
+  constructor(bus: RedisBus) {
+    this.bus = bus;
+    this.link = bus.link;
+  }
+
+  /** Every watched room, by key. */
+  get all(): Map<string, RoomStream> {
+    return this.streams;
+  }
+
+  /** The stream of a room this instance reads, if it does. */
+  of(room: string): RoomStream | undefined {
+    return this.streams.get(Directory.key(room));
+  }
+
+  start(): void {
+    this.finished = this.read();
+  }
+
+  /** The reader connection is (again) ready: learns its id, so that nudge() can interrupt its read. */
+  identify(): void {
+    this.link.reader.sendCommand(["CLIENT", "ID"]).then((id) => {
+      this.readerId = Number(id);
+      this.nudge();
+    }, ignore);
+  }
+
+  watch(room: string): void {
+    const key = Directory.key(room);
+    if (this.streams.has(key)) return;
+    this.streams.set(key, { name: room, epoch: null, id: null, seq: 0, seen: new Map() });
+    if (this.link.up && !this.bus.outbox.flushing) this.bus.epochs.check().catch(ignore);
+  }
+
+  unwatch(room: string): void {
+    if (this.streams.delete(Directory.key(room))) this.nudge();
+  }
+
+  /** False while a watched room's stream has not been read yet: its position is not known. */
+  knows(room: string): boolean {
+    const stream = this.of(room);
+    return stream === undefined || stream.id !== null;
+  }
+
+  /** Wakes the read loop so that it sees the bus is closed. */
+  stop(): void {
     this.wake?.();
-    if (this.readerId !== null && this.reader.isReady) {
-      this.pub.sendCommand(["CLIENT", "UNBLOCK", String(this.readerId)]).catch(ignore);
+  }
+
+  /** Wakes the reader: a room was added or rewound, so its XREAD must start again. */
+  nudge(): void {
+    this.wake?.();
+    if (this.readerId !== null && this.link.reader.isReady) {
+      this.link.pub.sendCommand(["CLIENT", "UNBLOCK", String(this.readerId)]).catch(ignore);
     }
   }
 
   // The reader: XREAD on every read room, blocking until something comes, on its own connection.
   private async read(): Promise<void> {
-    while (!this.closed) {
+    const link = this.link;
+    while (!link.closed) {
       const streams = [...this.streams.entries()].filter(([, s]) => s.id !== null);
       const asked = new Map(streams.map(([key, s]) => [key, s.id])); // a rewind meanwhile voids the answer
-      if (!this.up || !this.reader.isReady || streams.length === 0) {
+      if (!link.up || !link.reader.isReady || streams.length === 0) {
         await new Promise<void>((resolve) => {
           const woken = () => {
             clearTimeout(timer);
@@ -3689,14 +3869,14 @@ class RedisBus implements Bus {
       }
       let reply: unknown;
       try {
-        reply = await this.reader.sendCommand([
+        reply = await link.reader.sendCommand([
           "XREAD",
           "COUNT",
           String(READ_COUNT),
           "BLOCK",
           "5000",
           "STREAMS",
-          ...streams.map(([key]) => this.#key("stream", key)),
+          ...streams.map(([key]) => link.key("stream", key)),
           ...streams.map(([, s]) => s.id!),
         ]);
       } catch {
@@ -3710,7 +3890,7 @@ class RedisBus implements Bus {
         ? reply
         : Object.entries(reply as object);
       for (const [name, entries] of streamsRead as [string, [string, string[]][]][]) {
-        const key = name.slice(this.#key("stream").length);
+        const key = name.slice(link.key("stream").length);
         const stream = this.streams.get(key);
         if (!stream || stream.id === null || stream.id !== asked.get(key)) continue;
         for (const [id, fields] of entries) {
@@ -3721,221 +3901,276 @@ class RedisBus implements Bus {
     }
   }
 
-  // One entry of a room's stream: checked like a client's line, then said to the room here.
+  // One entry of a room's stream: checked like a client's line, then said to the room here, once.
   private onEntry(stream: RoomStream, id: string, fields: string[]): void {
     if (stream.id === "0-0" && id === "0-0") return;
     stream.id = id;
     const f = entryFields(fields);
     if (typeof f.e !== "string" || typeof f.t !== "string" || f.t.length > MAX_BUS_TEXT) return;
     // An entry of another epoch, read from a position in the old one: Redis lost the room's
-    // history. Redis says which epoch is real (checkRooms), and the room is read again from its start.
-    if (stream.epoch !== null && f.e !== stream.epoch) return void this.checkRooms().catch(ignore);
+    // history. Redis says which epoch is real (Epochs.check), and the room is read again from its start.
+    if (stream.epoch !== null && f.e !== stream.epoch) return void this.bus.epochs.check().catch(ignore);
     stream.epoch = f.e; // the epoch of this position, if it was not known
     const seq = Number(id.split("-")[0]);
-    const skipped = f.k === "1" && stream.seq > 0 ? seq - stream.seq - 1 : 0;
-    if (skipped > 0) { // trimmed before this instance read them: say so, never silently
-      this.handlers.say(
-        `Fell behind in ${stream.name}: ${plural(skipped, "line")} left Redis before they were read`,
-      );
-      this.handlers.onRoomLine(
-        stream.name,
-        `(${plural(skipped, "line")} said in ${stream.name} could not be read in time)`,
-        null,
-        null,
-      );
-    }
+    if (f.k === "1" && stream.seq > 0 && seq > stream.seq + 1) this.sayLost(stream, seq - stream.seq - 1);
     stream.seq = seq;
-    const seen = stream.seen.get(f.e);
-    if (seen !== undefined && idOrder(id, seen) <= 0) return; // said before a rewind
-    stream.seen.delete(f.e);
-    stream.seen.set(f.e, id);
-    if (stream.seen.size > 4) stream.seen.delete(stream.seen.keys().next().value!); // the oldest epoch
+    if (this.readBefore(stream, f.e, id)) return;
+    const own = f.i === this.link.instance, number = Number(f.l) || 0;
+    const local = own ? this.bus.outbox.readBack(number) : undefined;
+    if (!own && this.repeated(stream, f.i, number)) return;
     const kept = f.k === "1";
-    const local = f.i === this.instance ? this.mine.get(Number(f.l)) : undefined;
-    if (local) this.readBack(Number(f.l), local);
-    if (local && !local.said) this.said();
-    const own = f.i === this.instance, number = Number(f.l) || 0;
-    const from = `${f.i} ${Directory.key(stream.name)}`, last = this.lastFrom.get(from) ?? 0;
-    const repeat = !own && number > 0 && number <= last; // sent again after Redis lost it: we had it
-    if (number > last) this.lastFrom.delete(from), this.lastFrom.set(from, number);
-    if (this.lastFrom.size > 10_000) this.lastFrom.delete(this.lastFrom.keys().next().value!);
-    if (repeat) return;
-    if (own && number > 0) {
-      this.recent.push({ room: stream.name, text: f.t, kept: f.k === "1", local: number, at: Date.now() });
-      if (this.recent.length > 10_000) this.recent.shift();
-    }
+    if (own && number > 0) this.bus.outbox.remember({ room: stream.name, text: f.t, kept, local: number });
     const said = own && (f.d === "1" || local?.said === true);
-    const text = local ? "" : safeBusText(f.t, this.maxText);
+    const text = local ? "" : safeBusText(f.t, this.bus.maxText);
     if (!local && text === "") return;
     const at = kept ? { epoch: f.e, seq } : null;
-    this.handlers.onRoomLine(stream.name, text, at, local?.sender ?? null, local?.message, said);
+    this.bus.handlers.onRoomLine(stream.name, text, at, local?.sender ?? null, local?.message, said);
   }
 
-  watch(room: string): void {
-    const key = Directory.key(room);
-    if (this.streams.has(key)) return;
-    this.streams.set(key, { name: room, epoch: null, id: null, seq: 0, seen: new Map() });
-    if (this.up && !this.flushing) this.checkRooms().catch(ignore);
+  // Lines trimmed from the stream before this instance read them: said, never silently.
+  private sayLost(stream: RoomStream, skipped: number): void {
+    this.bus.handlers.say(
+      `Fell behind in ${stream.name}: ${plural(skipped, "line")} left Redis before they were read`,
+    );
+    const text = `(${plural(skipped, "line")} said in ${stream.name} could not be read in time)`;
+    this.bus.handlers.onRoomLine(stream.name, text, null, null);
   }
 
-  unwatch(room: string): void {
-    if (this.streams.delete(Directory.key(room))) this.nudge();
+  // True if the room had read this far in this epoch before a rewind: the entry was said then.
+  private readBefore(stream: RoomStream, epoch: string, id: string): boolean {
+    const seen = stream.seen.get(epoch);
+    if (seen !== undefined && idOrder(id, seen) <= 0) return true;
+    stream.seen.delete(epoch);
+    stream.seen.set(epoch, id);
+    if (stream.seen.size > 4) stream.seen.delete(stream.seen.keys().next().value!); // the oldest epoch
+    return false;
+  }
+
+  // True for another instance's line sent again after Redis lost it, which this instance had read.
+  private repeated(stream: RoomStream, instance: string, number: number): boolean {
+    const from = `${instance} ${Directory.key(stream.name)}`, last = this.lastFrom.get(from) ?? 0;
+    if (number > last) this.lastFrom.delete(from), this.lastFrom.set(from, number);
+    if (this.lastFrom.size > 10_000) this.lastFrom.delete(this.lastFrom.keys().next().value!);
+    return number > 0 && number <= last;
+  }
+}
+
+/**
+ * Each read room's epoch and position against what Redis says: a room not read yet starts at the
+ * stream's end, with its last lines as history; one whose epoch changed (a flush, an empty
+ * restart), or whose position went back (a Redis restored from an older snapshot), is rewound and
+ * read again from the start of what Redis has.
+ */
+class Epochs {
+  private readonly bus: RedisBus;
+  private readonly link: RedisLink;
+  private checking: Promise<void> | null = null;
+  private checkAgain = false;
+
+  constructor(bus: RedisBus) {
+    this.bus = bus;
+    this.link = bus.link;
+  }
+
+  /** Checks every read room against Redis (once more if a room was added while it looked). */
+  check(): Promise<void> {
+    if (this.checking) {
+      this.checkAgain = true; // a room was added since the check under way looked
+      return this.checking;
+    }
+    this.checking = (async () => {
+      try {
+        do {
+          this.checkAgain = false;
+          await this.checkEach();
+        } while (this.checkAgain && this.link.up);
+      } finally {
+        this.checking = null;
+        this.bus.streams.nudge();
+      }
+    })();
+    return this.checking;
+  }
+
+  private async checkEach(): Promise<void> {
+    const { link, bus } = this;
+    for (const [key, stream] of bus.streams.all) {
+      const read = stream.seq; // before asking: what is read meanwhile may be past Redis's answer
+      const [epoch, seq] = await link.pub.hmGet(link.key("room", key), ["epoch", "seq"]);
+      if (bus.streams.all.get(key) !== stream) continue; // unwatched meanwhile
+      if (stream.id === null) {
+        const entries = (await link.pub.sendCommand(
+          ["XREVRANGE", link.key("stream", key), "+", "-", "COUNT", String(bus.keep)],
+        )) as unknown as [string, string[]][];
+        const lines: Kept[] = [];
+        for (const [id, fields] of entries.reverse()) {
+          const f = entryFields(fields);
+          if (f.k === "1" && f.e === epoch) {
+            lines.push({
+              seq: Number(id.split("-")[0]),
+              time: Number(f.w) || Date.now(),
+              message: encoder.encode(safeBusText(f.t, bus.maxText) + "\r\n"),
+            });
+          }
+        }
+        stream.epoch = epoch ?? null;
+        stream.seq = Number(seq ?? 0);
+        stream.id = entries.length > 0 ? entries.at(-1)![0] : "0-0";
+        bus.handlers.onRoomRead(stream.name, { epoch: epoch ?? NO_EPOCH, seq: stream.seq }, lines);
+      } else if (stream.epoch === null) {
+        if (epoch) this.rewind(key, epoch); // the epoch is known now: read it from its start
+      } else if (epoch !== stream.epoch) {
+        this.rewind(key, epoch ?? null);
+      } else if (Number(seq ?? 0) < read) { // an older snapshot: the room's history forks here
+        const forked = crypto.randomUUID().slice(0, 8);
+        await link.pub.hSet(link.key("room", key), "epoch", forked);
+        this.rewind(key, forked);
+      }
+    }
+  }
+
+  /** Reads the room from the start of what its stream holds: its epoch is now `epoch` (null: not known yet). */
+  rewind(key: string, epoch: string | null): void {
+    const stream = this.bus.streams.all.get(key);
+    if (!stream || stream.id === null) return;
+    if (epoch !== null && stream.epoch === epoch) return; // the same history: nothing to read again
+    stream.id = "0-0";
+    stream.epoch = epoch;
+    stream.seq = 0;
+    this.bus.streams.nudge();
+  }
+
+  /** Another instance found a room's history lost: this one reads it again too. */
+  readonly onReset = (key: string): void => this.rewind(key, null);
+}
+
+/**
+ * Who is where and whose nick is whose, across instances, and private lines between them: a hash
+ * per instance and a key per nick, with an expiry the heartbeat renews (so that a crashed
+ * instance's members vanish by themselves), and a pub/sub channel per instance.
+ */
+class BusPresence {
+  private readonly link: RedisLink;
+  private readonly handlers: BusHandlers;
+  private readonly maxText: number;
+  /** This instance's clients' nicks, by key. */
+  private readonly nicks = new Set<string>();
+
+  constructor(link: RedisLink, handlers: BusHandlers, maxText: number) {
+    this.link = link;
+    this.handlers = handlers;
+    this.maxText = maxText;
   }
 
   /**
-   * True while too many of this instance's lines are on their way through Redis: more than
-   * BUS_IN_FLIGHT not said yet, or, while Redis is up but slow, more than BUS_PACE_BYTES unshared.
+   * A message on this instance's channel: JSON, the sending instance and a line for a nick.
+   * Anything with access to Redis can publish, so a message is input like a client's line: its
+   * shape is checked, and its text gets the same character rules (no controls, no escapes).
    */
-  get behind(): boolean {
-    return this.unsaid >= BUS_IN_FLIGHT ||
-      (this.up && this.inFlightBytes + this.queuedBytes >= BUS_PACE_BYTES);
-  }
-
-  /** Settles when few enough lines are on their way (at once, if they are). */
-  caughtUp(): Promise<void> {
-    if (!this.behind) return Promise.resolve();
-    return new Promise((resolve) => this.roomWaiters.push(resolve));
-  }
-
-  // One line on its way has been said: the senders may go on once half the way is clear.
-  private said(): void {
-    this.unsaid--;
-    this.wakeSenders();
-  }
-
-  // One of this instance's lines is back from Redis: it is shared.
-  private readBack(local: number, line: Mine): void {
-    this.mine.delete(local);
-    this.inFlightBytes -= line.message.length;
-    if (this.stuck) {
-      this.stuck = false;
-      this.handlers.say("Redis answers again: what waited is shared");
-    }
-    this.wakeSenders();
-  }
-
-  // Lets the senders go on once few enough lines are on their way (half the bounds, so they do not flap).
-  private wakeSenders(): void {
-    if (this.roomWaiters.length === 0 || this.unsaid > BUS_IN_FLIGHT / 2) return;
-    if (this.up && this.inFlightBytes + this.queuedBytes > BUS_PACE_BYTES / 2) return;
-    for (const wake of this.roomWaiters.splice(0)) wake();
-  }
-
-  /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */
-  get queued(): number {
-    return this.queuedBytes;
-  }
-
-  knows(room: string): boolean {
-    const stream = this.streams.get(Directory.key(room));
-    return stream === undefined || stream.id !== null;
-  }
-
-  // --- Private lines, nicks and presence: pub/sub and keys ---------------------------------
-
-  // Each message on an instance's channel is JSON: the sending instance, and a line for a nick.
-  // Anything with access to Redis can publish, so a message is input like a client's line: its
-  // shape is checked, and its text gets the same character rules (no controls, no escapes).
-  private readonly onMessage = (raw: string): void => {
+  readonly onMessage = (raw: string): void => {
     let m: unknown;
     try {
       m = JSON.parse(raw);
     } catch {
       return; // not ours
     }
-    if (!isBusMessage(m) || m.i === this.instance) return;
+    if (!isBusMessage(m) || m.i === this.link.instance) return;
     const text = safeBusText(m.text, this.maxText);
     if (text !== "" && typeof m.nick === "string") this.handlers.onWhisper(m.nick, text);
   };
 
-  // Writes this instance's presence and nicks back, when Redis has (re)connected.
-  private async restore(): Promise<void> {
-    if (!this.up || this.closed) return;
-    const presence = this.#key("presence", this.instance);
-    const multi = this.pub.multi();
+  /** Writes this instance's presence and nicks back, when Redis has (re)connected. */
+  async restore(): Promise<void> {
+    const link = this.link;
+    if (!link.up || link.closed) return;
+    const presence = link.key("presence", link.instance);
+    const multi = link.pub.multi();
     multi.del(presence);
     for (const p of this.handlers.locals()) multi.hSet(presence, p.address, JSON.stringify(p));
-    multi.expire(presence, this.expiry);
-    multi.zAdd(this.#key("instances"), { score: Date.now(), value: this.instance });
-    for (const nick of this.myNicks) multi.set(this.#key("nick", nick), this.instance, { EX: this.expiry });
+    multi.expire(presence, link.expiry);
+    multi.zAdd(link.key("instances"), { score: Date.now(), value: link.instance });
+    for (const nick of this.nicks) multi.set(link.key("nick", nick), link.instance, { EX: link.expiry });
     await multi.exec();
   }
 
-  // Renews the expiry of this instance's presence and nicks; if one of them is gone (a FLUSHALL,
-  // or a Redis restarted empty), writes them all back at once rather than waiting for a reconnect.
-  // It also checks each room's epoch, so that a flush nobody has written to since is noticed.
-  private beat(): void {
-    this.sayLate(Date.now());
-    if (!this.up) return;
-    const multi = this.pub.multi();
-    multi.expire(this.#key("presence", this.instance), this.expiry);
-    multi.zAdd(this.#key("instances"), { score: Date.now(), value: this.instance });
-    for (const nick of this.myNicks) multi.expire(this.#key("nick", nick), this.expiry);
+  /**
+   * Renews the expiry of this instance's presence and nicks; if one of them is gone (a FLUSHALL,
+   * or a Redis restarted empty), writes them all back at once rather than waiting for a reconnect.
+   */
+  renew(): void {
+    const link = this.link;
+    const multi = link.pub.multi();
+    multi.expire(link.key("presence", link.instance), link.expiry);
+    multi.zAdd(link.key("instances"), { score: Date.now(), value: link.instance });
+    for (const nick of this.nicks) multi.expire(link.key("nick", nick), link.expiry);
     multi.exec().then((replies) => {
       const renewed = [replies[0], ...replies.slice(2)];
       const someLocal = this.handlers.locals().length > 0;
       if (renewed.some((r, i) => Number(r) === 0 && (i > 0 || someLocal))) return this.restore();
     }).catch(ignore);
-    if (this.flushing) return;
-    if (this.queue.length > 0) this.catchUp().catch(ignore); // a catch-up that Redis cut short
-    else this.checkRooms().catch(ignore);
   }
 
   async whisper(nick: string, text: string): Promise<boolean> {
-    if (!this.up) return false;
-    const owner = await this.pub.get(this.#key("nick", nick)).catch(() => null);
-    if (!owner || owner === this.instance) return false;
-    const message = JSON.stringify({ i: this.instance, nick, text });
-    const heard = await this.pub.publish(this.#key("instance", owner), message).catch(() => 0);
+    const link = this.link;
+    if (!link.up) return false;
+    const owner = await link.pub.get(link.key("nick", nick)).catch(() => null);
+    if (!owner || owner === link.instance) return false;
+    const message = JSON.stringify({ i: link.instance, nick, text });
+    const heard = await link.pub.publish(link.key("instance", owner), message).catch(() => 0);
     return heard > 0;
   }
 
   async claimNick(nick: string): Promise<boolean> {
-    const lower = Directory.key(nick);
-    if (!this.up) {
-      this.myNicks.add(lower); // written to Redis when it returns; a clash then is resolved by its owner
+    const link = this.link, key = Directory.key(nick);
+    if (!link.up) {
+      this.nicks.add(key); // written to Redis when it returns; a clash then is resolved by its owner
       return true;
     }
     try {
-      const key = this.#key("nick", nick);
-      const got = await this.pub.set(key, this.instance, { NX: true, EX: this.expiry });
-      if (got === null && await this.pub.get(key) !== this.instance) return false;
+      const stored = link.key("nick", nick);
+      const got = await link.pub.set(stored, link.instance, { NX: true, EX: link.expiry });
+      if (got === null && await link.pub.get(stored) !== link.instance) return false;
     } catch {
       // Redis went away mid-claim: local uniqueness still holds
     }
-    this.myNicks.add(lower);
+    this.nicks.add(key);
     return true;
   }
 
   releaseNick(nick: string): void {
-    if (!this.myNicks.delete(Directory.key(nick)) || !this.up) return;
+    const link = this.link;
+    if (!this.nicks.delete(Directory.key(nick)) || !link.up) return;
     // Delete only our own claim: a key that expired and was taken by another instance stays.
-    const key = this.#key("nick", nick);
-    this.pub.get(key).then((owner) => owner === this.instance ? this.pub.del(key) : 0).catch(ignore);
+    const key = link.key("nick", nick);
+    link.pub.get(key).then((owner) => owner === link.instance ? link.pub.del(key) : 0).catch(ignore);
   }
 
   present(who: Presence): void {
-    if (this.up) {
-      this.pub.hSet(this.#key("presence", this.instance), who.address, JSON.stringify(who)).catch(ignore);
+    const link = this.link;
+    if (link.up) {
+      link.pub.hSet(link.key("presence", link.instance), who.address, JSON.stringify(who)).catch(ignore);
     }
   }
 
   absent(address: string): void {
-    if (this.up) this.pub.hDel(this.#key("presence", this.instance), address).catch(ignore);
+    const link = this.link;
+    if (link.up) link.pub.hDel(link.key("presence", link.instance), address).catch(ignore);
   }
 
+  /** Every member on the other instances; null while Redis is away. */
   async others(): Promise<Presence[] | null> {
-    if (!this.up) return null;
+    const link = this.link;
+    if (!link.up) return null;
     try {
-      const alive = await this.pub.zRangeByScore(
-        this.#key("instances"),
-        Date.now() - this.expiry * 1000,
+      const alive = await link.pub.zRangeByScore(
+        link.key("instances"),
+        Date.now() - link.expiry * 1000,
         "+inf",
       );
       const found: Presence[] = [];
       for (const id of alive) {
-        if (id === this.instance) continue;
-        for (const value of Object.values(await this.pub.hGetAll(this.#key("presence", id)))) {
+        if (id === link.instance) continue;
+        for (const value of Object.values(await link.pub.hGetAll(link.key("presence", id)))) {
           const entry = parsePresence(value); // written by anything with access to Redis: checked
           if (entry) found.push(entry);
         }
@@ -3946,20 +4181,15 @@ class RedisBus implements Bus {
     }
   }
 
-  async close(): Promise<void> {
-    this.closed = true;
-    clearInterval(this.heartbeat);
-    this.wake?.();
-    for (const wake of this.roomWaiters.splice(0)) wake();
-    if (this.up) {
-      const multi = this.pub.multi();
-      multi.del(this.#key("presence", this.instance));
-      multi.zRem(this.#key("instances"), this.instance);
-      for (const nick of this.myNicks) multi.del(this.#key("nick", nick));
-      await answerWithin(multi.exec().then(ignore, ignore), undefined); // a stuck Redis must not stall shutdown
-    }
-    for (const client of [this.reader, this.sub, this.pub]) client.destroy();
-    await this.reading;
+  /** At shutdown: this instance's presence and nicks leave Redis (a stuck Redis must not stall it). */
+  async leave(): Promise<void> {
+    const link = this.link;
+    if (!link.up) return;
+    const multi = link.pub.multi();
+    multi.del(link.key("presence", link.instance));
+    multi.zRem(link.key("instances"), link.instance);
+    for (const nick of this.nicks) multi.del(link.key("nick", nick));
+    await answerWithin(multi.exec().then(ignore, ignore), undefined);
   }
 }
 
