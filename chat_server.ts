@@ -23,7 +23,7 @@
  *   3. Rooms, names and commands: the directory, and one small handler per command
  *   4. Limits: allow/deny, client counts, the idle sweep, flood control's token bucket
  *   5. TLS and the web gate: the listener, handshakes, refusals, the page's WebSocket clients
- *   6. Sharing rooms through Redis (--redis)
+ *   6. Sharing rooms through Redis (--redis): the bus, its outbox, stream reader, epochs, presence
  *   7. Options   8. Small helpers   9. The web page   10. The command line
  *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
@@ -3082,6 +3082,11 @@ function frame(opcode: number, payload: Uint8Array): Uint8Array {
 // where lives in Redis too: a hash per instance, and a key per nick, all with an expiry that a
 // heartbeat renews, so that the members of a crashed instance vanish by themselves. If Redis goes
 // away, local chat goes on, and what was said meanwhile goes out when it returns.
+//
+// RedisBus is the facade the server calls. Its parts: RedisLink (the connections, and whether
+// Redis answers), Outbox (this instance's lines on their way in), StreamReader (the rooms' lines on
+// their way out), Epochs (whether a room's history is still the one this instance read) and
+// BusPresence (who is where, nicks, private lines).
 
 /** How long a command waits for Redis before it goes on without it. */
 const REDIS_ANSWER_MS = 2000;

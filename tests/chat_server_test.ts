@@ -804,20 +804,6 @@ Deno.test("SharedJoin.join() gives clients with the same lines queued one buffer
   assert.equal(decoder.decode(first), "[x] one\r\n[x] two\r\n", "a shared buffer is never written again");
 });
 
-Deno.test("DESIGN.md's map of chat_server.ts gives each section's lines as the file has them", () => {
-  const root = new URL("..", import.meta.url);
-  const source = Deno.readTextFileSync(new URL("chat_server.ts", root)).split("\n");
-  const readme = Deno.readTextFileSync(new URL("DESIGN.md", root));
-  const rows = [...readme.matchAll(/^\| (\d+) +\| (\d+)–(\d+) +\|/gm)].map((m) => m.slice(1).map(Number));
-  assert.equal(rows.length, 11, "one row for the header and each of the ten sections");
-  for (const [section, first, last] of rows.slice(1)) {
-    assert.match(source[first - 1], /^\/\/ =+$/, `section ${section} starts at its banner, line ${first}`);
-    assert.ok(source[first].startsWith(`// ${section}. `), `line ${first + 1} names section ${section}`);
-    const next = rows.find((r) => r[0] === section + 1);
-    assert.equal(last, next ? next[1] - 1 : source.length - 1, `section ${section} ends at line ${last}`);
-  }
-});
-
 // V8 keeps a module's source as one byte per character only while every character is Latin-1;
 // one character above U+00FF doubles the half megabyte that the running script's text takes.
 Deno.test("chat_server.ts has no character above U+00FF, so its source costs one byte a character", () => {
