@@ -243,7 +243,8 @@ Deno.test("chat_server.ts paces a fast sender for a slow but live reader, which 
 });
 
 Deno.test("startChatServer(): a client that stops reading in one room holds back nobody in another", async () => {
-  const server = await startChatServer({ port: 0, host: "127.0.0.1", log: null, rate: 0 });
+  // A send queue of 8 MiB: the sleeper is behind from 2 MiB queued, and cut off only 6 MiB later.
+  const server = await startChatServer({ port: 0, host: "127.0.0.1", log: null, rate: 0, sendq: 8 << 20 });
   const port = server.addr.port;
   try {
     using sender = await joinChat(port);
@@ -255,7 +256,10 @@ Deno.test("startChatServer(): a client that stops reading in one room holds back
     await readUntil(b, (l) => l.startsWith("You are now in quiet"));
     await readUntil(a, (l) => l.startsWith("You are now in quiet"));
     const line = `${"x".repeat(1000)}\n`.repeat(64);
-    while (server.flusher.congested.size === 0) await sender.write(line); // until the sleeper is behind
+    for (let sent = 0; server.flusher.congested.size === 0; sent += line.length) { // until the sleeper is behind
+      assert.ok(sent < 256 << 20, "the sleeper never fell behind");
+      await sender.write(line);
+    }
     // The gate is asked before each read: the second line is the one a held reader would wait for.
     for (const word of ["one", "two"]) {
       const start = performance.now();
