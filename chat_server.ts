@@ -754,7 +754,7 @@ export class Client {
 
   /** `[label] line\r\n`, as the room sees a line of this client's. */
   framed(line: Uint8Array): Uint8Array {
-    const prefix = this.prefix ??= encoder.encode(`[${this.label}] `);
+    const prefix = this.prefix ??= encoder.encode(PAGE_READS.said(this.label, ""));
     const message = new Uint8Array(prefix.length + line.length + 2);
     message.set(prefix);
     message.set(line, prefix.length);
@@ -1491,7 +1491,7 @@ function sendPrivate(server: ChatServer, client: Client, rest: string): void | P
   if (to && to.leaving !== null) to = undefined; // on its way out
   if (!to && server.bus) return whisperAcross(server, client, name, text);
   if (!to) return client.tell(`No such user: ${name}`);
-  to.tell(`(private) [${client.label}] ${text}`);
+  to.tell(PAGE_READS.privately(client.label, text));
   client.tell(`(private to ${to.label}) ${text}`);
   server.log.event(`${client.label} sent a private message to ${to.label}`, {
     event: "msg",
@@ -1502,7 +1502,7 @@ function sendPrivate(server: ChatServer, client: Client, rest: string): void | P
 
 /** /msg to someone on another instance. */
 async function whisperAcross(server: ChatServer, client: Client, name: string, text: string): Promise<void> {
-  if (!await answerWithin(server.bus!.whisper(name, `(private) [${client.label}] ${text}`), false)) {
+  if (!await answerWithin(server.bus!.whisper(name, PAGE_READS.privately(client.label, text)), false)) {
     return client.tell(`No such user: ${name}`);
   }
   client.tell(`(private to ${name}) ${text}`);
@@ -1587,7 +1587,7 @@ function takeNick(server: ChatServer, client: Client, nick: string): void {
   if (client.nick !== null && !Directory.same(client.nick, nick)) server.bus?.releaseNick(client.nick);
   server.directory.rename(client, nick);
   server.bus?.present(presenceOf(client));
-  client.tell(`You are now known as ${nick}`);
+  client.tell(PAGE_READS.nowKnownAs(nick));
   const text = PAGE_READS.renamed(old, nick);
   sayToRoom(server, client, text, { event: "nick", peer: client.address, from: old, to: nick });
 }
@@ -4220,7 +4220,7 @@ function entryFields(fields: string[]): Record<string, string> {
 
 /** The longest text a bus message may carry: a line of the longest --max-line, and its prefix. */
 const MAX_BUS_TEXT = 1 << 21;
-/** Room beyond --max-line for a line's prefix on the bus: `(private) [NICK] `, a nick of 32 characters. */
+/** Room beyond --max-line for a line's prefix on the bus: a private line's (PAGE_READS.privately) with a nick of 32 characters. */
 const BUS_PREFIX_BYTES = 160;
 
 function isBusMessage(m: unknown): m is BusMessage {
@@ -4439,8 +4439,9 @@ function plainHost(hostname: string): string {
 
 /**
  * The lines the page's script reads to follow the room, its members and the names: the server
- * writes them with these, and the page matches them (`receive()` below). Change one, and change
- * the page with it: tests/chat_server_web_test.ts feeds each to the page's script.
+ * writes every one of them with these (nowhere with a literal of its own), and the page matches
+ * them (`receive()` below). Change one, and change the page with it: tests/chat_server_web_test.ts
+ * feeds each to the page's script.
  */
 export const PAGE_READS = {
   /** The seed's join line: the page asks /who again. */

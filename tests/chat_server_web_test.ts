@@ -260,6 +260,26 @@ Deno.test("the page understands every line it reads, as the server writes them (
   ]);
 });
 
+Deno.test("the server writes the lines the page reads only through PAGE_READS, never with literals of its own", () => {
+  const source = Deno.readTextFileSync(new URL("../chat_server.ts", import.meta.url));
+  const server = source.slice(0, source.indexOf("export const PAGE = `")); // the page's own script aside
+  for (
+    const phrase of [
+      "Client joined ",
+      "Client left ",
+      " is now known as ",
+      "You are now known as ",
+      "You are now in ",
+      " has joined ",
+      " has left ",
+      "(private) [",
+    ]
+  ) {
+    const uses = server.split(phrase).length - 1;
+    assert.equal(uses, 1, `"${phrase}" is written ${uses} times: once, in PAGE_READS, is the rule`);
+  }
+});
+
 Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and says so when it reconnects", () => {
   const page = runPageScript();
   assert.equal(page.socket.urls[0], "ws://localhost/ws?page=1"); // a newcomer says nothing more
