@@ -27,7 +27,7 @@
  *   7. Options   8. Small helpers   9. The web page   10. The command line
  *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
- * - The accept loop only dispatches; `acceptNewConnection()` admits one connection and `read()`
+ * - The accept loop only dispatches; `acceptNewConnection()` admits one connection and `receive()`
  *   reads it from greeting to goodbye, so a fault on one connection touches no one else. It is
  *   written as callbacks rather than an async loop, because an idle client should cost little.
  * - Input is framed by bytes, not by reads: a line may arrive in many TCP segments, may cut a
@@ -241,7 +241,7 @@ export class ChatServer {
       console.error(`Refused ${address}: ${refused}`);
       return this.tasks.track(refuse(conn, refused));
     }
-    this.read(this.admit(conn, address, ip), conn);
+    this.receive(this.admit(conn, address, ip), conn);
   }
 
   /**
@@ -266,7 +266,7 @@ export class ChatServer {
    * The tutorial's recv(): reads a client's bytes until it goes or is sent off, framing them into
    * lines, then leaves. A {@linkcode Reader} does it; close() waits for it.
    */
-  read(client: Client, conn: Stream): void {
+  receive(client: Client, conn: Stream): void {
     this.tasks.hold();
     new Reader(this, client, conn).next();
   }
@@ -332,7 +332,7 @@ export class ChatServer {
     if (!this.clients.delete(client)) return;
     this.limits.uncount(client);
     const room = client.room;
-    leaveRoom(this, client); // section 3
+    exitRoom(this, client); // section 3
     this.directory.forget(client);
     if (client.nick !== null) this.bus?.releaseNick(client.nick);
     this.bus?.absent(client.address);
@@ -420,11 +420,11 @@ class Reader {
       (server.flusher.congested.size > 0 && server.flusher.holding(client.room) > 0) || server.log.behind ||
       server.bus?.behind
     ) {
-      server.paced(client.room).then(() => this.read(), this.finish);
-    } else this.read();
+      server.paced(client.room).then(() => this.readMore(), this.finish);
+    } else this.readMore();
   }
 
-  private read(): void {
+  private readMore(): void {
     const busy = this.client.busy; // a command waits on Redis: read no further
     if (busy) busy.then(() => this.next(), this.finish);
     else this.conn.read(this.buffer).then(this.got, this.finish);
@@ -789,7 +789,7 @@ export class Client {
 // line broadcast to 1,000 clients costs 1,000 array pushes and, later, 1,000 writes that each
 // carry everything that client has waiting. A client that stops reading fills its own queue and
 // is cut off; one that reads slowly, but drains, holds back its room's senders for a while
-// instead (read() asks waitForRoom()), and nobody else's.
+// instead (Reader asks waitForRoom()), and nobody else's.
 
 /**
  * A client behind holds back its room only while it drains: a write to it completed less than
@@ -1041,7 +1041,7 @@ export class Flusher {
   }
 
   /**
-   * The pacing gate, for every reader of client input (TCP in read(), WebSocket in section 5):
+   * The pacing gate, for every reader of client input (Reader, for TCP and WebSocket clients alike):
    * resolves when nobody behind in `room` holds it any more. Other rooms never wait for it; a
    * client that does not drain, or has spent its bank, holds no one, and its queue grows until
    * `sendq` cuts it off.
@@ -1172,7 +1172,7 @@ class EventLog {
     while (this.#writing) await this.#writing;
   }
 
-  /** True while stdout is far behind but still taking writes: the senders should wait (read()). */
+  /** True while stdout is far behind but still taking writes: the senders should wait (Reader). */
   get behind(): boolean {
     return this.#bytes > LOG_BACKLOG_BYTES && !this.#stalled();
   }
@@ -1245,7 +1245,7 @@ class EventLog {
 // 3. Rooms, names and commands
 //
 // admit() and leave() (section 1) put a client in a room and take it out through enterRoom()
-// and leaveRoom(); handleLine() hands a line that starts with "/" to runCommand(). The directory
+// and exitRoom(); handleLine() hands a line that starts with "/" to runCommand(). The directory
 // knows every room and nick, and is the one place where case is folded: "Dev" and "dev" are the
 // same room, "Ann" and "ann" the same nick.
 
@@ -1293,15 +1293,15 @@ export class Directory {
     return this.rooms.values();
   }
 
-  /** Moves a client into a room (out of its old one first, with leave()). */
-  enter(client: Client, room: Room): void {
+  /** Moves a client into a room (out of its old one first, with removeMember()). */
+  addMember(client: Client, room: Room): void {
     client.room = room;
     room.members.add(client);
     if (client.page) room.pages++;
   }
 
   /** Takes a client out of its room, and forgets the room when it empties (the lobby stays). */
-  leave(client: Client): void {
+  removeMember(client: Client): void {
     const room = client.room;
     if (room.members.delete(client) && client.page) room.pages--;
     if (room.members.size === 0 && room !== this.lobby) this.rooms.delete(Directory.key(room.name));
@@ -1332,7 +1332,7 @@ export class Directory {
 
 /** Puts a client in a room; tells the bus, and logs when the room grows past the announcement limit. */
 function enterRoom(server: ChatServer, client: Client, room: Room): void {
-  server.directory.enter(client, room);
+  server.directory.addMember(client, room);
   if (server.bus) {
     if (room.members.size === 1) server.bus.watch(room.name);
     server.bus.present(presenceOf(client));
@@ -1348,9 +1348,9 @@ function enterRoom(server: ChatServer, client: Client, room: Room): void {
 }
 
 /** Takes a client out of its room; tells the bus, and logs when the room is small again. */
-function leaveRoom(server: ChatServer, client: Client): void {
+function exitRoom(server: ChatServer, client: Client): void {
   const room = client.room;
-  server.directory.leave(client);
+  server.directory.removeMember(client);
   if (server.bus && room.members.size === 0 && room !== server.directory.lobby) server.bus.unwatch(room.name);
   const limit = server.limits.announceLimit;
   if (room.members.size === limit) {
@@ -1599,7 +1599,7 @@ function joinRoom(server: ChatServer, client: Client, name: string): void | Prom
   const room = server.directory.openRoom(name);
   if (room === client.room) return client.tell(`You are already in ${room.name}`);
   const old = client.room;
-  leaveRoom(server, client);
+  exitRoom(server, client);
   // Into the new room (and the directory) first: whoever hears of the move can then /who it.
   enterRoom(server, client, room);
   announce(server, old, client, PAGE_READS.leftFor(client.label, old.name, room.name), {
@@ -1664,7 +1664,7 @@ export interface Position {
 }
 
 /** A line in a room's history: its position, when it was said, and the bytes the room was sent. */
-export interface Kept {
+export interface KeptLine {
   seq: number;
   time: number;
   message: Uint8Array;
@@ -1674,7 +1674,7 @@ export interface Kept {
 interface Ring {
   epoch: string;
   seq: number;
-  kept: Kept[];
+  kept: KeptLine[];
   /** Where the oldest line is in `kept`, once it is full. */
   next: number;
   bytes: number;
@@ -1747,7 +1747,7 @@ export class RoomHistory {
     return line.seq;
   }
 
-  private push(ring: Ring, line: Kept): void {
+  private push(ring: Ring, line: KeptLine): void {
     ring.bytes += line.message.length;
     if (ring.kept.length < this.limit) {
       ring.kept.push(line);
@@ -1784,14 +1784,14 @@ export class RoomHistory {
   }
 
   /** Replaces a room's history with what the bus has of it, when the instance starts reading it. */
-  load(room: string, at: Position, lines: Kept[]): void {
+  load(room: string, at: Position, lines: KeptLine[]): void {
     const ring = this.ring(room);
     Object.assign(ring, { epoch: at.epoch, seq: at.seq, kept: [], next: 0, bytes: 0, used: Date.now() });
     for (const line of lines.slice(-this.limit)) if (this.limit > 0) this.push(ring, line);
   }
 
   /** The last `n` lines kept for a room, oldest first. */
-  last(room: string, n: number): Kept[] {
+  last(room: string, n: number): KeptLine[] {
     // A room not yet in memory may still be in the file (after a restart, before anyone spoke).
     const ring = this.rooms.get(Directory.key(room)) ?? (this.file ? this.ring(room) : undefined);
     if (!ring) return [];
@@ -1801,7 +1801,7 @@ export class RoomHistory {
   }
 
   /** The lines kept after position `seq`, oldest first, and how many after it are no longer kept. */
-  after(room: string, seq: number): { lines: Kept[]; missing: number } {
+  after(room: string, seq: number): { lines: KeptLine[]; missing: number } {
     const ring = this.ring(room);
     const lines = this.last(room, Math.max(0, ring.seq - seq));
     return { lines, missing: ring.seq - seq - lines.length };
@@ -1829,7 +1829,7 @@ export class HistoryFile {
   private db: import("node:sqlite").DatabaseSync | null;
   private readonly say: (text: string) => void;
   private readonly rooms = new Map<string, Ring>(); // rooms whose position changed this turn
-  private lines: [string, Kept][] = []; // room key, and a line kept there
+  private lines: [string, KeptLine][] = []; // room key, and a line kept there
   private readonly gone = new Set<string>(); // rooms that lost their history this turn
   private timer: ReturnType<typeof setTimeout> | null = null;
   private readonly owner = crypto.randomUUID();
@@ -1902,7 +1902,7 @@ export class HistoryFile {
   }
 
   /** A room's epoch, position and last `limit` lines as the file has them; null if it has none. */
-  load(room: string, limit: number): { epoch: string; seq: number; lines: Kept[] } | null {
+  load(room: string, limit: number): { epoch: string; seq: number; lines: KeptLine[] } | null {
     if (this.db === null) return null;
     this.flush(); // what this turn wrote comes back too
     try {
@@ -1926,7 +1926,7 @@ export class HistoryFile {
   }
 
   /** A line kept at its position; the room's ring says which lines it still keeps. */
-  add(key: string, ring: Ring, line: Kept): void {
+  add(key: string, ring: Ring, line: KeptLine): void {
     if (this.db === null) return;
     this.rooms.set(key, ring);
     this.gone.delete(key);
@@ -2386,7 +2386,7 @@ class TlsGate {
     } finally {
       limits.releasePending(ip);
     }
-    if (link && !this.server.closing) this.server.read(this.server.admit(link, address, ip), link);
+    if (link && !this.server.closing) this.server.receive(this.server.admit(link, address, ip), link);
     else link?.close();
   }
 }
@@ -2663,7 +2663,7 @@ class WebGate {
       const page = request.query.has("page") ? pageRequest(request.query) : null; // section 9
       const client = this.server.admit(link, address, ip, page);
       link.wantWrite = () => client.send(NO_BYTES); // a pong or a ping waits for a write
-      this.server.read(client, link);
+      this.server.receive(client, link);
     }, () => closeQuietly(conn));
   }
 
@@ -3151,10 +3151,10 @@ interface BusHandlers {
     at: Position | null,
     sender: Client | null,
     message?: Uint8Array,
-    said?: boolean,
+    alreadySaid?: boolean,
   ): void;
   /** A room's stream is read from now on: its position, and its last kept lines. */
-  onRoomRead(room: string, at: Position, lines: Kept[]): void;
+  onRoomRead(room: string, at: Position, lines: KeptLine[]): void;
   /** A private line for a local nick, from another instance. */
   onWhisper(nick: string, text: string): void;
   /** Everyone local, to write back to Redis after it returns. */
@@ -3166,13 +3166,13 @@ interface BusHandlers {
 /** How the bus reaches this server: lines for its rooms and nicks, and who is here. */
 function busHandlersFor(server: ChatServer): BusHandlers {
   return {
-    onRoomLine(room, text, at, sender, message = encoder.encode(text + "\r\n"), said = false) {
+    onRoomLine(room, text, at, sender, message = encoder.encode(text + "\r\n"), alreadySaid = false) {
       const here = server.directory.room(room);
-      if (at === null) return said ? undefined : here?.broadcastExcept(sender, message);
+      if (at === null) return alreadySaid ? undefined : here?.broadcastExcept(sender, message);
       if (server.history.put(room, at, message) && here) {
         here.broadcastExcept(null, encoder.encode(`(the history of ${here.name} was reset)\r\n`));
       }
-      if (!said) here?.broadcastKept(sender, message, at.seq);
+      if (!alreadySaid) here?.broadcastKept(sender, message, at.seq);
     },
     onRoomRead(room, at, lines) {
       server.history.load(room, at, lines);
@@ -3195,7 +3195,7 @@ export interface RedisOptions {
   prefix?: string;
   /** Seconds after which a crashed instance's members leave the directory. Default 30. */
   expiry?: number;
-  /** Kept lines each room's stream holds (at least STREAM_LINES, 10,000): its shared history. */
+  /** KeptLine lines each room's stream holds (at least STREAM_LINES, 10,000): its shared history. */
   historyLines?: number;
   /** The server's --max-line: what the bus brings is cut to it, with room for a prefix. */
   maxLine?: number;
@@ -3266,7 +3266,7 @@ const BUS_PACE_BYTES = BUS_QUEUE_BYTES / 2;
 const BUS_IN_FLIGHT = 1000;
 
 /**
- * Kept lines each room's stream holds (or --history-lines, if more): how far an instance may fall
+ * KeptLine lines each room's stream holds (or --history-lines, if more): how far an instance may fall
  * behind a room before lines are trimmed from under it (it then says how many it lost).
  */
 const STREAM_LINES = 10_000;
@@ -3291,7 +3291,8 @@ interface Mine {
   stream: RoomStream;
   kept: boolean;
   at: number;
-  said: boolean;
+  /** Said here already (Redis was late), so that reading it back only puts it in the history. */
+  saidHere: boolean;
 }
 
 /** A line waiting for Redis, already said here. */
@@ -3320,7 +3321,7 @@ class RedisBus implements Bus {
   readonly ready: Promise<void>;
   readonly link: RedisLink;
   readonly handlers: BusHandlers;
-  /** Kept lines each room's stream holds. */
+  /** KeptLine lines each room's stream holds. */
   readonly keep: number;
   /** The longest text said from the bus, in bytes: --max-line and room for a prefix. */
   readonly maxText: number;
@@ -3408,8 +3409,8 @@ class RedisBus implements Bus {
   }
 
   /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */
-  get queued(): number {
-    return this.outbox.queued;
+  get waitingBytes(): number {
+    return this.outbox.waitingBytes;
   }
 
   whisper(nick: string, text: string): Promise<boolean> {
@@ -3441,7 +3442,7 @@ class RedisBus implements Bus {
     clearInterval(this.heartbeat);
     this.streams.stop();
     this.outbox.releaseSenders();
-    await this.presence.leave();
+    await this.presence.withdraw();
     this.link.destroy();
     await this.streams.finished;
   }
@@ -3525,13 +3526,13 @@ class Outbox {
   private stuck = false;
   private senders: (() => void)[] = [];
   private sha: string | null = null;
-  private queue: Queued[] = [];
-  private queuedBytes = 0;
+  private backlog: Queued[] = [];
+  private backlogBytes = 0;
   private dropped = 0;
   /** This instance's lines read back in the last RECENT_MS: sent again if Redis loses them. */
   private recent: (Queued & { at: number })[] = [];
   /** A catch-up is under way. */
-  flushing = false;
+  catchingUp = false;
 
   constructor(bus: RedisBus) {
     this.bus = bus;
@@ -3544,11 +3545,11 @@ class Outbox {
     if (!stream) return false; // a room nobody here is in (the lobby is always watched)
     const text = decoder.decode(message.subarray(0, message.length - 2));
     const local = ++this.nextLocal;
-    if (!this.link.up || this.queue.length > 0 || stream.id === null) {
-      this.enqueue({ room: stream.name, text, kept, local });
+    if (!this.link.up || this.backlog.length > 0 || stream.id === null) {
+      this.addToBacklog({ room: stream.name, text, kept, local });
       return false;
     }
-    this.mine.set(local, { sender, message, stream, kept, at: Date.now(), said: false });
+    this.mine.set(local, { sender, message, stream, kept, at: Date.now(), saidHere: false });
     this.unsaid++;
     this.inFlightBytes += message.length;
     this.append(stream.name, text, kept, local, false).catch(() => {
@@ -3556,9 +3557,9 @@ class Outbox {
       const line = this.mine.get(local);
       if (!line || !this.mine.delete(local)) return;
       this.inFlightBytes -= message.length;
-      if (!line.said) this.said();
-      if (!line.said) this.bus.handlers.onRoomLine(stream.name, text, null, sender, message, false);
-      this.enqueue({ room: stream.name, text, kept, local });
+      if (!line.saidHere) this.countSaid();
+      if (!line.saidHere) this.bus.handlers.onRoomLine(stream.name, text, null, sender, message, false);
+      this.addToBacklog({ room: stream.name, text, kept, local });
     });
     return true;
   }
@@ -3571,7 +3572,13 @@ class Outbox {
     );
   }
 
-  private append(room: string, text: string, kept: boolean, local: number, said: boolean): Promise<void> {
+  private append(
+    room: string,
+    text: string,
+    kept: boolean,
+    local: number,
+    alreadySaid: boolean,
+  ): Promise<void> {
     const { link, bus } = this;
     const args = [
       "EVAL",
@@ -3583,7 +3590,7 @@ class Outbox {
       kept ? "1" : "0",
       link.instance,
       String(local),
-      said ? "1" : "0",
+      alreadySaid ? "1" : "0",
       text,
       String(bus.keep),
       String(Date.now()),
@@ -3611,42 +3618,42 @@ class Outbox {
   }
 
   // Keeps the queue in the order the lines were said (a line whose append failed comes back late).
-  private enqueue(line: Queued): void {
-    let at = this.queue.length;
-    while (at > 0 && this.queue[at - 1].local > line.local) at--;
-    this.queue.splice(at, 0, line);
-    this.queuedBytes += line.text.length;
-    while (this.queuedBytes > BUS_QUEUE_BYTES) {
-      this.queuedBytes -= this.queue.shift()!.text.length;
+  private addToBacklog(line: Queued): void {
+    let at = this.backlog.length;
+    while (at > 0 && this.backlog[at - 1].local > line.local) at--;
+    this.backlog.splice(at, 0, line);
+    this.backlogBytes += line.text.length;
+    while (this.backlogBytes > BUS_QUEUE_BYTES) {
+      this.backlogBytes -= this.backlog.shift()!.text.length;
       this.dropped++;
     }
-    if (this.link.up && !this.flushing) this.catchUp().catch(ignore); // up, but the room was not read yet
+    if (this.link.up && !this.catchingUp) this.catchUp().catch(ignore); // up, but the room was not read yet
   }
 
   /** The heartbeat: a catch-up that Redis cut short goes on; else the rooms' epochs are checked. */
   tick(): void {
-    if (this.flushing) return;
-    if (this.queue.length > 0) this.catchUp().catch(ignore);
+    if (this.catchingUp) return;
+    if (this.backlog.length > 0) this.catchUp().catch(ignore);
     else this.bus.epochs.check().catch(ignore);
   }
 
   /** Redis is back: what waited goes out first, in order; then the rooms are read on. */
   async catchUp(): Promise<void> {
-    if (this.flushing) return;
-    this.flushing = true;
+    if (this.catchingUp) return;
+    this.catchingUp = true;
     try {
       await this.resendRecent();
       do {
-        while (this.link.up && this.queue.length > 0) {
-          const batch = this.queue.slice(0, 500);
+        while (this.link.up && this.backlog.length > 0) {
+          const batch = this.backlog.slice(0, 500);
           const results = await Promise.allSettled(
             batch.map((q) => this.append(q.room, q.text, q.kept, q.local, true)),
           );
           // What was appended leaves the queue, whatever failed around it: it is never sent twice.
           const failed = batch.filter((_, i) => results[i].status === "rejected");
-          this.queue.splice(0, batch.length, ...failed);
+          this.backlog.splice(0, batch.length, ...failed);
           for (const [i, q] of batch.entries()) {
-            if (results[i].status === "fulfilled") this.queuedBytes -= q.text.length;
+            if (results[i].status === "fulfilled") this.backlogBytes -= q.text.length;
           }
           this.wakeSenders();
           if (failed.length > 0) return; // the next heartbeat tries again (tick)
@@ -3660,9 +3667,9 @@ class Outbox {
           this.dropped = 0;
         }
         await this.bus.epochs.check();
-      } while (this.link.up && this.queue.length > 0); // lines said while the rooms were checked
+      } while (this.link.up && this.backlog.length > 0); // lines said while the rooms were checked
     } finally {
-      this.flushing = false;
+      this.catchingUp = false;
       this.bus.streams.nudge();
     }
   }
@@ -3682,7 +3689,7 @@ class Outbox {
     }
     const again = this.recent.filter((q) => gone.has(Directory.key(q.room)));
     this.recent = [];
-    for (const q of again) this.enqueue(q);
+    for (const q of again) this.addToBacklog(q);
   }
 
   /** Redis went away: lines appended but not read back may be lost with it; say them here now. */
@@ -3691,11 +3698,11 @@ class Outbox {
       this.mine.delete(local);
       this.inFlightBytes -= line.message.length;
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
-      if (!line.said) {
-        this.said();
+      if (!line.saidHere) {
+        this.countSaid();
         this.bus.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
       }
-      this.enqueue({ room: line.stream.name, text, kept: line.kept, local });
+      this.addToBacklog({ room: line.stream.name, text, kept: line.kept, local });
     }
   }
 
@@ -3706,7 +3713,7 @@ class Outbox {
   sayLate(now: number): void {
     for (const line of this.mine.values()) {
       if (now - line.at < REDIS_ANSWER_MS) break; // in the order they were sent
-      if (line.said) continue;
+      if (line.saidHere) continue;
       if (!this.stuck) {
         this.stuck = true;
         this.bus.handlers.say(
@@ -3714,8 +3721,8 @@ class Outbox {
             `past ${BUS_PACE_BYTES / 1024 / 1024} MiB waiting, senders wait for it`,
         );
       }
-      line.said = true;
-      this.said();
+      line.saidHere = true;
+      this.countSaid();
       const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
       this.bus.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
     }
@@ -3731,7 +3738,7 @@ class Outbox {
       this.stuck = false;
       this.bus.handlers.say("Redis answers again: what waited is shared");
     }
-    if (!line.said) this.said();
+    if (!line.saidHere) this.countSaid();
     else this.wakeSenders();
     return line;
   }
@@ -3742,7 +3749,7 @@ class Outbox {
     if (this.recent.length > 10_000) this.recent.shift();
   }
 
-  private said(): void {
+  private countSaid(): void {
     this.unsaid--;
     this.wakeSenders();
   }
@@ -3753,7 +3760,7 @@ class Outbox {
    */
   get behind(): boolean {
     return this.unsaid >= BUS_IN_FLIGHT ||
-      (this.link.up && this.inFlightBytes + this.queuedBytes >= BUS_PACE_BYTES);
+      (this.link.up && this.inFlightBytes + this.backlogBytes >= BUS_PACE_BYTES);
   }
 
   /** Settles when few enough lines are on their way (at once, if they are). */
@@ -3765,7 +3772,7 @@ class Outbox {
   // Lets the senders go on once few enough lines are on their way (half the bounds, so they do not flap).
   private wakeSenders(): void {
     if (this.senders.length === 0 || this.unsaid > BUS_IN_FLIGHT / 2) return;
-    if (this.link.up && this.inFlightBytes + this.queuedBytes > BUS_PACE_BYTES / 2) return;
+    if (this.link.up && this.inFlightBytes + this.backlogBytes > BUS_PACE_BYTES / 2) return;
     this.releaseSenders();
   }
 
@@ -3775,8 +3782,8 @@ class Outbox {
   }
 
   /** Bytes of lines waiting for Redis, at most BUS_QUEUE_BYTES. */
-  get queued(): number {
-    return this.queuedBytes;
+  get waitingBytes(): number {
+    return this.backlogBytes;
   }
 }
 
@@ -3813,7 +3820,7 @@ class StreamReader {
   }
 
   start(): void {
-    this.finished = this.read();
+    this.finished = this.readStreams();
   }
 
   /** The reader connection is (again) ready: learns its id, so that nudge() can interrupt its read. */
@@ -3828,7 +3835,7 @@ class StreamReader {
     const key = Directory.key(room);
     if (this.streams.has(key)) return;
     this.streams.set(key, { name: room, epoch: null, id: null, seq: 0, seen: new Map() });
-    if (this.link.up && !this.bus.outbox.flushing) this.bus.epochs.check().catch(ignore);
+    if (this.link.up && !this.bus.outbox.catchingUp) this.bus.epochs.check().catch(ignore);
   }
 
   unwatch(room: string): void {
@@ -3855,7 +3862,7 @@ class StreamReader {
   }
 
   // The reader: XREAD on every read room, blocking until something comes, on its own connection.
-  private async read(): Promise<void> {
+  private async readStreams(): Promise<void> {
     const link = this.link;
     while (!link.closed) {
       const streams = [...this.streams.entries()].filter(([, s]) => s.id !== null);
@@ -3925,11 +3932,11 @@ class StreamReader {
     if (!own && this.repeated(stream, f.i, number)) return;
     const kept = f.k === "1";
     if (own && number > 0) this.bus.outbox.remember({ room: stream.name, text: f.t, kept, local: number });
-    const said = own && (f.d === "1" || local?.said === true);
+    const alreadySaid = own && (f.d === "1" || local?.saidHere === true);
     const text = local ? "" : safeBusText(f.t, this.bus.maxText);
     if (!local && text === "") return;
     const at = kept ? { epoch: f.e, seq } : null;
-    this.bus.handlers.onRoomLine(stream.name, text, at, local?.sender ?? null, local?.message, said);
+    this.bus.handlers.onRoomLine(stream.name, text, at, local?.sender ?? null, local?.message, alreadySaid);
   }
 
   // Lines trimmed from the stream before this instance read them: said, never silently.
@@ -4007,7 +4014,7 @@ class Epochs {
         const entries = (await link.pub.sendCommand(
           ["XREVRANGE", link.key("stream", key), "+", "-", "COUNT", String(bus.keep)],
         )) as unknown as [string, string[]][];
-        const lines: Kept[] = [];
+        const lines: KeptLine[] = [];
         for (const [id, fields] of entries.reverse()) {
           const f = entryFields(fields);
           if (f.k === "1" && f.e === epoch) {
@@ -4187,7 +4194,7 @@ class BusPresence {
   }
 
   /** At shutdown: this instance's presence and nicks leave Redis (a stuck Redis must not stall it). */
-  async leave(): Promise<void> {
+  async withdraw(): Promise<void> {
     const link = this.link;
     if (!link.up) return;
     const multi = link.pub.multi();
@@ -4477,7 +4484,7 @@ export const PAGE_MARKS = {
   /** The server is there, and says so every `seconds`: a page that hears nothing for long reconnects. */
   alive: (seconds: number) => `\x1e~ ${seconds}`,
   /** A line from the room's history: its position, when it was said (ms since 1970), the line. */
-  history: (k: Kept) =>
+  history: (k: KeptLine) =>
     `\x1eh ${k.seq} ${k.time} ${decoder.decode(k.message.subarray(0, k.message.length - 2))}`,
 };
 
@@ -4551,7 +4558,7 @@ function showRoom(server: ChatServer, client: Client, room: Room): void {
   if (server.bus && !server.bus.knows(room.name)) return; // the bus shows it once it reads the room
   page.resume = null;
   const history = server.history, now = history.position(room.name);
-  let lines: Kept[];
+  let lines: KeptLine[];
   // A page that had seen nothing has lost nothing, whatever the epoch now.
   if (was && (was.epoch === now.epoch || was.seq === 0) && was.seq <= now.seq) {
     const after = history.after(room.name, was.seq);

@@ -624,7 +624,7 @@ redisTest(
         await sync(a, b);
         await redis.kill();
         let most = 0;
-        const watching = setInterval(() => most = Math.max(most, servers[0].bus!.queued), 100);
+        const watching = setInterval(() => most = Math.max(most, servers[0].bus!.waitingBytes), 100);
         try {
           await sendSpread(a, "outage", 2000, 14); // about 30 s
           await redis.start();

@@ -688,9 +688,9 @@ Deno.test("Directory folds case in one place: rooms and nicks are found whatever
   const ann = client(1), bob = client(2);
   assert.equal(directory.openRoom("Dev"), directory.openRoom("dEV"));
   assert.equal(directory.openRoom("dev").name, "Dev", "a room keeps the case it was first written in");
-  directory.enter(ann, directory.openRoom("DEV"));
+  directory.addMember(ann, directory.openRoom("DEV"));
   assert.equal(directory.room("dev")?.members.has(ann), true);
-  directory.leave(ann);
+  directory.removeMember(ann);
   assert.equal(directory.room("dev"), undefined, "an empty room is forgotten");
   assert.equal(directory.room("LOBBY"), directory.lobby);
   directory.rename(ann, "Ann");
@@ -740,7 +740,7 @@ Deno.test("Flusher.holding(): a client behind holds its room only while it drain
     close() {},
   };
   const client = new Client(link, "127.0.0.1:1", "127.0.0.1", directory.lobby, flusher);
-  directory.enter(client, room);
+  directory.addMember(client, room);
   client.send(new Uint8Array(2000)); // written, and never read: no write has completed
   await new Promise((r) => setTimeout(r, 0));
   assert.ok(flusher.congested.has(client));
