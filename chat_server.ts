@@ -4742,11 +4742,12 @@ connect();
 // =============================================================================================
 // 10. The command line
 
-const USAGE = "usage: chat_server.ts [PORT] [--host HOST] [--max-clients N] [--max-per-ip N] [--idle S] " +
-  "[--rate N] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE [--handshake-timeout S]] " +
+const USAGE = "usage: chat_server.ts [PORT | --port PORT] [--host HOST] [--max-line BYTES] [--sendq BYTES] " +
+  "[--max-clients N] [--max-per-ip N] [--idle S] [--rate N] [--announce-limit N] [--history-lines N] " +
+  "[--history FILE] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE [--handshake-timeout S]] " +
   "[--log text|json] " +
-  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]... [--http-timeout S] [--http-ping S]] [--redis URL [--redis-prefix P] [--redis-expiry S]] " +
-  "[--help]";
+  "[--http PORT [--http-host HOST] [--http-origin ORIGIN]... [--http-timeout S] [--http-ping S]] " +
+  "[--redis URL [--redis-prefix P] [--redis-expiry S]] [--help]";
 
 const HELP = `${USAGE}
 
@@ -5084,7 +5085,12 @@ async function main(): Promise<void> {
     console.log(
       options.logFormat === "json" ? JSON.stringify({ time: new Date().toISOString(), ...fields }) : text,
     );
-  say(`ChatServer started on port ${server.addr.port}`, { event: "started", port: server.addr.port });
+  const tls = options.tls ? " (TLS)" : ""; // the seed's line, and whether a plain client will be understood
+  say(`ChatServer started on port ${server.addr.port}${tls}`, {
+    event: "started",
+    port: server.addr.port,
+    ...(options.tls ? { tls: true } : {}),
+  });
   if (server.httpAddr) {
     const { hostname, port } = server.httpAddr;
     const shown = hostname === "::" || hostname === "0.0.0.0"

@@ -85,7 +85,7 @@ Deno.test({
         swaps: { "2626": String(port), "server.crt": `${dir}/server.crt`, "server.key": `${dir}/server.key` },
         until: /started/,
       });
-      assert.match(run.stdout, /^ChatServer started on port/, run.stderr);
+      assert.match(run.stdout, new RegExp(`^ChatServer started on port ${port} \\(TLS\\)\\n`), run.stderr);
       assert.equal(run.code, 0, run.stderr);
     } finally {
       await Deno.remove(dir, { recursive: true });
