@@ -23,7 +23,7 @@
  */
 
 import { lookup } from "node:dns/promises";
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 
 // ---------------------------------------------------------------------------------------------
 // Constants and options
@@ -517,18 +517,23 @@ const HELP = `${USAGE}
 /** A bad command line: main() prints it with the usage and exits 2. */
 class UsageError extends Error {}
 
-/** node:util's parseArgs errors, said in one line of our own words. */
-function inOurWords(e: TypeError): string {
-  const option = /--[\w-]+/.exec(e.message)?.[0] ?? /'(-\w)'/.exec(e.message)?.[1] ?? "that option";
-  if ((e as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") {
-    return `unknown option ${option}; try --help`;
+/**
+ * node:util's parseArgs, with a bad flag said in one line of our own words, decided from the
+ * parser's own tokens: never from the wording of its messages, which any release may change.
+ */
+function parseFlags<T extends ParseArgsOptionsConfig>(args: string[], options: T) {
+  const { tokens } = parseArgs({ args, options, allowPositionals: true, strict: false, tokens: true });
+  for (const token of tokens) {
+    if (token.kind !== "option") continue;
+    const flag = token.rawName, type = Object.hasOwn(options, token.name) ? options[token.name].type : null;
+    if (type === null) throw new UsageError(`unknown option ${flag}; try --help`);
+    if (type === "boolean" && token.value !== undefined) throw new UsageError(`${flag} takes no value`);
+    if (type === "string" && token.value === undefined) throw new UsageError(`${flag} wants a value`);
+    if (type === "string" && !token.inlineValue && token.value!.startsWith("-") && token.value !== "-") {
+      throw new UsageError(`${flag} wants a value; for one that starts with "-", write ${flag}=VALUE`);
+    }
   }
-  if (e.message.includes("ambiguous")) {
-    return `${option} wants a value; for one that starts with "-", write ${option}=VALUE`;
-  }
-  if (e.message.includes("argument missing")) return `${option} wants a value`;
-  if (e.message.includes("does not take an argument")) return `${option} takes no value`;
-  return e.message.split("\n")[0];
+  return parseArgs({ args, options, allowPositionals: true });
 }
 
 function parseNumber(
@@ -569,29 +574,19 @@ type Command =
 
 /** Turns the command line into a command. */
 export function parseUdpArgs(args: string[]): Command {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        host: { type: "string" },
-        port: { type: "string" },
-        timeout: { type: "string" },
-        retries: { type: "string" },
-        rate: { type: "string" },
-        "total-rate": { type: "string" },
-        size: { type: "string" },
-        window: { type: "string" },
-        duration: { type: "string" },
-        json: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
-    });
-  } catch (e) {
-    if (e instanceof TypeError && "code" in e) throw new UsageError(inOurWords(e));
-    throw e;
-  }
+  const parsed = parseFlags(args, {
+    host: { type: "string" },
+    port: { type: "string" },
+    timeout: { type: "string" },
+    retries: { type: "string" },
+    rate: { type: "string" },
+    "total-rate": { type: "string" },
+    size: { type: "string" },
+    window: { type: "string" },
+    duration: { type: "string" },
+    json: { type: "boolean" },
+    help: { type: "boolean", short: "h" },
+  });
   const { values: v, positionals } = parsed;
   if (v.help) return { kind: "help" };
   const [kind, ...rest] = positionals;

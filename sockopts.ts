@@ -17,7 +17,7 @@
  */
 
 import { lookup, lookupService } from "node:dns/promises";
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 
 // ---------------------------------------------------------------------------------------------
 // The options, with their numbers on Linux and macOS
@@ -154,18 +154,23 @@ export class LibcError extends Error {}
 /** The kernel refused a value given with --set: a bad argument, so main() exits 2. */
 export class RefusedSettingError extends LibcError {}
 
-/** node:util's parseArgs errors, said in one line of our own words. */
-function inOurWords(e: TypeError): string {
-  const option = /--[\w-]+/.exec(e.message)?.[0] ?? /'(-\w)'/.exec(e.message)?.[1] ?? "that option";
-  if ((e as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") {
-    return `unknown option ${option}; try --help`;
+/**
+ * node:util's parseArgs, with a bad flag said in one line of our own words, decided from the
+ * parser's own tokens: never from the wording of its messages, which any release may change.
+ */
+function parseFlags<T extends ParseArgsOptionsConfig>(args: string[], options: T) {
+  const { tokens } = parseArgs({ args, options, allowPositionals: true, strict: false, tokens: true });
+  for (const token of tokens) {
+    if (token.kind !== "option") continue;
+    const flag = token.rawName, type = Object.hasOwn(options, token.name) ? options[token.name].type : null;
+    if (type === null) throw new UsageError(`unknown option ${flag}; try --help`);
+    if (type === "boolean" && token.value !== undefined) throw new UsageError(`${flag} takes no value`);
+    if (type === "string" && token.value === undefined) throw new UsageError(`${flag} wants a value`);
+    if (type === "string" && !token.inlineValue && token.value!.startsWith("-") && token.value !== "-") {
+      throw new UsageError(`${flag} wants a value; for one that starts with "-", write ${flag}=VALUE`);
+    }
   }
-  if (e.message.includes("ambiguous")) {
-    return `${option} wants a value; for one that starts with "-", write ${option}=VALUE`;
-  }
-  if (e.message.includes("argument missing")) return `${option} wants a value`;
-  if (e.message.includes("does not take an argument")) return `${option} takes no value`;
-  return e.message.split("\n")[0];
+  return parseArgs({ args, options, allowPositionals: true });
 }
 
 /** Raised when a name does not resolve. */
@@ -502,18 +507,14 @@ function formatNames(r: NameReport): string {
 async function main(): Promise<void> {
   let parsed;
   try {
-    parsed = parseArgs({
-      args: Deno.args,
-      allowPositionals: true,
-      options: {
-        set: { type: "string", multiple: true },
-        json: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
+    parsed = parseFlags(Deno.args, {
+      set: { type: "string", multiple: true },
+      json: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
     });
   } catch (e) {
-    if (!(e instanceof TypeError && "code" in e)) throw e;
-    console.error(`sockopts: ${inOurWords(e)}\n${USAGE}`);
+    if (!(e instanceof UsageError)) throw e;
+    console.error(`sockopts: ${e.message}\n${USAGE}`);
     Deno.exit(2);
   }
   const { values: v, positionals } = parsed;
