@@ -641,9 +641,7 @@ function safeText(line: Uint8Array): Uint8Array {
 
 /** Formats a peer address as the tutorial prints it: IPv4-mapped IPv6 addresses as plain IPv4. */
 export function formatPeer(addr: Deno.NetAddr): string {
-  const host = addr.hostname.startsWith("::ffff:") && addr.hostname.includes(".")
-    ? addr.hostname.slice(7)
-    : addr.hostname;
+  const host = plainHost(addr.hostname);
   // Joined rather than a template literal: V8 keeps `${host}:${port}` as a rope of its pieces (88
   // bytes for 127.0.0.1:54321), a join as one flat string (32), and every client keeps its address.
   return host.includes(":") ? ["[", host, "]:", addr.port].join("") : [host, addr.port].join(":");
@@ -1157,7 +1155,7 @@ class EventLog {
   /** Logs an event: `text` as the tutorial prints it, or the event's fields as JSON. */
   event(text: string, fields: Record<string, unknown>): void {
     if (!this.#out) return;
-    this.#append(this.#json ? JSON.stringify({ time: new Date().toISOString(), ...fields }) : text);
+    this.#append(this.#json ? jsonEvent(fields) : text);
   }
 
   /** Logs a chat line; `message` is what the room got, so text logging needs no decoding. */
@@ -1641,7 +1639,7 @@ function showHistory(server: ChatServer, client: Client, rest: string): void {
   );
   for (const { time, message } of lines) {
     const clock = new Date(time).toTimeString().slice(0, 5);
-    client.tell(`  (${clock}) ${decoder.decode(message.subarray(0, message.length - 2))}`);
+    client.tell(`  (${clock}) ${lineText(message)}`);
   }
 }
 
@@ -2097,9 +2095,7 @@ export class Limits {
 
   /** Counts a client out. */
   uncount(client: Client): void {
-    const left = (this.perIp.get(client.ip) ?? 1) - 1;
-    if (left > 0) this.perIp.set(client.ip, left);
-    else this.perIp.delete(client.ip);
+    countDown(this.perIp, client.ip);
   }
 
   /** Counts a connection that is still handshaking, as a client from `ip`. */
@@ -2110,9 +2106,7 @@ export class Limits {
 
   releasePending(ip: string): void {
     this.pending--;
-    const left = (this.perIp.get(ip) ?? 1) - 1;
-    if (left > 0) this.perIp.set(ip, left);
-    else this.perIp.delete(ip);
+    countDown(this.perIp, ip);
   }
 
   /**
@@ -2614,9 +2608,7 @@ class WebGate {
     this.heads.add(conn);
     const head = readHead(conn, this.timeoutMs).finally(() => {
       this.heads.delete(conn);
-      const left = (this.reading.get(ip) ?? 1) - 1;
-      if (left > 0) this.reading.set(ip, left);
-      else this.reading.delete(ip);
+      countDown(this.reading, ip);
     });
     this.server.tasks.track(
       head.then((request) => request ? this.serve(conn, request, ip) : closeQuietly(conn)),
@@ -3543,7 +3535,7 @@ class Outbox {
   send(room: string, message: Uint8Array, kept: boolean, sender: Client | null): boolean {
     const stream = this.bus.streams.of(room);
     if (!stream) return false; // a room nobody here is in (the lobby is always watched)
-    const text = decoder.decode(message.subarray(0, message.length - 2));
+    const text = lineText(message);
     const local = ++this.nextLocal;
     if (!this.link.up || this.backlog.length > 0 || stream.id === null) {
       this.addToBacklog({ room: stream.name, text, kept, local });
@@ -3697,7 +3689,7 @@ class Outbox {
     for (const [local, line] of this.mine) {
       this.mine.delete(local);
       this.inFlightBytes -= line.message.length;
-      const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
+      const text = lineText(line.message);
       if (!line.saidHere) {
         this.countSaid();
         this.bus.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
@@ -3723,7 +3715,7 @@ class Outbox {
       }
       line.saidHere = true;
       this.countSaid();
-      const text = decoder.decode(line.message.subarray(0, line.message.length - 2));
+      const text = lineText(line.message);
       this.bus.handlers.onRoomLine(line.stream.name, text, null, line.sender, line.message, false);
     }
   }
@@ -4435,6 +4427,23 @@ function plainHost(hostname: string): string {
   return hostname.startsWith("::ffff:") && hostname.includes(".") ? hostname.slice(7) : hostname;
 }
 
+/** A message as the room was sent it (a line and its CRLF), as text without the CRLF. */
+function lineText(message: Uint8Array): string {
+  return decoder.decode(message.subarray(0, message.length - 2));
+}
+
+/** One event as a line of JSON for the log: when, then its fields. */
+function jsonEvent(fields: Record<string, unknown>): string {
+  return JSON.stringify({ time: new Date().toISOString(), ...fields });
+}
+
+/** Counts one down for `key`, deleting the key at zero, so that a map of counts holds no zeros. */
+function countDown(counts: Map<string, number>, key: string): void {
+  const left = (counts.get(key) ?? 1) - 1;
+  if (left > 0) counts.set(key, left);
+  else counts.delete(key);
+}
+
 // =============================================================================================
 // 9. The web page (--http): one self-contained HTML file, its CSS and JS inline. It speaks the
 // same lines as telnet over a WebSocket; it asks /who quietly to keep its member list, and it
@@ -4484,8 +4493,7 @@ export const PAGE_MARKS = {
   /** The server is there, and says so every `seconds`: a page that hears nothing for long reconnects. */
   alive: (seconds: number) => `\x1e~ ${seconds}`,
   /** A line from the room's history: its position, when it was said (ms since 1970), the line. */
-  history: (k: KeptLine) =>
-    `\x1eh ${k.seq} ${k.time} ${decoder.decode(k.message.subarray(0, k.message.length - 2))}`,
+  history: (k: KeptLine) => `\x1eh ${k.seq} ${k.time} ${lineText(k.message)}`,
 };
 
 /** A web page that follows positions: its token, and where it was if it is reconnecting. */
@@ -5083,7 +5091,7 @@ async function main(): Promise<void> {
   // With --log json, every line of stdout is JSON, these included.
   const say = (text: string, fields: Record<string, unknown>) =>
     console.log(
-      options.logFormat === "json" ? JSON.stringify({ time: new Date().toISOString(), ...fields }) : text,
+      options.logFormat === "json" ? jsonEvent(fields) : text,
     );
   const tls = options.tls ? " (TLS)" : ""; // the seed's line, and whether a plain client will be understood
   say(`ChatServer started on port ${server.addr.port}${tls}`, {

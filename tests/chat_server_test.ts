@@ -482,7 +482,7 @@ Deno.test("chat_server.ts rejects bad arguments with a usage line and exit code 
     assert.deepEqual(stdout, []);
     const [first, usage, ...rest] = stderr.split("\n");
     assert.match(first, new RegExp(`^chat_server: .*${problem.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}`));
-    assert.match(usage, /^usage: chat_server\.ts \[PORT\]/);
+    assert.match(usage, /^usage: chat_server\.ts \[PORT \| --port PORT\]/);
     assert.deepEqual(rest, [""]);
   }
 });
@@ -521,7 +521,7 @@ Deno.test("parseChatArgs() takes --flag VALUE, --flag=VALUE, repeated flags, -h 
 Deno.test("chat_server.ts --help prints the usage and exits 0", async () => {
   const { code, stdout } = await new Cli("chat_server.ts", ["--help"]).finish();
   assert.equal(code, 0);
-  assert.match(stdout[0], /^usage: chat_server\.ts \[PORT\]/);
+  assert.match(stdout[0], /^usage: chat_server\.ts \[PORT \| --port PORT\]/);
   assert.ok(stdout.some((l) => l.includes("--sendq")));
 });
 
