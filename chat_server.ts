@@ -398,8 +398,8 @@ class Reader {
    */
   buffer = new Uint8Array(FIRST_READ_SIZE);
   /**
-   * The read op's callbacks, made once per client: bound methods, which cost 48 bytes each, where
-   * two closures would cost 56 each and a scope of 40 that they share.
+   * The read op's callbacks, made once per client: bound methods, which cost less than closures
+   * and the scope they would share (DESIGN.md, "Measured figures").
    */
   readonly got: (n: number | null) => void;
   readonly finish: (e: unknown) => void;
@@ -508,7 +508,7 @@ const enum Telnet {
   SubIac,
 }
 
-/** The one empty line buffer every idle framer shares (an empty Uint8Array of its own is 208 bytes). */
+/** The one empty line buffer every idle framer shares: an empty Uint8Array of its own is not free. */
 const NO_BYTES = new Uint8Array(0);
 
 /**
@@ -642,8 +642,8 @@ function safeText(line: Uint8Array): Uint8Array {
 /** Formats a peer address as the tutorial prints it: IPv4-mapped IPv6 addresses as plain IPv4. */
 export function formatPeer(addr: Deno.NetAddr): string {
   const host = plainHost(addr.hostname);
-  // Joined rather than a template literal: V8 keeps `${host}:${port}` as a rope of its pieces (88
-  // bytes for 127.0.0.1:54321), a join as one flat string (32), and every client keeps its address.
+  // Joined rather than a template literal: V8 keeps `${host}:${port}` as a rope of its pieces, a
+  // join as one flat string, and every client keeps its address (DESIGN.md, "Measured figures").
   return host.includes(":") ? ["[", host, "]:", addr.port].join("") : [host, addr.port].join(":");
 }
 
@@ -793,13 +793,13 @@ export class Client {
  * A client behind holds back its room only while it drains: a write to it completed less than
  * DRAIN_MS ago. The rule is fixed, never learned from the client, so no client can teach it a
  * longer wait. Behind big kernel buffers a write completes only when the kernel has room for a
- * good part of them again: every 0.3 s or so for a reader of 8 MB/s (DESIGN.md), so such a reader
- * is paced, and a far slower one, or one that has stopped, is not.
+ * good part of them again, so a reader of several MB/s completes one every few hundred ms and is
+ * paced, and a far slower one, or one that has stopped, is not (DESIGN.md, "Slow readers").
  */
 const DRAIN_MS = 500;
 /**
- * How long one client may hold its room back: HOLD_BANK_MS at a stretch (a burst of 20 MB to a
- * reader of 8 MB/s needs about a third of it), and HOLD_SHARE of the time in the long run. A client
+ * How long one client may hold its room back: HOLD_BANK_MS at a stretch (enough, with room to
+ * spare, for a flat-out burst of 20 MB to a reader of 8 MB/s), and HOLD_SHARE of the time in the long run. A client
  * spends its bank while it is behind, whether or not anyone waits, and earns it back while it is not.
  */
 export const HOLD_BANK_MS = 8000;
@@ -807,14 +807,14 @@ const HOLD_SHARE = 0.1;
 /**
  * Most bytes copied together into one write. A batch of output that fits is joined into a buffer
  * of its own size; a bigger one (a slow reader catching up) goes through a pooled buffer of this
- * size. Each pooled buffer is 64 KiB of resident memory: when batches of a few KiB took them too,
- * a join storm left 32 of them behind (0.2 KB for each of 10,000 idle clients).
+ * size. Each pooled buffer is WRITE_SIZE of resident memory, so small batches must not take
+ * them: a join storm would leave SPARE_BUFFERS of them behind.
  */
 const WRITE_SIZE = 64 * 1024;
 /**
  * Clients with output waiting, above which a flush first waits GATHER_MS to gather more lines.
- * Measured at 1,000 clients and 150 lines/s: p99 fell from 60-95 ms to 46-53 ms, as each write
- * op then carries more lines; below the threshold nobody waits.
+ * Past a few hundred clients the write ops, not the bytes, are what cost, so each op should carry
+ * more lines (DESIGN.md, "How the chat server's hot path works"); below the threshold nobody waits.
  */
 const GATHER_FANOUT = 256;
 const GATHER_MS = 10;
@@ -822,16 +822,16 @@ const GATHER_MS = 10;
 const SPARE_BUFFERS = 32;
 /**
  * A stdout more than LOG_BACKLOG_BYTES behind paces the senders, as a slow reader does, so a file
- * or pipe that keeps up loses nothing (a burst of 30,000 lines of 1 KB to a file: all logged; with
- * dropping at 4 MiB, thousands were lost). One that takes nothing for LOG_STALL_MS has stopped (a
+ * or pipe that keeps up loses nothing, where dropping at the backlog lost thousands of lines of a
+ * burst. One that takes nothing for LOG_STALL_MS has stopped (a
  * paused terminal): then its lines are dropped and counted, and the chat goes on.
  */
 const LOG_BACKLOG_BYTES = 4 * 1024 * 1024;
 const LOG_STALL_MS = 1000;
 /**
  * How long the log gathers lines before it writes them. A join storm brings one join per turn,
- * and a write per turn made 0.8 KB of garbage per join, which grows V8's young generation; one
- * write per 10 ms carries dozens of joins.
+ * and a write per turn made garbage per join that grows V8's young generation; one write per
+ * LOG_GATHER_MS carries dozens of joins.
  */
 const LOG_GATHER_MS = 10;
 
@@ -1652,7 +1652,7 @@ const HISTORY_SHOWN = 20;
  * never push out those people use.
  */
 const HISTORY_ROOMS = 64;
-/** Bytes of lines a room keeps at most, whatever --history-lines says: 64 rooms then hold 32 MiB. */
+/** Bytes of lines a room keeps at most, whatever --history-lines says: HISTORY_ROOMS times this in all. */
 const HISTORY_ROOM_BYTES = 512 * 1024;
 
 /** Where a room's history stands: its epoch, and the position of its last line (0 before any). */
@@ -2237,7 +2237,7 @@ function nodeNet(): typeof import("node:net") {
 /**
  * A Node.js built-in module, loaded synchronously the first time a feature needs it (node:net for
  * --allow and --deny, node:sqlite for --history). Node's `process` itself is reached the same way,
- * through the global, and not imported: importing it costs every server about 3 MB at start.
+ * through the global, and not imported: importing it costs every server memory at start.
  */
 function nodeBuiltin<T>(name: string): T {
   const { process } = globalThis as unknown as { process: { getBuiltinModule(name: string): unknown } };
@@ -4851,8 +4851,8 @@ type ChatFlagValues = {
 /**
  * Splits the command line into flags and positionals: `--flag VALUE`, `--flag=VALUE` (for a
  * value that starts with "-"), `-h`, and `--` before positionals that start with "-". This is
- * node:util's parseArgs in a few lines: the first `node:` import costs a server 4.5 MB of RSS
- * before its first client, and the server needs nothing else from Node unless asked to.
+ * node:util's parseArgs in a few lines: the first `node:` import costs a server megabytes of
+ * RSS before its first client, and the server needs nothing else from Node unless asked to.
  */
 function splitArgs(args: string[]): { values: ChatFlagValues; positionals: string[] } {
   const values: Record<string, string | string[] | true> = {};
