@@ -1,5 +1,14 @@
-// Shared test tools: a line-oriented TCP client, CLI spawning, and checks for outside programs.
-// The file name starts with "_" so that `deno test` does not take it for a test file.
+// Shared test tools. The file name starts with "_" so that `deno test` does not take it for a test file.
+//
+// Waiting:      WAIT_MS, within(ms, promise, what), eventually(what, test)
+// TCP clients:  TestClient (connect, write, readLine, readToEnd), joinChat(port), GREETING,
+//               ask(client, line, ...expected), readUntil(client, test), readSlowly(...),
+//               sendNumberedLines(sender, count, width), resetConnections(port, count)
+// Servers:      withServer(options, body), withWebServer(options, body), Capture (a log to wait on),
+//               freePort()
+// Programs:     Cli (a spawned script, read line by line), runScript(script, args, stdin),
+//               hasProgram(name), needs(name, programs) (a test ignored, with its reason), rssKiB(pid)
+// The web:      WsClient, withChromium(body), Hiccup (a relay that can cut or freeze connections)
 import assert from "node:assert/strict";
 import { type ChatServerOptions, startChatServer } from "../chat_server.ts";
 
