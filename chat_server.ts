@@ -4630,11 +4630,23 @@ export const PAGE = `<!doctype html>
 </main>
 <form id="form"><input id="input" autocomplete="off" enterkeyhint="send" placeholder="Say something, or /help" autofocus></form>
 <script>
+// @ts-check
+/// <reference lib="dom" />
+// deno-lint-ignore-file no-control-regex -- the page's marks start with U+001E on purpose
+// This script is checked as the project's own code is: a test runs deno fmt, lint and check on it.
 "use strict";
-const log = document.getElementById("log"), input = document.getElementById("input");
-const roomEl = document.getElementById("room"), statusEl = document.getElementById("status");
-const memberList = document.getElementById("memberlist"), countEl = document.getElementById("count");
-let ws = null, backoff = 500, quietWho = 0, whoLeft = 0, members = [];
+/** @param {string} id */
+const byId = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
+const log = byId("log"), input = /** @type {HTMLInputElement} */ (byId("input"));
+const roomEl = byId("room"),
+  statusEl = byId("status"),
+  memberList = byId("memberlist"),
+  countEl = byId("count");
+/** @type {WebSocket | null} */
+let ws = null;
+let backoff = 500, quietWho = 0, whoLeft = 0;
+/** @type {string[]} */
+let members = [];
 // The server says how often it makes itself heard (PAGE_MARKS.alive); past twice that in silence
 // it is gone (a dead server or a dead network closes nothing), and the page reconnects.
 let aliveMs = 0, heardAt = 0;
@@ -4642,6 +4654,11 @@ let aliveMs = 0, heardAt = 0;
 // room's epoch and the position of the last line it has seen there (PAGE_MARKS).
 let token = "", nick = "", room = "", epoch = "", seq = 0;
 
+/**
+ * @param {string} kind
+ * @param {string | null} from
+ * @param {string} text
+ */
 function show(kind, from, text, when = Date.now()) {
   const li = document.createElement("li");
   li.className = kind;
@@ -4661,7 +4678,10 @@ function show(kind, from, text, when = Date.now()) {
 }
 
 function askWho() {
-  if (ws && ws.readyState === WebSocket.OPEN) { quietWho++; ws.send("/who"); }
+  if (ws && ws.readyState === WebSocket.OPEN) {
+    quietWho++;
+    ws.send("/who");
+  }
 }
 
 function showMembers() {
@@ -4674,27 +4694,39 @@ function showMembers() {
   }));
 }
 
-// A line that starts with U+001E is for the page alone: where it stands, never shown as such.
+/**
+ * A line that starts with U+001E is for the page alone: where it stands, never shown as such.
+ * @param {string} line
+ */
 function mark(line) {
   let m;
   if ((m = /^\\x1e! (\\S+)$/.exec(line))) token = m[1];
-  else if ((m = /^\\x1e@ (\\S+) (\\S+) (\\d+)$/.exec(line))) { room = m[1]; epoch = m[2]; seq = Number(m[3]); }
-  else if ((m = /^\\x1e= (\\d+)$/.exec(line))) seq = Number(m[1]);
+  else if ((m = /^\\x1e@ (\\S+) (\\S+) (\\d+)$/.exec(line))) {
+    room = m[1];
+    epoch = m[2];
+    seq = Number(m[3]);
+  } else if ((m = /^\\x1e= (\\d+)$/.exec(line))) seq = Number(m[1]);
   else if ((m = /^\\x1e~ (\\d+)$/.exec(line))) aliveMs = 1000 * Number(m[1]);
-  else if ((m = /^\\x1e# (\\d+) (.*)$/.exec(line))) { seq = Number(m[1]); receive(m[2]); }
-  else if ((m = /^\\x1eh (\\d+) (\\d+) (.*)$/.exec(line))) {
+  else if ((m = /^\\x1e# (\\d+) (.*)$/.exec(line))) {
+    seq = Number(m[1]);
+    receive(m[2]);
+  } else if ((m = /^\\x1eh (\\d+) (\\d+) (.*)$/.exec(line))) {
     seq = Number(m[1]);
     const said = /^\\[([^\\]]+)\\] (.*)$/.exec(m[3]);
     show("line history", said ? said[1] : null, said ? said[2] : m[3], Number(m[2]));
   }
 }
 
+/** @param {string} line */
 function receive(line) {
   let m;
   if (line.charCodeAt(0) === 0x1e) return mark(line);
   if ((m = /^You are now known as (\\S+)$/.exec(line))) nick = m[1];
   if (quietWho > 0 && (m = /^In (\\S+) \\((\\d+)\\):$/.exec(line))) {
-    quietWho--; whoLeft = Number(m[2]); members = []; roomEl.textContent = m[1];
+    quietWho--;
+    whoLeft = Number(m[2]);
+    members = [];
+    roomEl.textContent = m[1];
     if (whoLeft === 0) showMembers();
     return;
   }
@@ -4704,19 +4736,36 @@ function receive(line) {
     return;
   }
   if ((m = /^You are now in (\\S+) /.exec(line))) roomEl.textContent = m[1];
-  if (/^(Client joined|Client left|You are now)|( has joined | has left | is now known as )/.test(line)) askWho();
+  if (/^(Client joined|Client left|You are now)|( has joined | has left | is now known as )/.test(line)) {
+    askWho();
+  }
   if ((m = /^\\[([^\\]]+)\\] (.*)$/.exec(line))) return show("line", m[1], m[2]);
-  if ((m = /^\\(private\\) \\[([^\\]]+)\\] (.*)$/.exec(line))) return show("line private", m[1] + " (private)", m[2]);
+  if ((m = /^\\(private\\) \\[([^\\]]+)\\] (.*)$/.exec(line))) {
+    return show("line private", m[1] + " (private)", m[2]);
+  }
   show("notice", null, line);
 }
 
 function connect() {
   const where = new URLSearchParams({ page: "1" });
-  if (room) for (const [k, v] of Object.entries({ token, nick, room, epoch, seq })) where.set(k, String(v));
+  if (room) {
+    for (const [k, v] of Object.entries({ token, nick, room, epoch, seq })) {
+      where.set(k, String(v));
+    }
+  }
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws?" + where;
   ws = new WebSocket(url);
-  ws.onopen = () => { statusEl.textContent = "connected"; backoff = 500; quietWho = 0; whoLeft = 0; askWho(); };
-  ws.onmessage = (event) => { heardAt = Date.now(); receive(String(event.data)); };
+  ws.onopen = () => {
+    statusEl.textContent = "connected";
+    backoff = 500;
+    quietWho = 0;
+    whoLeft = 0;
+    askWho();
+  };
+  ws.onmessage = (event) => {
+    heardAt = Date.now();
+    receive(String(event.data));
+  };
   ws.onclose = reconnect;
 }
 
@@ -4727,13 +4776,15 @@ function reconnect() {
 }
 
 setInterval(() => {
-  if (!ws || ws.readyState !== WebSocket.OPEN || aliveMs === 0 || Date.now() - heardAt < 2 * aliveMs + 2000) return;
+  if (!ws || ws.readyState !== WebSocket.OPEN || aliveMs === 0 || Date.now() - heardAt < 2 * aliveMs + 2000) {
+    return;
+  }
   ws.onclose = null; // a close handshake with a silent server would wait for nothing
   ws.close();
   reconnect();
 }, 1000);
 
-document.getElementById("form").addEventListener("submit", (event) => {
+byId("form").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = input.value;
   if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN) return;

@@ -327,6 +327,23 @@ Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and 
   );
 });
 
+Deno.test("the page's script passes deno fmt, lint and check, as the scripts do (JavaScript, with the DOM's types)", async () => {
+  const script = /<script>\n([\s\S]*)<\/script>/.exec(PAGE)![1];
+  const dir = await Deno.makeTempDir();
+  try {
+    Deno.writeTextFileSync(`${dir}/deno.json`, JSON.stringify({ fmt: { lineWidth: 110 } }));
+    Deno.writeTextFileSync(`${dir}/page.js`, script);
+    for (const args of [["fmt", "--check", "page.js"], ["lint", "page.js"], ["check", "page.js"]]) {
+      const out = await new Deno.Command(Deno.execPath(), { args, cwd: dir, env: { NO_COLOR: "1" } })
+        .output();
+      const said = new TextDecoder().decode(out.stderr) + new TextDecoder().decode(out.stdout);
+      assert.equal(out.code, 0, `deno ${args.join(" ")}: ${said}`);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 /** Runs the page's script against a stand-in DOM and WebSocket, and lets a test feed it lines. */
 function runPageScript() {
   type Node = { kind?: string; from?: string; text?: string; time?: string };
