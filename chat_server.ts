@@ -125,10 +125,13 @@ export class ChatServer {
   readonly limits: Limits; // section 4
   tls: TlsGate | null = null; // section 5
   web: WebGate | null = null; // section 5
+  admin: AdminGate | null = null; // section 5
   bus: RedisBus | null = null; // section 6
   /** Refusals, handshakes, goodbyes and readers still under way: close() waits for them. */
   readonly tasks = new TaskSet();
   closing = false;
+  /** Lines received from clients (blank ones aside), for --admin's metrics. */
+  linesIn = 0;
   readonly maxLine: number;
   readonly greeting = encoder.encode(GREETING);
   readonly tooLong: Uint8Array;
@@ -165,6 +168,11 @@ export class ChatServer {
     return this.web?.addr ?? null;
   }
 
+  /** Where /healthz, /readyz and /metrics are served, with `admin`; else null. */
+  get adminAddr(): Deno.NetAddr | null {
+    return this.admin?.addr ?? null;
+  }
+
   /** With `redis`: settles when Redis first answers (the server serves local clients meanwhile). */
   get redisReady(): Promise<void> | null {
     return this.bus?.ready ?? null;
@@ -190,6 +198,7 @@ export class ChatServer {
       }
       this.bus?.watch(LOBBY); // always: the lobby's stream is read before anyone arrives
       if (o.http) this.web = new WebGate(this, o.http);
+      if (o.admin) this.admin = new AdminGate(this, o.admin);
       this.limits.startIdleSweep(this);
     } catch (e) {
       await this.#stopParts();
@@ -199,6 +208,7 @@ export class ChatServer {
       await this.tasks.settled();
       await this.web?.finished;
       await this.log.flushed();
+      await this.admin?.shutdown(); // last: until now it said 503 to whoever asked if it is ready
     }).then(this.#stopped);
   }
 
@@ -297,6 +307,7 @@ export class ChatServer {
   handleLine(client: Client, line: Uint8Array, truncated: boolean): void | Promise<void> {
     if (truncated) client.send(this.tooLong);
     if (client.leaving !== null || client.closed || isBlank(line)) return;
+    this.linesIn++;
     if (!this.limits.withinRate(this, client)) return;
     if (line[0] === SLASH) {
       if (line[1] !== SLASH) return runCommand(this, client, decoder.decode(line));
@@ -375,6 +386,7 @@ export class ChatServer {
     this.limits.stopIdleSweep();
     this.listener?.close();
     await this.web?.shutdown();
+    await this.admin?.shutdown();
     await this.bus?.close();
     this.history.file?.close();
   }
@@ -433,7 +445,10 @@ class Reader {
   private take(n: number | null): void {
     if (n === null) {
       if (!this.conn.dropsPartialLine) this.framer?.end(); // `printf 'bye' | nc -N host 2626` says bye
-      if (this.conn.problem) console.error(`Dropped ${this.client.address}: ${this.conn.problem}`);
+      if (this.conn.problem) {
+        this.server.limits.dropped.protocol++;
+        console.error(`Dropped ${this.client.address}: ${this.conn.problem}`);
+      }
       return this.end(null);
     }
     const { client, server } = this;
@@ -856,6 +871,9 @@ export class Flusher {
   closing = false;
   /** Clients more than paceBytes behind, in any room. */
   readonly congested = new Set<Client>();
+  /** Messages queued for clients, and clients cut off at sendq, so far (--admin's metrics). */
+  delivered = 0;
+  cutOff = 0;
   private dirty: Client[] = [];
   private gathering: ReturnType<typeof setTimeout> | undefined = undefined;
   private readonly joins = new SharedJoin();
@@ -874,9 +892,11 @@ export class Flusher {
   enqueue(client: Client, bytes: Uint8Array): void {
     if (client.closed) return;
     if (client.queued + bytes.length > this.sendq) {
+      this.cutOff++;
       client.close(`send queue over ${this.sendq} bytes (not reading)`);
       return;
     }
+    if (bytes.length !== 0) this.delivered++; // not a nudge for a WebSocket's control frame
     client.queue.push(bytes);
     client.queued += bytes.length;
     if (client.queued > this.paceBytes) this.fallBehind(client);
@@ -891,6 +911,7 @@ export class Flusher {
   sendNow(client: Client, bytes: Uint8Array): void {
     const busy = client.closed || client.flushing || client.queue.length > 0;
     if (busy || client.queued + bytes.length > this.paceBytes) return this.enqueue(client, bytes);
+    this.delivered++;
     client.queued += bytes.length;
     client.flushing = true;
     client.inflight = bytes;
@@ -2040,6 +2061,10 @@ export function checkName(name: string, what: string): string | null {
 // count clients in and out; handleLine() asks withinRate() for every line; start() starts the
 // idle sweep. Nothing here writes to a socket but through Client and ChatServer.sendOff().
 
+/** Why a connection was turned away, and why a client was sent off: the labels of --admin's metrics. */
+type RefusalReason = "denied" | "full" | "per_ip" | "busy" | "origin";
+type DropReason = "sendq" | "flood" | "idle" | "ping_timeout" | "protocol";
+
 /** Floods (runs of dropped lines) within FLOOD_MEMORY_MS that get a client disconnected. */
 const FLOOD_STRIKES = 3;
 const FLOOD_MEMORY_MS = 60_000;
@@ -2057,6 +2082,15 @@ export class Limits {
   readonly idleSeconds: number;
   private readonly perIp = new Map<string, number>();
   private idleSweep: ReturnType<typeof setInterval> | undefined = undefined;
+  /** Connections turned away, by reason, and clients sent off, by reason (--admin's metrics). */
+  readonly refused: Record<RefusalReason, number> = { denied: 0, full: 0, per_ip: 0, busy: 0, origin: 0 };
+  readonly dropped: Record<DropReason, number> = {
+    sendq: 0,
+    flood: 0,
+    idle: 0,
+    ping_timeout: 0,
+    protocol: 0,
+  };
 
   constructor(options: ChatServerOptions) {
     this.allow = options.allow?.length ? parseBlocks(options.allow) : null;
@@ -2076,16 +2110,22 @@ export class Limits {
   refusal(ip: string, clients: number): string | null {
     clients += this.pending;
     if ((this.allow && !inBlocks(this.allow, ip)) || (this.deny && inBlocks(this.deny, ip))) {
-      return `Sorry, connections from ${ip} are not allowed`;
+      return this.refuse("denied", `Sorry, connections from ${ip} are not allowed`);
     }
     if (clients >= this.maxClients) {
-      return `Sorry, the server is full (${this.maxClients} clients); try again later`;
+      return this.refuse("full", `Sorry, the server is full (${this.maxClients} clients); try again later`);
     }
     const limited = this.maxPerIp > 0 && (this.limitsLoopback || !isLoopback(ip));
     if (limited && (this.perIp.get(ip) ?? 0) >= this.maxPerIp) {
-      return `Sorry, too many connections from ${ip} (at most ${this.maxPerIp})`;
+      return this.refuse("per_ip", `Sorry, too many connections from ${ip} (at most ${this.maxPerIp})`);
     }
     return null;
+  }
+
+  /** Counts a refusal by its reason (for --admin's metrics), and returns what the client is told. */
+  refuse(reason: RefusalReason, text: string): string {
+    this.refused[reason]++;
+    return text;
   }
 
   /** Counts a client in, for the per-address limit. */
@@ -2120,6 +2160,7 @@ export class Limits {
     if (bucket.take(now)) return true;
     const flood = bucket.strike(now);
     if (flood >= FLOOD_STRIKES) {
+      this.dropped.flood++;
       server.sendOff(client, "Disconnected for flooding", "flooding");
     } else if (flood > 0) {
       client.tell(
@@ -2139,7 +2180,8 @@ export class Limits {
     this.idleSweep = setInterval(() => {
       const now = Date.now();
       for (const client of server.clients) {
-        if (now - client.lastInput >= idleMs) {
+        if (now - client.lastInput >= idleMs && client.leaving === null) {
+          this.dropped.idle++;
           server.sendOff(
             client,
             `Closing: nothing from you for ${plural(this.idleSeconds, "second")}`,
@@ -2279,6 +2321,8 @@ export const DEFAULT_HTTP_TIMEOUT = 5;
  * them. Centrifugo pings every 25 s; a page hears of each ping and reconnects when they stop.
  */
 export const DEFAULT_HTTP_PING = 25;
+/** The interface --admin listens on unless told: the operator's own machine. */
+export const DEFAULT_ADMIN_HOST = "127.0.0.1";
 /** Request heads that may be on their way at once from one address, and from everyone. */
 const HTTP_HEADS_PER_IP = 8;
 const HTTP_HEADS = 256;
@@ -2519,9 +2563,14 @@ export class TlsSetupError extends Error {}
 
 /** The web page's port could not be listened on (the chat port itself was fine). */
 export class WebListenError extends Error {
-  constructor(readonly port: number, readonly host: string | undefined, override readonly cause: unknown) {
+  constructor(
+    readonly port: number,
+    readonly host: string | undefined,
+    override readonly cause: unknown,
+    what = "the web page",
+  ) {
     super(
-      `cannot serve the web page on ${host ?? "all interfaces"}, port ${port}: ${
+      `cannot serve ${what} on ${host ?? "all interfaces"}, port ${port}: ${
         cause instanceof Deno.errors.AddrInUse ? "the port is already in use" : (cause as Error).message
       }`,
     );
@@ -2575,6 +2624,7 @@ class WebGate {
       const link = client.link;
       if (!(link instanceof WebSocketConn)) continue;
       if (!link.heard) {
+        if (client.leaving === null) this.server.limits.dropped.ping_timeout++;
         this.server.sendOff(client, "No answer to pings: closing", "no answer to pings");
         continue;
       }
@@ -2601,6 +2651,7 @@ class WebGate {
     const ip = plainHost(conn.remoteAddr.hostname);
     const mine = this.reading.get(ip) ?? 0;
     if (mine >= HTTP_HEADS_PER_IP || this.heads.size >= HTTP_HEADS) {
+      this.server.limits.refused.busy++;
       this.server.tasks.track(respond(conn, 503, "Too many requests under way; try again later\n"));
       return;
     }
@@ -2636,6 +2687,7 @@ class WebGate {
     const origin = headers.get("origin");
     if (origin !== undefined && !this.originAllowed(origin, headers.get("host"))) {
       console.error(`Refused ${address}: WebSocket from another site (${origin})`);
+      this.server.limits.refused.origin++;
       return respond(conn, 403, "Cross-origin WebSocket refused\n");
     }
     const refused = this.server.limits.refusal(ip, this.server.clients.size);
@@ -2667,6 +2719,164 @@ class WebGate {
     } catch {
       return false; // "null" or garbage
     }
+  }
+}
+
+/**
+ * --admin PORT: what an operator's tools ask a running instance, on a port of its own (by default on
+ * 127.0.0.1 only: metrics are not for the public). GET /healthz is 200 while the process serves;
+ * GET /readyz is 200 while it accepts clients and, with --redis, Redis answers, and 503 from the
+ * moment shutdown begins, so that a load balancer stops sending people to an instance on its way
+ * out; GET /metrics is the Prometheus text format. Requests are read with the web side's bounds.
+ */
+class AdminGate {
+  readonly server: ChatServer;
+  readonly listener: Deno.TcpListener;
+  readonly finished: Promise<void>;
+  private readonly started = Date.now();
+  private readonly answering = new Set<Promise<void>>();
+
+  /** Listens; throws WebListenError (named for --admin) if the port cannot be had. */
+  constructor(server: ChatServer, options: NonNullable<ChatServerOptions["admin"]>) {
+    this.server = server;
+    const host = options.host ?? DEFAULT_ADMIN_HOST;
+    try {
+      this.listener = listenForClients(host, options.port);
+    } catch (e) {
+      throw new WebListenError(options.port, host, e, "the admin port");
+    }
+    this.finished = this.acceptAll();
+  }
+
+  get addr(): Deno.NetAddr {
+    return this.listener.addr;
+  }
+
+  // Serves until shutdown() closes the listener: it outlives the chat's own loop, saying 503.
+  private async acceptAll(): Promise<void> {
+    for (;;) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.listener.accept();
+      } catch (e) {
+        if (e instanceof Deno.errors.BadResource || e instanceof Deno.errors.Interrupted) return;
+        await delay(ACCEPT_PAUSE_MS); // out of descriptors: the chat comes first
+        continue;
+      }
+      const answering = this.answer(conn).catch(ignore).finally(() => this.answering.delete(answering));
+      this.answering.add(answering);
+    }
+  }
+
+  private async answer(conn: Deno.TcpConn): Promise<void> {
+    const request = await readHead(conn, DEFAULT_HTTP_TIMEOUT * 1000);
+    if (!request) return closeQuietly(conn);
+    const { method, path } = request;
+    if (method !== "GET" && method !== "HEAD") return respond(conn, 405, "GET only\n");
+    const head = method === "GET";
+    if (path === "/healthz") return respond(conn, 200, "ok\n", undefined, head);
+    if (path === "/readyz") {
+      const why = this.unready();
+      return respond(conn, why ? 503 : 200, (why ?? "ready") + "\n", undefined, head);
+    }
+    if (path === "/metrics") return respond(conn, 200, this.metrics(), PROMETHEUS_TYPE, head);
+    return respond(conn, 404, "Not found: /healthz, /readyz and /metrics are here\n");
+  }
+
+  /** Why the instance should not be sent clients now, or null if it should. */
+  unready(): string | null {
+    const { server } = this;
+    if (server.closing) return "shutting down";
+    if (server.bus && !server.bus.link.up) return "Redis does not answer";
+    return null;
+  }
+
+  /** The metrics, in the Prometheus text format (version 0.0.4). */
+  metrics(): string {
+    const { server } = this;
+    const doors = { telnet: 0, tls: 0, web: 0 };
+    let queued = 0;
+    for (const client of server.clients) {
+      doors[
+        client.link instanceof WebSocketConn ? "web" : client.link instanceof TlsConn ? "tls" : "telnet"
+      ]++;
+      queued += client.queued;
+    }
+    let rooms = 0;
+    for (const room of server.directory.allRooms()) if (room.members.size > 0) rooms++;
+    const out: string[] = [];
+    const metric = (name: string, type: string, help: string, samples: [string, number][]) => {
+      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+      for (const [labels, value] of samples) out.push(`${name}${labels} ${value}`);
+    };
+    const by = (label: string, counts: Record<string, number>): [string, number][] =>
+      Object.entries(counts).map(([key, n]) => [`{${label}="${key}"}`, n]);
+    metric("chat_clients", "gauge", "Clients connected, by the door they came in by.", by("door", doors));
+    metric("chat_rooms", "gauge", "Rooms with members on this instance.", [["", rooms]]);
+    metric("chat_lines_total", "counter", "Lines received from clients.", [["", server.linesIn]]);
+    metric("chat_deliveries_total", "counter", "Lines and notices queued for clients.", [[
+      "",
+      server.flusher.delivered,
+    ]]);
+    const dropped = { ...server.limits.dropped, sendq: server.flusher.cutOff };
+    metric("chat_dropped_total", "counter", "Clients sent off, by reason.", by("reason", dropped));
+    metric(
+      "chat_refused_total",
+      "counter",
+      "Connections turned away, by reason.",
+      by("reason", server.limits.refused),
+    );
+    metric("chat_send_queue_bytes", "gauge", "Bytes waiting to be written to clients.", [["", queued]]);
+    metric("chat_behind_clients", "gauge", "Clients more than a quarter of --sendq behind.", [[
+      "",
+      server.flusher.congested.size,
+    ]]);
+    if (server.bus) {
+      metric("chat_redis_up", "gauge", "1 while Redis answers.", [["", server.bus.link.up ? 1 : 0]]);
+      metric("chat_redis_backlog_bytes", "gauge", "Bytes of lines waiting for Redis.", [[
+        "",
+        server.bus.waitingBytes,
+      ]]);
+    }
+    const { process } = globalThis as unknown as { process: { getBuiltinModule(name: string): unknown } };
+    const cpu = (process.getBuiltinModule("node:process") as { cpuUsage(): { user: number; system: number } })
+      .cpuUsage();
+    metric("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.", [[
+      "",
+      (cpu.user + cpu.system) / 1e6,
+    ]]);
+    metric("process_resident_memory_bytes", "gauge", "Resident memory size, in bytes.", [[
+      "",
+      Deno.memoryUsage().rss,
+    ]]);
+    metric("process_start_time_seconds", "gauge", "Start time of the process since the epoch, in seconds.", [[
+      "",
+      Math.floor(this.started / 1000),
+    ]]);
+    const fds = openDescriptors();
+    if (fds !== null) metric("process_open_fds", "gauge", "Open file descriptors.", [["", fds]]);
+    return out.join("\n") + "\n";
+  }
+
+  /** Closes the port, once the answers under way are out: the last thing a shutdown does. */
+  async shutdown(): Promise<void> {
+    closeQuietly(this.listener);
+    await this.finished;
+    await Promise.all(this.answering);
+  }
+}
+
+/** The Prometheus text format's content type. */
+const PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8";
+
+/** How many descriptors this process has open (Linux's /proc), or null where that cannot be read. */
+function openDescriptors(): number | null {
+  try {
+    let n = 0;
+    for (const _ of Deno.readDirSync("/proc/self/fd")) n++;
+    return n;
+  } catch {
+    return null;
   }
 }
 
@@ -2730,6 +2940,7 @@ function parseHead(head: Uint8Array, rest: Uint8Array): HttpRequest | null {
 
 const STATUS_TEXT: Record<number, string> = {
   200: "OK",
+  405: "Method Not Allowed",
   400: "Bad Request",
   403: "Forbidden",
   404: "Not Found",
@@ -4305,6 +4516,8 @@ export interface ChatServerOptions {
    * browser may take to send its request (`timeout`, default {@linkcode DEFAULT_HTTP_TIMEOUT}), and
    * the seconds between pings to WebSocket clients (`ping`, default {@linkcode DEFAULT_HTTP_PING}; 0: none). */
   http?: { port: number; host?: string; origins?: string[]; timeout?: number; ping?: number };
+  /** Serve /healthz, /readyz and /metrics for operators on `port`, on `host` (default {@linkcode DEFAULT_ADMIN_HOST}). */
+  admin?: { port: number; host?: string };
   /** Share rooms with other instances through Redis. Default: this instance alone. */
   redis?: RedisOptions;
   /** Serve TLS with this certificate chain and key (PEM text) instead of plain TCP. */
@@ -4806,6 +5019,7 @@ const USAGE = "usage: chat_server.ts [PORT | --port PORT] [--host HOST] [--max-l
   "[--history FILE] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE [--handshake-timeout S]] " +
   "[--log text|json] " +
   "[--http PORT [--http-host HOST] [--http-origin ORIGIN]... [--http-timeout S] [--http-ping S]] " +
+  "[--admin PORT [--admin-host HOST]] " +
   "[--redis URL [--redis-prefix P] [--redis-expiry S]] [--help]";
 
 const HELP = `${USAGE}
@@ -4834,6 +5048,8 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --http-origin URL    another site whose pages may use the WebSocket (repeatable; * for any)
   --http-timeout S     seconds a browser may take to send its request (default ${DEFAULT_HTTP_TIMEOUT})
   --http-ping S        seconds between pings to web clients; one silent past the next ping is closed (default ${DEFAULT_HTTP_PING}; 0: none)
+  --admin PORT         serve /healthz, /readyz and /metrics (Prometheus) for operators on this port
+  --admin-host HOST    interface for --admin (default ${DEFAULT_ADMIN_HOST}: metrics are not for the public)
   --redis URL          share rooms with other instances through Redis (redis://HOST:PORT[/DB])
   --redis-prefix P     prefix of Redis keys and channels (default chat)
   --redis-expiry S     seconds before a crashed instance's members leave the directory (default 30)
@@ -4885,6 +5101,8 @@ const CHAT_FLAGS = {
   "http-origin": "many",
   "http-timeout": "one",
   "http-ping": "one",
+  admin: "one",
+  "admin-host": "one",
   redis: "one",
   "redis-prefix": "one",
   "redis-expiry": "one",
@@ -4971,7 +5189,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   if (handshakeTimeout !== undefined && v["tls-cert"] === undefined) {
     throw new UsageError("--handshake-timeout goes with --tls-cert and --tls-key");
   }
-  for (const flag of ["host", "http-host", "redis-prefix"] as const) {
+  for (const flag of ["host", "http-host", "admin-host", "redis-prefix"] as const) {
     if (v[flag] !== undefined && v[flag].trim() === "") {
       throw new UsageError(`--${flag} wants a value, not ""`);
     }
@@ -4984,6 +5202,9 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   const webOnly = [v["http-host"], v["http-origin"], v["http-timeout"], v["http-ping"]];
   if (v.http === undefined && webOnly.some((value) => value !== undefined)) {
     throw new UsageError("--http-host, --http-origin, --http-timeout and --http-ping go with --http PORT");
+  }
+  if (v.admin === undefined && v["admin-host"] !== undefined) {
+    throw new UsageError("--admin-host goes with --admin PORT");
   }
   if (v.redis === undefined && (v["redis-prefix"] !== undefined || v["redis-expiry"] !== undefined)) {
     throw new UsageError("--redis-prefix and --redis-expiry go with --redis URL");
@@ -5028,6 +5249,10 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
         origins: v["http-origin"],
         timeout: seconds("--http-timeout", v["http-timeout"], 0.001),
         ping: seconds("--http-ping", v["http-ping"], 0),
+      },
+      admin: v.admin === undefined ? undefined : {
+        port: parseCount("--admin", v.admin, 0, 65535),
+        host: v["admin-host"],
       },
     },
     tlsFiles: v["tls-cert"] === undefined ? undefined : { cert: v["tls-cert"], key: v["tls-key"]! },
@@ -5156,6 +5381,10 @@ async function main(): Promise<void> {
       ? "localhost"
       : formatPeer(server.httpAddr).replace(/:\d+$/, "");
     say(`Web page at http://${shown}:${port}/`, { event: "web", url: `http://${shown}:${port}/` });
+  }
+  if (server.adminAddr) {
+    const url = `http://${formatPeer(server.adminAddr)}/`;
+    say(`Admin at ${url} (healthz, readyz, metrics)`, { event: "admin", url });
   }
   if (server.redisReady && options.redis) {
     const url = options.redis.url;
