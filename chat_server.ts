@@ -126,6 +126,8 @@ export class ChatServer {
   tls: TlsGate | null = null; // section 5
   web: WebGate | null = null; // section 5
   admin: AdminGate | null = null; // section 5
+  /** The addresses of trusted proxies (--proxy-from), whose connections say whose they are. */
+  readonly proxies: BlockList | null;
   bus: RedisBus | null = null; // section 6
   /** Refusals, handshakes, goodbyes and readers still under way: close() waits for them. */
   readonly tasks = new TaskSet();
@@ -144,6 +146,7 @@ export class ChatServer {
     this.flusher = new Flusher(options.sendq ?? DEFAULT_SENDQ);
     this.log = new EventLog(options.log === undefined ? Deno.stdout : options.log, options.logFormat);
     this.limits = new Limits(options);
+    this.proxies = options.proxyFrom?.length ? parseBlocks(options.proxyFrom) : null;
     this.history = new RoomHistory(options.historyLines ?? DEFAULT_HISTORY_LINES);
     this.history.occupied = this.occupied;
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
@@ -242,16 +245,21 @@ export class ChatServer {
 
   /** The tutorial's accept_new_connection(): refuses a connection, or admits it and reads it. */
   acceptNewConnection(conn: Deno.TcpConn): void {
-    const address = formatPeer(conn.remoteAddr);
-    const ip = plainHost(conn.remoteAddr.hostname);
-    const refused = this.limits.refusal(ip, this.clients.size); // section 4
     conn.setNoDelay(true);
-    if (this.tls) return this.tasks.track(this.tls.accept(conn, address, ip, refused)); // section 5
+    const ip = plainHost(conn.remoteAddr.hostname);
+    if (this.proxies && inBlocks(this.proxies, ip)) return this.tasks.track(acceptProxied(this, conn)); // section 5
+    this.serveConnection(conn, formatPeer(conn.remoteAddr), ip);
+  }
+
+  /** Refuses a connection, or admits it (after its TLS handshake, with TLS) and reads it. */
+  serveConnection(link: Stream, address: string, ip: string): void {
+    const refused = this.limits.refusal(ip, this.clients.size); // section 4
+    if (this.tls) return this.tasks.track(this.tls.accept(link, address, ip, refused)); // section 5
     if (refused) {
       console.error(`Refused ${address}: ${refused}`);
-      return this.tasks.track(refuse(conn, refused));
+      return this.tasks.track(refuse(link, refused));
     }
-    this.receive(this.admit(conn, address, ip), conn);
+    this.receive(this.admit(link, address, ip), link);
   }
 
   /**
@@ -2403,7 +2411,7 @@ class TlsGate {
   }
 
   /** Completes the handshake, then admits the client and reads it, or tells it why not. */
-  async accept(conn: Deno.TcpConn, address: string, ip: string, refused: string | null): Promise<void> {
+  async accept(conn: Stream, address: string, ip: string, refused: string | null): Promise<void> {
     if (refused) {
       console.error(`Refused ${address}: ${refused}`);
       if (this.refusing >= MAX_TLS_REFUSALS) return closeQuietly(conn);
@@ -2434,7 +2442,7 @@ class TlsGate {
  * (logged, and `conn` closed) if it fails or takes longer than `ms`.
  */
 function startTls(
-  conn: Deno.Conn,
+  conn: Stream,
   context: SecureContext,
   ms: number,
   address: string,
@@ -2460,7 +2468,7 @@ function startTls(
 }
 
 /** A Deno.Conn as a node stream, for node:tls to run over. */
-function duplexOver(conn: Deno.Conn): Duplex {
+function duplexOver(conn: Stream): Duplex {
   const buffer = new Uint8Array(READ_SIZE);
   return new nodeTls.Duplex({
     read() {
@@ -2486,13 +2494,13 @@ function duplexOver(conn: Deno.Conn): Duplex {
  */
 class TlsConn implements Stream {
   private readonly socket: TLSSocket;
-  private readonly conn: Deno.Conn;
+  private readonly conn: Stream;
   private readonly chunks: Uint8Array[] = [];
   private ended = false;
   private failure: Error | null = null;
   private wake: (() => void) | null = null;
 
-  constructor(socket: TLSSocket, conn: Deno.Conn) {
+  constructor(socket: TLSSocket, conn: Stream) {
     this.socket = socket;
     this.conn = conn;
     const woken = () => {
@@ -2545,6 +2553,176 @@ class TlsConn implements Stream {
     const timer = setTimeout(destroy, SHUTDOWN_GRACE_MS);
     this.socket.end(destroy);
   }
+}
+
+/**
+ * The PROXY protocol (HAProxy's, versions 1 and 2), as a load balancer's `send-proxy` or
+ * `send-proxy-v2` writes it before the client's bytes: who the client is. Read only from a trusted
+ * proxy (--proxy-from), with bounds: a v1 line is at most 107 bytes, a v2 header's length is checked
+ * before it is read, and the whole must come within the handshake timeout.
+ */
+const PROXY_V1_MAX = 107;
+const PROXY_V2_SIGNATURE = [0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a];
+/** The most a v2 header may carry after its 16 bytes: addresses (216 at most) and some TLVs. */
+const PROXY_V2_MAX = 1024;
+
+/** Whose connection it is: the client's address and port, or null (LOCAL, UNKNOWN: the proxy's own); and the bytes after the header. */
+interface ProxyHeader {
+  hostname: string | null;
+  port: number;
+  rest: Uint8Array;
+}
+
+/** A PROXY header that is missing, late, too long or malformed: the connection is closed, with this line logged. */
+export class ProxyHeaderError extends Error {}
+
+/** Reads a PROXY header (v1 or v2) within `ms`; throws a ProxyHeaderError that says what was wrong. */
+export async function readProxyHeader(conn: Deno.Conn, ms: number): Promise<ProxyHeader> {
+  const buffer = new Uint8Array(16 + PROXY_V2_MAX);
+  let filled = 0, late = false;
+  const timer = setTimeout(() => (late = true, closeQuietly(conn)), ms);
+  const need = async (count: number) => {
+    while (filled < count) {
+      const n = await conn.read(buffer.subarray(filled)).catch((e) => {
+        if (late) throw new ProxyHeaderError(`no PROXY header within ${ms / 1000} s`);
+        if (isDisconnect(e)) return null;
+        throw e;
+      });
+      if (n === null) throw new ProxyHeaderError("the proxy closed before its PROXY header was whole");
+      filled += n;
+    }
+  };
+  try {
+    await need(12);
+    if (PROXY_V2_SIGNATURE.every((b, i) => buffer[i] === b)) {
+      await need(16);
+      const length = (buffer[14] << 8) | buffer[15];
+      if (length > PROXY_V2_MAX) throw new ProxyHeaderError(`a PROXY v2 header of ${length} bytes`);
+      await need(16 + length);
+      return { ...parseProxyV2(buffer.subarray(0, 16 + length)), rest: buffer.slice(16 + length, filled) };
+    }
+    if (decoder.decode(buffer.subarray(0, 6)) !== "PROXY ") throw new ProxyHeaderError("no PROXY header");
+    let end = -1;
+    for (;;) {
+      end = buffer.subarray(0, filled).findIndex((b, i) =>
+        b === CR && buffer[i + 1] === NL && i + 1 < filled
+      );
+      if (end >= 0 || filled >= PROXY_V1_MAX) break;
+      await need(filled + 1);
+    }
+    if (end < 0 || end + 2 > PROXY_V1_MAX) {
+      throw new ProxyHeaderError(`a PROXY v1 line over ${PROXY_V1_MAX} bytes`);
+    }
+    return { ...parseProxyV1(decoder.decode(buffer.subarray(0, end))), rest: buffer.slice(end + 2, filled) };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** `PROXY TCP4|TCP6 SRC DST SPORT DPORT`, or `PROXY UNKNOWN ...` (the proxy's own connection). */
+function parseProxyV1(line: string): { hostname: string | null; port: number } {
+  const [, family, source, , sourcePort, , extra] = line.split(" ");
+  if (family === "UNKNOWN") return { hostname: null, port: 0 };
+  const version = family === "TCP4" ? 4 : family === "TCP6" ? 6 : 0;
+  const port = Number(sourcePort);
+  if (
+    version === 0 || extra !== undefined || nodeNet().isIP(source ?? "") !== version ||
+    !/^\d{1,5}$/.test(sourcePort ?? "") || port > 65535
+  ) {
+    throw new ProxyHeaderError(`a malformed PROXY v1 line: ${JSON.stringify(line.slice(0, PROXY_V1_MAX))}`);
+  }
+  return { hostname: source, port };
+}
+
+/** The v2 binary header: LOCAL (a health check: the proxy's own), or PROXY with TCP over IPv4 or IPv6. */
+function parseProxyV2(header: Uint8Array): { hostname: string | null; port: number } {
+  const version = header[12] >> 4, command = header[12] & 0x0f, family = header[13];
+  if (version !== 2 || command > 1) {
+    throw new ProxyHeaderError(`a PROXY v2 header of version ${version}, command ${command}`);
+  }
+  if (command === 0) return { hostname: null, port: 0 }; // LOCAL
+  const body = header.subarray(16);
+  if (family === 0x11 && body.length >= 12) {
+    return { hostname: [...body.subarray(0, 4)].join("."), port: (body[8] << 8) | body[9] };
+  }
+  if (family === 0x21 && body.length >= 36) {
+    const groups = Array.from({ length: 8 }, (_, i) => ((body[2 * i] << 8) | body[2 * i + 1]).toString(16));
+    return {
+      hostname: new URL(`http://[${groups.join(":")}]/`).hostname.slice(1, -1),
+      port: (body[32] << 8) | body[33],
+    };
+  }
+  if ((family & 0xf0) === 0x10 || (family & 0xf0) === 0x20) {
+    throw new ProxyHeaderError("a PROXY v2 header too short for its addresses");
+  }
+  return { hostname: null, port: 0 }; // UNSPEC, UNIX: the spec says to use the connection's own endpoints
+}
+
+/** A connection from a trusted proxy: its PROXY header says whose it is, and it is served as that client. */
+async function acceptProxied(server: ChatServer, conn: Deno.TcpConn): Promise<void> {
+  const proxy = formatPeer(conn.remoteAddr);
+  let header: ProxyHeader;
+  try {
+    header = await readProxyHeader(
+      conn,
+      (server.options.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT) * 1000,
+    );
+  } catch (e) {
+    if (!(e instanceof ProxyHeaderError)) throw e;
+    console.error(`Dropped ${proxy}: ${e.message}`);
+    return closeQuietly(conn);
+  }
+  if (server.closing) return closeQuietly(conn);
+  const { hostname, port } = header;
+  const from = hostname === null ? conn.remoteAddr : { ...conn.remoteAddr, hostname, port };
+  const link = header.rest.length > 0 ? new Replayed(conn, header.rest) : conn;
+  server.serveConnection(link, formatPeer(from), plainHost(from.hostname));
+}
+
+/** A connection whose first bytes were already read (past a PROXY header): they are read again first. */
+class Replayed implements Stream {
+  private readonly conn: Deno.Conn;
+  private rest: Uint8Array;
+
+  constructor(conn: Deno.Conn, rest: Uint8Array) {
+    this.conn = conn;
+    this.rest = rest;
+  }
+
+  read(p: Uint8Array): Promise<number | null> {
+    if (this.rest.length === 0) return this.conn.read(p);
+    const n = Math.min(p.length, this.rest.length);
+    p.set(this.rest.subarray(0, n));
+    this.rest = this.rest.subarray(n);
+    return Promise.resolve(n);
+  }
+
+  write(p: Uint8Array): Promise<number> {
+    return this.conn.write(p);
+  }
+
+  close(): void {
+    this.conn.close();
+  }
+}
+
+/**
+ * The client a trusted proxy forwards a web request for: the right-most address of X-Forwarded-For
+ * (else of Forwarded's `for=`) that is not itself a trusted proxy; null if there is none that parses.
+ */
+export function forwardedFor(headers: Map<string, string>, proxies: BlockList): string | null {
+  const xff = headers.get("x-forwarded-for");
+  const chain = xff !== undefined
+    ? xff.split(",").map((s) => s.trim())
+    : [...(headers.get("forwarded") ?? "").matchAll(/(?:^|[;,\s])for=("?)([^";,]+)\1/gi)].map((m) =>
+      m[2].replace(/^\[([^\]]+)\](?::\d+)?$/, "$1").replace(/^(\d+\.\d+\.\d+\.\d+):\d+$/, "$1")
+    );
+  for (let i = chain.length - 1; i >= 0; i--) {
+    const ip = plainHost(chain[i]);
+    if (nodeNet().isIP(ip) === 0) return null; // garbage, or "unknown": nothing past it can be trusted
+    if (!inBlocks(proxies, ip)) return ip;
+  }
+  return null;
 }
 
 /** Writes a one-line refusal to a connection we will not serve, then closes it. */
@@ -2669,6 +2847,10 @@ class WebGate {
   /** Answers one request: the page, a WebSocket upgrade, or a one-line error. */
   serve(conn: Deno.TcpConn, request: HttpRequest, ip: string): Promise<void> | void {
     const { method, path, headers } = request;
+    let address = formatPeer(conn.remoteAddr);
+    const proxies = this.server.proxies;
+    const client = proxies && inBlocks(proxies, ip) ? forwardedFor(headers, proxies) : null;
+    if (client !== null) [ip, address] = [client, formatPeer({ ...conn.remoteAddr, hostname: client })];
     if (path === "/" && (method === "GET" || method === "HEAD")) {
       return respond(conn, 200, PAGE, "text/html; charset=utf-8", method !== "HEAD");
     }
@@ -2676,7 +2858,6 @@ class WebGate {
     if (headers.get("upgrade")?.toLowerCase() !== "websocket") {
       return respond(conn, 426, "This is the chat's WebSocket: open / in a browser\n");
     }
-    const address = formatPeer(conn.remoteAddr);
     const key = headers.get("sec-websocket-key");
     if (method !== "GET" || !key || !/^[A-Za-z0-9+/]{22}==$/.test(key.trim())) {
       return respond(conn, 400, "A WebSocket upgrade is a GET with a Sec-WebSocket-Key\n");
@@ -4516,6 +4697,12 @@ export interface ChatServerOptions {
    * browser may take to send its request (`timeout`, default {@linkcode DEFAULT_HTTP_TIMEOUT}), and
    * the seconds between pings to WebSocket clients (`ping`, default {@linkcode DEFAULT_HTTP_PING}; 0: none). */
   http?: { port: number; host?: string; origins?: string[]; timeout?: number; ping?: number };
+  /**
+   * CIDR blocks of trusted proxies (a load balancer): a connection from one of them to the chat port
+   * begins with a PROXY protocol header (v1 or v2), and a web request carries X-Forwarded-For or
+   * Forwarded; the client's address is then the one they give, everywhere. Nobody else can claim one.
+   */
+  proxyFrom?: string[];
   /** Serve /healthz, /readyz and /metrics for operators on `port`, on `host` (default {@linkcode DEFAULT_ADMIN_HOST}). */
   admin?: { port: number; host?: string };
   /** Share rooms with other instances through Redis. Default: this instance alone. */
@@ -5016,7 +5203,8 @@ connect();
 
 const USAGE = "usage: chat_server.ts [PORT | --port PORT] [--host HOST] [--max-line BYTES] [--sendq BYTES] " +
   "[--max-clients N] [--max-per-ip N] [--idle S] [--rate N] [--announce-limit N] [--history-lines N] " +
-  "[--history FILE] [--allow CIDR]... [--deny CIDR]... [--tls-cert FILE --tls-key FILE [--handshake-timeout S]] " +
+  "[--history FILE] [--allow CIDR]... [--deny CIDR]... [--proxy-from CIDR]... " +
+  "[--tls-cert FILE --tls-key FILE] [--handshake-timeout S] " +
   "[--log text|json] " +
   "[--http PORT [--http-host HOST] [--http-origin ORIGIN]... [--http-timeout S] [--http-ping S]] " +
   "[--admin PORT [--admin-host HOST]] " +
@@ -5039,9 +5227,11 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --history FILE       keep each room's history in this SQLite file, across restarts (default: memory)
   --allow CIDR         only these addresses may connect (repeatable; e.g. 192.168.0.0/16, fd00::/8)
   --deny CIDR          these addresses may not connect (repeatable; wins over --allow)
+  --proxy-from CIDR    a trusted proxy: its connections begin with a PROXY header (v1 or v2), its web
+                       requests carry X-Forwarded-For; the client's address is then the one it gives
   --tls-cert FILE      serve TLS with this PEM certificate chain...
   --tls-key FILE       ...and this PEM private key
-  --handshake-timeout S  seconds a TLS client may take to handshake (default ${DEFAULT_HANDSHAKE_TIMEOUT})
+  --handshake-timeout S  seconds for a TLS handshake or a PROXY header (default ${DEFAULT_HANDSHAKE_TIMEOUT})
   --log FORMAT         text (the tutorial's lines, default) or json (one object per event)
   --http PORT          also serve the chat as a web page, and its WebSocket at /ws
   --http-host HOST     interface for the web page (default: as --host)
@@ -5092,6 +5282,7 @@ const CHAT_FLAGS = {
   history: "one",
   allow: "many",
   deny: "many",
+  "proxy-from": "many",
   "tls-cert": "one",
   "tls-key": "one",
   "handshake-timeout": "one",
@@ -5186,8 +5377,8 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
   };
   const idle = seconds("--idle", v.idle, 0);
   const handshakeTimeout = seconds("--handshake-timeout", v["handshake-timeout"], 0.001);
-  if (handshakeTimeout !== undefined && v["tls-cert"] === undefined) {
-    throw new UsageError("--handshake-timeout goes with --tls-cert and --tls-key");
+  if (handshakeTimeout !== undefined && v["tls-cert"] === undefined && v["proxy-from"] === undefined) {
+    throw new UsageError("--handshake-timeout goes with --tls-cert and --tls-key, or --proxy-from");
   }
   for (const flag of ["host", "http-host", "admin-host", "redis-prefix"] as const) {
     if (v[flag] !== undefined && v[flag].trim() === "") {
@@ -5216,7 +5407,8 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
     throw new UsageError("--history and --redis do not go together: with --redis the history lives in Redis");
   }
   try {
-    if (v.allow || v.deny) parseBlocks([...(v.allow ?? []), ...(v.deny ?? [])]); // loads node:net
+    const blocks = [...(v.allow ?? []), ...(v.deny ?? []), ...(v["proxy-from"] ?? [])];
+    if (blocks.length > 0) parseBlocks(blocks); // loads node:net
   } catch (e) {
     if (e instanceof RangeError) throw new UsageError(e.message);
     throw e;
@@ -5237,6 +5429,7 @@ export function parseChatArgs(args: string[]): ChatArgs | "help" {
       historyFile: v.history,
       allow: v.allow,
       deny: v.deny,
+      proxyFrom: v["proxy-from"],
       logFormat: v.log as "text" | "json" | undefined,
       redis: v.redis === undefined ? undefined : {
         url: v.redis,

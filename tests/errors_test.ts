@@ -46,7 +46,7 @@ const CASES: [script: string, args: string[], code: number, line: string][] = [
     "chat_server.ts",
     ["0", "--handshake-timeout", "1"],
     2,
-    "--handshake-timeout goes with --tls-cert and --tls-key",
+    "--handshake-timeout goes with --tls-cert and --tls-key, or --proxy-from",
   ],
   [
     "chat_server.ts",
