@@ -2,17 +2,7 @@
 // Prometheus's own tools (promtool, and a real Prometheus scraping the port).
 import assert from "node:assert/strict";
 import { startChatServer } from "../chat_server.ts";
-import {
-  Cli,
-  eventually,
-  freePort,
-  hasProgram,
-  joinChat,
-  needs,
-  TestClient,
-  WAIT_MS,
-  within,
-} from "./_helpers.ts";
+import { Cli, eventually, freePort, joinChat, needs, TestClient, WAIT_MS, within } from "./_helpers.ts";
 
 /** GET `path` on the admin port: its status and body. */
 async function get(port: number, path: string): Promise<{ status: number; body: string }> {
@@ -77,7 +67,7 @@ Deno.test("startChatServer({ admin }) says 503 on /readyz from the moment shutdo
     sendq: 64 << 20,
   });
   const admin = server.adminAddr!.port;
-  using sleeper = await TestClient.connect(server.addr.port); // reads nothing: its goodbye cannot go out
+  using _sleeper = await TestClient.connect(server.addr.port); // reads nothing: its goodbye cannot go out
   using sender = await joinChat(server.addr.port);
   const line = `${"z".repeat(1000)}\n`.repeat(64);
   while (server.flusher.congested.size === 0) await sender.write(line); // until its buffers are full

@@ -58,8 +58,6 @@ class From {
   }
 }
 
-const encoder = new TextEncoder();
-
 /** A PROXY v2 header for TCP over IPv4 from `source`:`port`. */
 function proxyV2(source: string, port: number): Uint8Array {
   const signature = [0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a];

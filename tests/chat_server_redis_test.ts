@@ -186,13 +186,10 @@ redisTest("nicks are unique across instances, /msg crosses, /who and /rooms list
     assert.equal(await a.readLine(), `bob has left lobby for dev\r\n`);
     await ask(a, "/rooms", "Rooms (2):", "  dev 1", "  lobby 1 (you are here)");
     b.close();
-    let free = false; // once the other instance has seen bob leave
-    for (let i = 0; i < 50 && !free; i++) {
+    await eventually("bob's nick to be free, once the other instance has seen bob leave", async () => {
       await a.write("/nick Bob\r\n");
-      free = await a.readLine() === "You are now known as Bob\r\n";
-      if (!free) await new Promise((r) => setTimeout(r, 50));
-    }
-    assert.ok(free, "bob's nick was never freed");
+      return await a.readLine() === "You are now known as Bob\r\n";
+    });
   });
 });
 
@@ -212,14 +209,10 @@ redisTest("local chat goes on while Redis is down, and the instances rejoin when
     await logs[0].waitFor("Redis is back: rooms are shared again");
     await logs[1].waitFor("Redis is back: rooms are shared again");
     // Lines sent while Redis was away are not replayed; fresh ones cross again within moments.
-    let crossed = false;
-    for (let i = 0; i < 50 && !crossed; i++) {
-      await b.write(`probe ${i}\r\n`);
-      const line = await within(WAIT_MS, a.readLine(), "a probe");
-      crossed = line!.startsWith(`[${b.name}] probe`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    assert.ok(crossed, "lines never crossed again");
+    await eventually("lines to cross again", async () => {
+      await b.write("probe\r\n");
+      return (await within(WAIT_MS, a.readLine(), "a probe"))!.startsWith(`[${b.name}] probe`);
+    });
     assert.equal(logs[0].text.split("Redis unavailable").length, 2, "the loss is logged once");
     assert.deepEqual(await who(c), [a.name, `${c.name} (you)`, b.name]);
   });
@@ -272,12 +265,7 @@ redisTest("a killed instance's members leave the directory within the expiry", a
     assert.deepEqual(await who(a), [`${a.name} (you)`, `dora (${d.name})`]);
     doomed.kill("SIGKILL");
     await doomed.finish();
-    let gone = false;
-    for (let i = 0; i < 40 && !gone; i++) { // expiry 2 s, heartbeat every 0.67 s
-      await new Promise((r) => setTimeout(r, 200));
-      gone = (await who(a)).length === 1;
-    }
-    assert.ok(gone, "dora is still listed");
+    await eventually("dora to leave the directory (expiry 2 s)", async () => (await who(a)).length === 1);
     await ask(a, "/nick Dora", "You are now known as Dora"); // her nick expired with her
   } finally {
     doomed.kill("SIGKILL");
@@ -745,12 +733,10 @@ redisTest(
         "redis.call('XDEL', KEYS[1], e[1]) end; redis.call('XSETID', KEYS[1], '2-0'); " +
         "redis.call('HSET', KEYS[2], 'seq', 2, 'sub', 0); return 1";
       assert.equal(await redis.command("EVAL", rollBack, "2", "chat:stream:lobby", "chat:room:lobby"), ":1");
-      let after = before;
-      for (let i = 0; i < 50 && after === before; i++) { // a heartbeat (0.67 s here) notices
-        await new Promise((r) => setTimeout(r, 100));
-        after = await redis.command("HGET", "chat:room:lobby", "epoch");
-      }
-      assert.notEqual(after, before);
+      await eventually( // a heartbeat (0.67 s here) notices
+        "a new epoch for the forked room",
+        async () => await redis.command("HGET", "chat:room:lobby", "epoch") !== before,
+      );
       await a.write("after the fork\r\n");
       const lines = await collectUntil(b, (l) => l.includes("after the fork"));
       assert.deepEqual(lines.filter((l) => l.includes("was reset")), [
