@@ -11,6 +11,7 @@ import {
   needs,
   TestClient,
   WAIT_MS,
+  withCertificates,
   within,
   withServer,
 } from "./_helpers.ts";
@@ -325,34 +326,6 @@ Deno.test("--announce-limit quiets a big room's joins and leaves, and logs the c
 });
 
 // --- TLS ---------------------------------------------------------------------------------------
-
-/** Runs `body` with a localhost certificate and key (PEM) and the CA that signed them, then cleans up. */
-async function withCertificates(
-  body: (tls: { cert: string; key: string }, caCerts: string[], dir: string) => Promise<void>,
-): Promise<void> {
-  const dir = await Deno.makeTempDir();
-  try {
-    await makeCertificates(dir);
-    const read = (name: string) => Deno.readTextFileSync(`${dir}/${name}`);
-    await body({ cert: read("server.crt"), key: read("server.key") }, [read("ca.crt")], dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-
-/** Makes a CA and a leaf certificate for localhost with openssl, in `dir`. */
-async function makeCertificates(dir: string): Promise<void> {
-  const script = `
-    set -e
-    cd "${dir}"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj "/CN=Test CA" 2>/dev/null
-    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
-    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf 2>/dev/null
-  `;
-  const out = await new Deno.Command("sh", { args: ["-c", script], stderr: "piped" }).output();
-  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
-}
 
 Deno.test({
   ...needs("--tls-cert/--tls-key serve TLS: Deno and ncat --ssl clients chat through it", ["openssl"]),

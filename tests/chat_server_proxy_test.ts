@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import * as net from "node:net";
 import { startChatServer } from "../chat_server.ts";
-import { freePort, GREETING, needs, WAIT_MS, within } from "./_helpers.ts";
+import { freePort, GREETING, makeCertificates, needs, WAIT_MS, within } from "./_helpers.ts";
 
 /** A line client whose connection comes from `local` (a loopback address of its own), through node:net. */
 class From {
@@ -325,16 +325,7 @@ Deno.test({
   sanitizeResources: false,
   async fn() {
     const dir = await Deno.makeTempDir();
-    const certs = await new Deno.Command("sh", {
-      args: [
-        "-c",
-        `cd "${dir}" && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj "/CN=Test CA" 2>/dev/null && ` +
-        `openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null && ` +
-        `printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf && ` +
-        `openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf 2>/dev/null`,
-      ],
-    }).output();
-    assert.equal(certs.code, 0);
+    await makeCertificates(dir);
     const tls = {
       cert: Deno.readTextFileSync(`${dir}/server.crt`),
       key: Deno.readTextFileSync(`${dir}/server.key`),
