@@ -2828,7 +2828,9 @@ class WebGate {
   take(conn: Deno.TcpConn): void {
     const ip = plainHost(conn.remoteAddr.hostname);
     const mine = this.reading.get(ip) ?? 0;
-    if (mine >= HTTP_HEADS_PER_IP || this.heads.size >= HTTP_HEADS) {
+    // A trusted proxy speaks for many people: only the cap on everyone applies to it.
+    const proxy = this.server.proxies !== null && inBlocks(this.server.proxies, ip);
+    if ((mine >= HTTP_HEADS_PER_IP && !proxy) || this.heads.size >= HTTP_HEADS) {
       this.server.limits.refused.busy++;
       this.server.tasks.track(respond(conn, 503, "Too many requests under way; try again later\n"));
       return;

@@ -446,6 +446,22 @@ Deno.test("startChatServer({ http }) closes request heads that trickle, and caps
   });
 });
 
+Deno.test("startChatServer({ http, proxyFrom }) caps a trusted proxy's request heads only with everyone's", async () => {
+  await withWebServer(
+    { http: { port: 0, timeout: 0.5 }, proxyFrom: ["127.0.0.1/32"] },
+    async (_tcp, httpPort) => {
+      const trickle = await Promise.all(Array.from({ length: 10 }, () => TestClient.connect(httpPort)));
+      try {
+        for (const c of trickle) await c.write("G");
+        const answers = await Promise.all(trickle.map((c) => c.readToEnd(3000)));
+        assert.equal(answers.filter((a) => a === "").length, 10, "all ten waited: they are many people");
+      } finally {
+        for (const c of trickle) c.close();
+      }
+    },
+  );
+});
+
 Deno.test("chat_server.ts --http: a 20 MB WebSocket message costs what a long line costs", async () => {
   const port = freePort(), httpPort = freePort();
   const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--http", String(httpPort)]);
