@@ -266,7 +266,10 @@ redisTest("a killed instance's members leave the directory within the expiry", a
     doomed.kill("SIGKILL");
     await doomed.finish();
     await eventually("dora to leave the directory (expiry 2 s)", async () => (await who(a)).length === 1);
-    await ask(a, "/nick Dora", "You are now known as Dora"); // her nick expired with her
+    await eventually("her nick to expire with her (its key and her presence expire apart)", async () => {
+      await a.write("/nick Dora\r\n");
+      return await a.readLine() === "You are now known as Dora\r\n";
+    });
   } finally {
     doomed.kill("SIGKILL");
     await servers[0].close();
