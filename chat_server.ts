@@ -22,7 +22,8 @@
  *   2. Writing without blocking: the send queue's flusher, sender pacing, the event log
  *   3. Rooms, names and commands: the directory, and one small handler per command
  *   4. Limits: allow/deny, client counts, the idle sweep, flood control's token bucket
- *   5. TLS and the web gate: the listener, handshakes, refusals, the page's WebSocket clients
+ *   5. TLS and the web gate: the listener, handshakes, refusals, the page's WebSocket clients,
+ *      PROXY headers from a load balancer, and the admin port (health, readiness, metrics)
  *   6. Sharing rooms through Redis (--redis): the bus, its outbox, stream reader, epochs, presence
  *   7. Options   8. Small helpers   9. The web page   10. The command line
  *
@@ -2308,10 +2309,11 @@ export function inBlocks(list: BlockList, ip: string): boolean {
 // =============================================================================================
 // 5. TLS and the web gate
 //
-// start() (section 1) listens with listenForClients() and, with `http`, opens the WebGate;
-// acceptNewConnection() completes a TLS handshake with handshake() and turns a connection away
-// with refuse(). The web gate admits each WebSocket as a client like any other: the same
-// refusals, the same framer, the same pacing gate, the same leave.
+// start() (section 1) listens with listenForClients() and, with `http`, opens the WebGate, and
+// with `admin` the AdminGate; acceptNewConnection() reads a trusted proxy's PROXY header
+// (acceptProxied), completes a TLS handshake with startTls() and turns a connection away with
+// refuse(). The web gate admits each WebSocket as a client like any other: the same refusals, the
+// same framer, the same pacing gate, the same leave.
 
 /** Pending connections the kernel may queue for us: a join storm should not meet SYN drops. */
 const TCP_BACKLOG = 4096;
