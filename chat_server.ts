@@ -3023,9 +3023,7 @@ class AdminGate {
         server.bus.waitingBytes,
       ]]);
     }
-    const { process } = globalThis as unknown as { process: { getBuiltinModule(name: string): unknown } };
-    const cpu = (process.getBuiltinModule("node:process") as { cpuUsage(): { user: number; system: number } })
-      .cpuUsage();
+    const cpu = nodeBuiltin<typeof import("node:process")>("node:process").cpuUsage(); // loaded only here
     metric("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.", [[
       "",
       (cpu.user + cpu.system) / 1e6,
