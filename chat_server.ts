@@ -196,7 +196,12 @@ export class ChatServer {
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
       if (o.redis) {
         this.bus = await startBus(
-          { historyLines: o.historyLines, maxLine: this.maxLine, ...o.redis },
+          {
+            historyLines: o.historyLines,
+            maxLine: this.maxLine,
+            readBytes: this.flusher.sendq - this.flusher.paceBytes,
+            ...o.redis,
+          },
           busHandlersFor(this),
         );
       }
@@ -3547,6 +3552,8 @@ interface BusHandlers {
   locals(): Presence[];
   /** A line for the operator's log. */
   say(text: string): void;
+  /** Settles when no slow reader here holds the room back (section 2): the bus reads on. */
+  paced(room: string): Promise<void>;
 }
 
 /** How the bus reaches this server: lines for its rooms and nicks, and who is here. */
@@ -3570,6 +3577,10 @@ function busHandlersFor(server: ChatServer): BusHandlers {
     },
     locals: () => [...server.clients].map(presenceOf),
     say: (text) => server.log.event(text, { event: "redis", text }),
+    paced(room) {
+      const here = server.directory.room(room);
+      return here ? server.flusher.waitForRoom(here) : Promise.resolve();
+    },
   };
 }
 
@@ -3585,6 +3596,8 @@ export interface RedisOptions {
   historyLines?: number;
   /** The server's --max-line: what the bus brings is cut to it, with room for a prefix. */
   maxLine?: number;
+  /** Bytes one read of the streams may bring: what a client's queue has left once it is behind. */
+  readBytes?: number;
 }
 
 /** A client of npm:redis, as createClient() makes it (a type only: nothing is loaded for it). */
@@ -3657,7 +3670,11 @@ const BUS_IN_FLIGHT = 1000;
  */
 const STREAM_LINES = 10_000;
 
-/** Entries one read of the streams takes at most. */
+/**
+ * Entries one read of the streams takes at most. A read also brings no more than `readBytes` of
+ * the longest lines (RedisOptions), and the reader waits for a room's slow readers (section 2)
+ * before it reads again: a client behind is then never sent more than its queue holds at once.
+ */
 const READ_COUNT = 1000;
 
 /** A room whose stream this instance reads: its epoch, and the id read up to (null: not yet). */
@@ -3711,6 +3728,8 @@ class RedisBus implements Bus {
   readonly keep: number;
   /** The longest text said from the bus, in bytes: --max-line and room for a prefix. */
   readonly maxText: number;
+  /** Entries one read of the streams takes: READ_COUNT, or fewer of the longest lines. */
+  readonly readCount: number;
   readonly outbox: Outbox;
   readonly streams: StreamReader;
   readonly epochs: Epochs;
@@ -3725,6 +3744,10 @@ class RedisBus implements Bus {
     this.handlers = handlers;
     this.keep = Math.max(STREAM_LINES, options.historyLines ?? 0);
     this.maxText = (options.maxLine ?? DEFAULT_MAX_LINE) + BUS_PREFIX_BYTES;
+    this.readCount = Math.max(
+      1,
+      Math.min(READ_COUNT, Math.floor((options.readBytes ?? Infinity) / this.maxText)),
+    );
     const link = this.link = new RedisLink(createClient, options);
     this.presence = new BusPresence(link, handlers, this.maxText);
     this.outbox = new Outbox(this);
@@ -4270,7 +4293,7 @@ class StreamReader {
         reply = await link.reader.sendCommand([
           "XREAD",
           "COUNT",
-          String(READ_COUNT),
+          String(this.bus.readCount),
           "BLOCK",
           "5000",
           "STREAMS",
@@ -4287,15 +4310,18 @@ class StreamReader {
         : Array.isArray(reply)
         ? reply
         : Object.entries(reply as object);
+      const delivered: string[] = [];
       for (const [name, entries] of streamsRead as [string, [string, string[]][]][]) {
         const key = name.slice(link.key("stream").length);
         const stream = this.streams.get(key);
         if (!stream || stream.id === null || stream.id !== asked.get(key)) continue;
+        delivered.push(stream.name);
         for (const [id, fields] of entries) {
           if (stream.id === "0-0" && asked.get(key) !== "0-0") break; // rewound by an entry of a new epoch
           this.onEntry(stream, id, fields);
         }
       }
+      for (const room of delivered) await this.bus.handlers.paced(room);
     }
   }
 

@@ -522,6 +522,35 @@ redisTest(
 );
 
 redisTest(
+  "lines read from Redis in a burst never pass a reader's send queue: a thaw brings 300 KB to a 64 KB queue, and all of it arrives",
+  async () => {
+    await withInstances(
+      2,
+      async ({ servers, redis }) => {
+        using a = await joinChat(servers[0].addr.port);
+        using b = await joinChat(servers[1].addr.port);
+        await sync(a, b);
+        const pad = "z".repeat(1000);
+        redis.signal("SIGSTOP");
+        try {
+          let batch = "";
+          for (let i = 1; i <= 300; i++) batch += `burst ${pad} ${i}\r\n`;
+          await a.write(batch);
+          await new Promise((r) => setTimeout(r, 500));
+        } finally {
+          redis.signal("SIGCONT");
+        }
+        for (let i = 1; i <= 300; i++) {
+          assert.equal(await b.readLine(), `[${a.name}] burst ${pad} ${i}\r\n`);
+        }
+      },
+      30,
+      { rate: 0, sendq: 64 * 1024 },
+    );
+  },
+);
+
+redisTest(
   "FLUSHALL while both instances chat: the next line in every room crosses within 2 s, with one notice",
   async () => {
     await withInstances(2, async ({ servers, redis }) => {
@@ -818,7 +847,12 @@ redisTest(
               }
             }
           })();
-          await Promise.all([sending, within(90_000, reading, "every line on the other instance")]);
+          await Promise.all([
+            sending,
+            within(90_000, reading, "every line on the other instance").catch((e) => {
+              throw new Error(`${e.message}: ${got} of ${count} arrived`);
+            }),
+          ]);
         } finally {
           clearTimeout(thaw);
           redis.signal("SIGCONT");
