@@ -124,6 +124,7 @@ export class ChatServer {
   readonly directory = new Directory(); // section 3
   history: RoomHistory; // section 3
   readonly limits: Limits; // section 4
+  readonly moderation: Moderation; // section 4
   tls: TlsGate | null = null; // section 5
   web: WebGate | null = null; // section 5
   admin: AdminGate | null = null; // section 5
@@ -146,7 +147,8 @@ export class ChatServer {
     this.options = options;
     this.flusher = new Flusher(options.sendq ?? DEFAULT_SENDQ);
     this.log = new EventLog(options.log === undefined ? Deno.stdout : options.log, options.logFormat);
-    this.limits = new Limits(options);
+    this.moderation = new Moderation(options.operPassword);
+    this.limits = new Limits(options, this.moderation);
     this.proxies = options.proxyFrom?.length ? parseBlocks(options.proxyFrom) : null;
     this.history = new RoomHistory(options.historyLines ?? DEFAULT_HISTORY_LINES);
     this.history.occupied = this.occupied;
@@ -189,6 +191,10 @@ export class ChatServer {
       if (o.historyFile) {
         const say = (text: string) => this.log.event(text, { event: "history", text });
         const file = await HistoryFile.open(o.historyFile, say); // section 3
+        for (const kept of file.rules()) {
+          const rule = checkRule(kept, this.maxLine);
+          if (rule) this.moderation.hold(rule); // section 4
+        }
         this.history = new RoomHistory(this.history.limit, file);
         this.history.occupied = this.occupied;
       }
@@ -282,6 +288,7 @@ export class ChatServer {
     enterRoom(this, client, this.directory.lobby); // section 3
     const joined = PAGE_READS.joined(address);
     announce(this, this.directory.lobby, client, joined, { event: "join", room: LOBBY, peer: address });
+    showTopic(this, client, this.directory.lobby); // section 3
     if (back) resumePage(this, client, back);
     return client;
   }
@@ -327,6 +334,7 @@ export class ChatServer {
       if (line[1] !== SLASH) return runCommand(this, client, decoder.decode(line));
       line = line.subarray(1); // "//text" says "/text"
     }
+    if (client.mutedUntil !== 0 && muted(client)) return; // section 3
     this.relay(client, line);
   }
 
@@ -731,6 +739,10 @@ export class Client {
   lastInput: number;
   /** Flood control (section 4), made when the client first speaks. */
   bucket: TokenBucket | null = null;
+  /** Made an operator by /oper (section 3). */
+  oper = false;
+  /** Until when nobody hears this client (ms since the epoch; Infinity: until unmuted); 0: heard. */
+  mutedUntil = 0;
   /** A command waiting on Redis; the client's next lines wait their turn behind it. */
   busy: Promise<void> | null = null;
   // Leaving.
@@ -1454,6 +1466,8 @@ function presenceOf(client: Client): Presence {
 interface Command {
   usage: string;
   help: string;
+  /** For operators only (/oper). */
+  oper?: boolean;
   /** `rest` is what follows the command word, trimmed. A command that asks Redis returns a promise. */
   run(server: ChatServer, client: Client, rest: string): void | Promise<void>;
 }
@@ -1480,17 +1494,50 @@ const COMMANDS: Map<string, Command> = new Map([
     help: "leave",
     run: (server, c, rest) => server.sendOff(c, "Goodbye", rest),
   }],
+  ["topic", {
+    usage: "/topic [TEXT]",
+    help: "the room's topic; operators set it (- clears it)",
+    run: roomTopic,
+  }],
+  ["oper", { usage: "/oper PASSWORD", help: "become an operator", run: becomeOper }],
   ["help", {
     usage: "/help",
     help: "this list",
-    run: (_, client) => HELP_LINES.forEach((line) => client.tell(line)),
+    run: (_, client) => (client.oper ? OPER_HELP_LINES : HELP_LINES).forEach((line) => client.tell(line)),
+  }],
+  // For operators only: /help lists them to operators alone.
+  ["kick", { usage: "/kick NAME [REASON]", help: "disconnect NAME, saying why", oper: true, run: kickUser }],
+  ["ban", {
+    usage: "/ban MASK [TIME] [REASON]",
+    help: "refuse an address, a CIDR block or a nick's address; TIME like 10m, 2h, 1d",
+    oper: true,
+    run: banMask,
+  }],
+  ["unban", { usage: "/unban MASK", help: "lift a ban", oper: true, run: unbanMask }],
+  ["bans", { usage: "/bans", help: "the bans in force", oper: true, run: listBans }],
+  ["mute", {
+    usage: "/mute NAME [TIME]",
+    help: "nobody hears NAME, for TIME or until unmuted",
+    oper: true,
+    run: (server, op, rest) => muteUser(server, op, rest, "mute"),
+  }],
+  ["unmute", {
+    usage: "/unmute NAME",
+    help: "NAME is heard again",
+    oper: true,
+    run: (server, op, rest) => muteUser(server, op, rest, "unmute"),
   }],
 ]);
 
 const HELP_LINES: string[] = [
   "Commands:",
-  ...[...COMMANDS.values()].map((c) => `  ${c.usage.padEnd(17)}${c.help}`),
+  ...[...COMMANDS.values()].filter((c) => !c.oper).map((c) => `  ${c.usage.padEnd(17)}${c.help}`),
   `  ${"//text".padEnd(17)}send a line that starts with /`,
+];
+const OPER_HELP_LINES: string[] = [
+  ...HELP_LINES,
+  "Operator commands:",
+  ...[...COMMANDS.values()].filter((c) => c.oper).map((c) => `  ${c.usage.padEnd(27)}${c.help}`),
 ];
 
 /** Runs a /command line for a client (handleLine, section 1). */
@@ -1498,12 +1545,14 @@ function runCommand(server: ChatServer, client: Client, line: string): void | Pr
   const match = /^\/(\S*)\s*(.*)$/.exec(line)!;
   const command = COMMANDS.get(match[1].toLowerCase());
   if (!command) return client.tell(`Unknown command /${match[1]}; try /help`);
+  if (command.oper && !client.oper) return client.tell(`/${match[1].toLowerCase()} is for operators only`);
   return command.run(server, client, match[2].trim());
 }
 
 /** /me ACTION: the room sees `* NAME ACTION`. */
 function sayAction(server: ChatServer, client: Client, action: string): void {
   if (!action) return client.tell("Usage: /me ACTION");
+  if (muted(client)) return;
   const text = `* ${client.label} ${action}`;
   sayToRoom(
     server,
@@ -1519,6 +1568,7 @@ function sayAction(server: ChatServer, client: Client, action: string): void {
 function sendPrivate(server: ChatServer, client: Client, rest: string): void | Promise<void> {
   const m = /^(\S+)\s+(.+)$/.exec(rest);
   if (!m) return client.tell("Usage: /msg NAME TEXT");
+  if (muted(client)) return;
   const [name, text] = [m[1], m[2]];
   let to = server.directory.holder(name) ?? [...server.clients].find((c) => c.address === name);
   if (to && to.leaving !== null) to = undefined; // on its way out
@@ -1651,6 +1701,7 @@ function joinRoom(server: ChatServer, client: Client, name: string): void | Prom
   return withOthers(server, client, (others) => {
     const remote = others.filter((p) => Directory.same(p.room, room.name)).length;
     client.tell(PAGE_READS.nowIn(room.name, room.members.size + remote));
+    showTopic(server, client, room);
   });
 }
 
@@ -1676,6 +1727,230 @@ function showHistory(server: ChatServer, client: Client, rest: string): void {
     const clock = new Date(time).toTimeString().slice(0, 5);
     client.tell(`  (${clock}) ${lineText(message)}`);
   }
+}
+
+// ---- Operators: /oper, then /kick, /ban, /mute and /topic (the decisions are kept in section 4) ----
+
+/** /oper PASSWORD: the client becomes an operator of the whole server; wrong tries are counted. */
+function becomeOper(server: ChatServer, client: Client, given: string): void {
+  const moderation = server.moderation;
+  if (!moderation.enabled) return client.tell("Operators are not enabled on this server");
+  if (!given) return client.tell("Usage: /oper PASSWORD");
+  if (client.oper) return client.tell("You are an operator already");
+  const peer = { peer: client.address, nick: client.nick };
+  if (!moderation.check(given)) {
+    const tries = moderation.wrongTry(client);
+    server.log.event(`Wrong operator password from ${client.address}`, { event: "oper_failed", ...peer });
+    if (tries >= OPER_TRIES) {
+      return server.sendOff(client, "Too many wrong operator passwords", "wrong passwords");
+    }
+    return client.tell(`Wrong operator password (${tries} of ${OPER_TRIES} tries a minute)`);
+  }
+  client.oper = true;
+  client.tell("You are now an operator; /help lists what operators can do");
+  server.log.event(`${client.label} is now an operator`, { event: "oper", ...peer });
+}
+
+/** /kick NAME [REASON]: NAME is told why and disconnected, wherever it is; its room hears why. */
+function kickUser(server: ChatServer, op: Client, rest: string): void | Promise<void> {
+  const [, name, reason] = /^(\S*)\s*(.*)$/.exec(rest)!;
+  if (!name) return op.tell("Usage: /kick NAME [REASON]");
+  return decide(server, op, {
+    kind: "kick",
+    key: name,
+    text: reason,
+    until: null,
+    by: op.label,
+    at: Date.now(),
+  });
+}
+
+/** /mute NAME [TIME] and /unmute NAME: what NAME says reaches nobody (for TIME, or until unmuted). */
+function muteUser(
+  server: ChatServer,
+  op: Client,
+  rest: string,
+  kind: "mute" | "unmute",
+): void | Promise<void> {
+  const [, name, time] = /^(\S*)\s*(.*)$/.exec(rest)!;
+  if (!name || (kind === "unmute" && time)) return op.tell(`Usage: ${COMMANDS.get(kind)!.usage}`);
+  const ms = time ? parseDuration(time) : 0;
+  if (ms === null) return op.tell(`"${time}" is not a duration: write 90s, 10m, 2h or 1d, up to 366d`);
+  const until = ms ? Date.now() + ms : null;
+  return decide(server, op, { kind, key: name, text: "", until, by: op.label, at: Date.now() });
+}
+
+/**
+ * /ban MASK [TIME] [REASON]: MASK is an address, a CIDR block, or a nick (that client's address).
+ * Whoever it covers is cut off at once, and refused at the door until it ends.
+ */
+function banMask(server: ChatServer, op: Client, rest: string): void | Promise<void> {
+  const [, target, time, reason] = /^(\S*)\s*(\d\S*)?\s*(.*)$/.exec(rest)!;
+  if (!target) return op.tell("Usage: /ban MASK [TIME] [REASON], MASK an address, a CIDR block or a nick");
+  const ms = time === undefined ? 0 : parseDuration(time);
+  if (ms === null) return op.tell(`"${time}" is not a duration: write 90s, 10m, 2h or 1d, up to 366d`);
+  const ban = (mask: string): void => {
+    if (inBlocks(parseBlocks([mask]), op.ip)) {
+      return op.tell(`A ban on ${mask} would cover you too; not banned`);
+    }
+    const until = ms ? Date.now() + ms : null;
+    decide(server, op, { kind: "ban", key: mask, text: reason, until, by: op.label, at: Date.now() });
+  };
+  const mask = parseMask(target);
+  if (mask) return ban(mask);
+  if (target.includes("/") || nodeNet().isIP(target.split("/")[0])) {
+    return op.tell(`"${target}" is not an address or a CIDR block like 10.0.0.0/8 or fd00::/8`);
+  }
+  return whereIs(server, target).then((where) => {
+    const mask = where && parseMask(hostOf(where.address));
+    return mask ? ban(mask) : op.tell(`No such user: ${target}`);
+  });
+}
+
+/** /unban MASK: lifts a ban, on every instance. */
+function unbanMask(server: ChatServer, op: Client, rest: string): void {
+  const mask = parseMask(rest);
+  if (!mask) return op.tell("Usage: /unban MASK, as /bans lists it");
+  if (!server.moderation.allBans().some((b) => b.key === mask)) return op.tell(`No ban on ${mask}`);
+  decide(server, op, { kind: "unban", key: mask, text: "", until: null, by: op.label, at: Date.now() });
+}
+
+/** /bans: the bans in force, with when they end, who made them and why. */
+function listBans(server: ChatServer, op: Client): void {
+  const bans = server.moderation.allBans();
+  op.tell(bans.length === 0 ? "No bans" : `Bans (${bans.length}):`);
+  for (const b of bans) op.tell(`  ${b.key} ${endOf(b.until)}, by ${b.by}${because(b.text)}`);
+}
+
+/** /topic [TEXT]: anyone sees the room's topic; an operator sets it (`-` clears it). */
+function roomTopic(server: ChatServer, client: Client, text: string): void {
+  const room = client.room.name;
+  if (!text) {
+    const topic = server.moderation.topic(room);
+    return client.tell(topic ? PAGE_READS.topic(room, topic.text) : `${room} has no topic`);
+  }
+  if (!client.oper) return client.tell("Setting the topic is for operators only");
+  if (safeBusText(text) !== text) return client.tell("A topic cannot hold control characters");
+  if (encoder.encode(text).length > MAX_TOPIC) return client.tell(`A topic is at most ${MAX_TOPIC} bytes`);
+  const rule: Rule = {
+    kind: "topic",
+    key: room,
+    text: text === "-" ? "" : text,
+    until: null,
+    by: client.label,
+    at: 0,
+  };
+  decide(server, client, { ...rule, at: Date.now() });
+}
+
+/**
+ * Carries out an operator's decision: here, on the bus for every instance, and in the log. A kick
+ * or mute must find its user, here or (with --redis) on another instance.
+ */
+function decide(server: ChatServer, op: Client, rule: Rule): void | Promise<void> {
+  if (rule.kind === "kick" || rule.kind === "mute" || rule.kind === "unmute") {
+    const here = findClient(server, rule.key);
+    if (here === op && rule.kind !== "unmute") return op.tell(`You cannot ${rule.kind} yourself`);
+    if (!here) {
+      return whereIs(server, rule.key).then((there) => {
+        if (!there) return op.tell(`No such user: ${rule.key}`);
+        server.bus!.share(rule);
+        confirm(server, op, rule);
+      });
+    }
+    obey(server, { ...rule, key: here.address }); // here: the bus need not hear of it
+    return confirm(server, op, rule);
+  }
+  obey(server, rule);
+  server.bus?.share(rule);
+  confirm(server, op, rule);
+}
+
+function confirm(server: ChatServer, op: Client, rule: Rule): void {
+  const what = {
+    ban: `banned ${rule.key} ${endOf(rule.until)}${because(rule.text)}`,
+    unban: `lifted the ban on ${rule.key}`,
+    topic: rule.text ? `set the topic of ${rule.key}` : `cleared the topic of ${rule.key}`,
+    kick: `kicked ${rule.key}${because(rule.text)}`,
+    mute: `muted ${rule.key} ${endOf(rule.until)}`,
+    unmute: `unmuted ${rule.key}`,
+  }[rule.kind];
+  if (rule.kind !== "topic") op.tell(`You ${what}`);
+  const { kind, key, text, until } = rule;
+  server.log.event(`${op.label} ${what}`, { event: kind, by: op.label, peer: op.address, key, text, until });
+}
+
+/**
+ * Makes a decision hold on this instance, whoever made it (an operator here, or on another
+ * instance through the bus): bans cut off whom they cover, a kick or mute finds its user here if it
+ * is here, a topic is kept and its room hears of it.
+ */
+function obey(server: ChatServer, rule: Rule, quiet = false): void {
+  const moderation = server.moderation;
+  if (rule.kind === "kick" || rule.kind === "mute" || rule.kind === "unmute") {
+    const client = findClient(server, rule.key);
+    if (!client || client.leaving !== null) return;
+    if (rule.kind === "kick") {
+      server.limits.dropped.kicked++;
+      const why = `kicked by ${rule.by}${because(rule.text)}`;
+      return server.sendOff(client, `You were ${why}`, why);
+    }
+    client.mutedUntil = rule.kind === "mute" ? rule.until ?? Infinity : 0;
+    return client.tell(
+      rule.kind === "mute"
+        ? `You have been muted by ${rule.by} ${endOf(rule.until)}: nobody hears what you say`
+        : `You have been unmuted by ${rule.by}: you are heard again`,
+    );
+  }
+  if (!moderation.hold(rule)) return;
+  server.history.file?.keepRule(rule);
+  if (rule.kind === "ban") {
+    for (const client of server.clients) {
+      if (moderation.banOf(client.ip) !== rule || client.leaving !== null) continue;
+      server.limits.dropped.banned++;
+      server.sendOff(client, `You are banned from this server${because(rule.text)}`, `banned by ${rule.by}`);
+    }
+  }
+  if (rule.kind !== "topic" || quiet) return;
+  const room = server.directory.room(rule.key);
+  const said = rule.text ? `${rule.by} set the topic: ${rule.text}` : `${rule.by} cleared the topic`;
+  for (const client of room?.members ?? []) client.tell(said);
+}
+
+/** True while nobody is to hear the client (/mute): it was told so once, when it was muted. */
+function muted(client: Client): boolean {
+  if (client.mutedUntil > Date.now()) return true;
+  client.mutedUntil = 0;
+  return false;
+}
+
+/** Shows the room's topic to a client that has just entered it, if the room has one. */
+function showTopic(server: ChatServer, client: Client, room: Room): void {
+  const topic = server.moderation.topic(room.name);
+  if (topic) client.tell(PAGE_READS.topic(room.name, topic.text));
+}
+
+/** A local client by nick or by `host:port`, unless it is on its way out. */
+function findClient(server: ChatServer, name: string): Client | undefined {
+  const found = server.directory.holder(name) ?? [...server.clients].find((c) => c.address === name);
+  return found?.leaving === null ? found : undefined;
+}
+
+/** Where a nick or `host:port` is: here, or (with --redis) on another instance; null if nowhere. */
+async function whereIs(server: ChatServer, name: string): Promise<Presence | null> {
+  const here = findClient(server, name);
+  if (here) return presenceOf(here);
+  const others = server.bus ? await answerWithin(server.bus.others(), null) : null;
+  return others?.find((p) => p.address === name || (p.nick !== null && Directory.same(p.nick, name))) ?? null;
+}
+
+/** `until 14:05` (today), `until 2026-12-24 14:05`, or `until lifted`. */
+function endOf(until: number | null): string {
+  if (until === null) return "until lifted";
+  const at = new Date(until), clock = at.toTimeString().slice(0, 5);
+  if (at.toDateString() === new Date().toDateString()) return `until ${clock}`;
+  const day = [at.getFullYear(), at.getMonth() + 1, at.getDate()].map((n) => String(n).padStart(2, "0"));
+  return `until ${day.join("-")} ${clock}`;
 }
 
 /** How many lines /history shows when it is not told. */
@@ -1889,7 +2164,8 @@ export class HistoryFile {
         CREATE TABLE IF NOT EXISTS rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, seq INTEGER NOT NULL);
         CREATE TABLE IF NOT EXISTS lines (room TEXT NOT NULL, seq INTEGER NOT NULL, time INTEGER NOT NULL,
           message BLOB NOT NULL, PRIMARY KEY (room, seq));
-        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);`);
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS rules (field TEXT PRIMARY KEY, rule TEXT NOT NULL);`);
       file = new HistoryFile(path, db, say);
       await file.take();
     } catch (e) {
@@ -1955,6 +2231,31 @@ export class HistoryFile {
     } catch (e) {
       this.fail(e);
       return null;
+    }
+  }
+
+  /** The bans and topics the file keeps (section 4), as it has them: the caller checks them. */
+  rules(): unknown[] {
+    try {
+      return this.db?.prepare("SELECT rule FROM rules").all().map((r) => JSON.parse(String(r.rule))) ?? [];
+    } catch (e) {
+      this.fail(e);
+      return [];
+    }
+  }
+
+  /** Keeps a ban or a topic, or forgets one (an unban, a topic cleared), at once: they are rare. */
+  keepRule(rule: Rule): void {
+    const field = ruleField(rule);
+    if (this.db === null || field === null) return;
+    try {
+      if (lifts(rule)) this.db.prepare("DELETE FROM rules WHERE field = ?").run(field);
+      else {this.db.prepare("INSERT OR REPLACE INTO rules (field, rule) VALUES (?, ?)").run(
+          field,
+          JSON.stringify(rule),
+        );}
+    } catch (e) {
+      this.fail(e);
     }
   }
 
@@ -2076,8 +2377,8 @@ export function checkName(name: string, what: string): string | null {
 // idle sweep. Nothing here writes to a socket but through Client and ChatServer.sendOff().
 
 /** Why a connection was turned away, and why a client was sent off: the labels of --admin's metrics. */
-type RefusalReason = "denied" | "full" | "per_ip" | "busy" | "origin";
-type DropReason = "sendq" | "flood" | "idle" | "ping_timeout" | "protocol";
+type RefusalReason = "denied" | "banned" | "full" | "per_ip" | "busy" | "origin";
+type DropReason = "sendq" | "flood" | "idle" | "ping_timeout" | "protocol" | "kicked" | "banned";
 
 /** Floods (runs of dropped lines) within FLOOD_MEMORY_MS that get a client disconnected. */
 const FLOOD_STRIKES = 3;
@@ -2097,16 +2398,29 @@ export class Limits {
   private readonly perIp = new Map<string, number>();
   private idleSweep: ReturnType<typeof setInterval> | undefined = undefined;
   /** Connections turned away, by reason, and clients sent off, by reason (--admin's metrics). */
-  readonly refused: Record<RefusalReason, number> = { denied: 0, full: 0, per_ip: 0, busy: 0, origin: 0 };
+  readonly refused: Record<RefusalReason, number> = {
+    denied: 0,
+    banned: 0,
+    full: 0,
+    per_ip: 0,
+    busy: 0,
+    origin: 0,
+  };
   readonly dropped: Record<DropReason, number> = {
     sendq: 0,
     flood: 0,
     idle: 0,
     ping_timeout: 0,
     protocol: 0,
+    kicked: 0,
+    banned: 0,
   };
 
-  constructor(options: ChatServerOptions) {
+  /** Bans, which refusal() checks. */
+  readonly moderation: Moderation;
+
+  constructor(options: ChatServerOptions, moderation = new Moderation(undefined)) {
+    this.moderation = moderation;
     this.allow = options.allow?.length ? parseBlocks(options.allow) : null;
     this.deny = options.deny?.length ? parseBlocks(options.deny) : null;
     this.maxClients = options.maxClients ?? DEFAULT_MAX_CLIENTS;
@@ -2126,6 +2440,8 @@ export class Limits {
     if ((this.allow && !inBlocks(this.allow, ip)) || (this.deny && inBlocks(this.deny, ip))) {
       return this.refuse("denied", `Sorry, connections from ${ip} are not allowed`);
     }
+    const ban = this.moderation.banOf(ip);
+    if (ban) return this.refuse("banned", `Sorry, you are banned from this server${because(ban.text)}`);
     if (clients >= this.maxClients) {
       return this.refuse("full", `Sorry, the server is full (${this.maxClients} clients); try again later`);
     }
@@ -2260,6 +2576,175 @@ export class TokenBucket {
     this.lastFlood = now;
     return ++this.floods;
   }
+}
+
+/** Wrong /oper passwords within FLOOD_MEMORY_MS that close the connection. */
+const OPER_TRIES = 3;
+/** The longest ban or mute that can be given a duration: a year (none is until lifted). */
+const MAX_DURATION_S = 366 * 86_400;
+/** Longest topic, in bytes: IRC servers allow 307 to 390. */
+export const MAX_TOPIC = 390;
+
+/**
+ * What an operator decided, as one flat record: what the commands make, the bus carries between
+ * instances, and the history file keeps (bans and topics). `key` is a ban's mask, a topic's room,
+ * or the nick or address of whom a kick or mute is for; `text` a reason or a topic; `until` when a
+ * ban or mute ends (ms; null: until lifted); `by` the operator's name.
+ */
+export interface Rule {
+  kind: "ban" | "unban" | "topic" | "kick" | "mute" | "unmute";
+  key: string;
+  text: string;
+  until: number | null;
+  by: string;
+  at: number;
+}
+
+/** A ban in force: its rule, and the block it covers. */
+interface Ban {
+  rule: Rule;
+  block: BlockList;
+}
+
+/**
+ * The operators' decisions that last: bans, checked at the door (Limits.refusal), and topics; and the
+ * operator password and its wrong tries. Does no I/O: the commands (section 3) tell people and the
+ * log, the bus (section 6) shares the decisions, and a --history file keeps them.
+ */
+export class Moderation {
+  /** CHAT_OPER_PASSWORD, as bytes; null: there are no operators. */
+  private readonly password: Uint8Array | null;
+  private readonly bans = new Map<string, Ban>(); // by mask
+  private readonly topics = new Map<string, Rule>(); // by room key
+  private readonly tries = new WeakMap<Client, number[]>();
+
+  constructor(password: string | undefined) {
+    this.password = password ? encoder.encode(password) : null;
+  }
+
+  get enabled(): boolean {
+    return this.password !== null;
+  }
+
+  /**
+   * True if `given` is the password. The time taken depends on the password's length only, never
+   * on how much of it `given` got right: a byte-by-byte comparison that stops early would tell.
+   */
+  check(given: string): boolean {
+    const secret = this.password!, bytes = encoder.encode(given);
+    let differ = secret.length ^ bytes.length;
+    for (let i = 0; i < secret.length; i++) differ |= secret[i] ^ (bytes[i] ?? 0);
+    return differ === 0;
+  }
+
+  /** Counts a wrong password from a client; returns its wrong tries within FLOOD_MEMORY_MS. */
+  wrongTry(client: Client, now = Date.now()): number {
+    const recent = (this.tries.get(client) ?? []).filter((t) => now - t < FLOOD_MEMORY_MS);
+    recent.push(now);
+    this.tries.set(client, recent);
+    return recent.length;
+  }
+
+  /** The ban covering `ip`, if one is in force; bans that have ended are forgotten here. */
+  banOf(ip: string, now = Date.now()): Rule | null {
+    for (const [mask, ban] of this.bans) {
+      if (ban.rule.until !== null && ban.rule.until <= now) this.bans.delete(mask);
+      else if (inBlocks(ban.block, ip)) return ban.rule;
+    }
+    return null;
+  }
+
+  /** Every ban in force, oldest first. */
+  allBans(now = Date.now()): Rule[] {
+    this.banOf("", now); // forgets those that ended
+    return [...this.bans.values()].map((b) => b.rule);
+  }
+
+  /** The room's topic, if it has one. */
+  topic(room: string): Rule | null {
+    return this.topics.get(Directory.key(room)) ?? null;
+  }
+
+  /** Makes a lasting rule (a ban, an unban, a topic) hold here; false if it changes nothing. */
+  hold(rule: Rule): boolean {
+    if (rule.kind === "ban") {
+      this.bans.set(rule.key, { rule, block: parseBlocks([rule.key]) });
+      return true;
+    }
+    if (rule.kind === "unban") return this.bans.delete(rule.key);
+    if (rule.kind !== "topic") return false;
+    const key = Directory.key(rule.key);
+    if (rule.text === "") return this.topics.delete(key);
+    this.topics.set(key, rule);
+    return true;
+  }
+
+  /** Every lasting rule, to write back to Redis after it returns. */
+  lasting(): Rule[] {
+    return [...this.allBans(), ...this.topics.values()];
+  }
+}
+
+/** Where a lasting rule is kept (Redis's hash, the history file): `ban MASK`, `topic ROOM`; else null. */
+function ruleField(rule: Rule): string | null {
+  if (rule.kind === "ban" || rule.kind === "unban") return `ban ${rule.key}`;
+  return rule.kind === "topic" ? `topic ${Directory.key(rule.key)}` : null;
+}
+
+/** True if a lasting rule takes its field's entry away (an unban, a topic cleared). */
+function lifts(rule: Rule): boolean {
+  return rule.kind === "unban" || (rule.kind === "topic" && rule.text === "");
+}
+
+const RULE_KINDS = new Set(["ban", "unban", "topic", "kick", "mute", "unmute"]);
+
+/**
+ * A rule read from outside this process (the bus, the history file), checked as an operator's
+ * command is: a real mask, a room's name, a topic without controls and within MAX_TOPIC; null if
+ * it is not one. Texts get the bus's character rules.
+ */
+function checkRule(value: unknown, maxText: number): Rule | null {
+  if (typeof value !== "object" || value === null) return null;
+  const { kind, key, text, until, by, at } = value as Record<string, unknown>;
+  if (typeof kind !== "string" || !RULE_KINDS.has(kind) || typeof key !== "string" || key.length > 200) {
+    return null;
+  }
+  if (typeof text !== "string" || typeof by !== "string" || typeof at !== "number") return null;
+  if (until !== null && (typeof until !== "number" || !Number.isFinite(until))) return null;
+  const rule = { kind, key, text: safeBusText(text, maxText), until, by: safeBusText(by, 200), at } as Rule;
+  if ((kind === "ban" || kind === "unban") && parseMask(key) !== key) return null;
+  if (kind === "topic") {
+    if (checkName(key, "room name") || encoder.encode(rule.text).length > MAX_TOPIC) return null;
+  }
+  return rule;
+}
+
+/**
+ * A ban's mask, written one way: an address (`10.0.0.7`, `fd00::7`) or a CIDR block
+ * (`10.0.0.0/8`); null if `text` is neither.
+ */
+export function parseMask(text: string): string | null {
+  const [address, bits] = text.split("/");
+  const family = nodeNet().isIP(address);
+  if (family === 0) return null;
+  try {
+    parseBlocks([text]);
+  } catch {
+    return null;
+  }
+  const plain = family === 6 ? address.toLowerCase() : address;
+  return bits === undefined ? plain : `${plain}/${Number(bits)}`;
+}
+
+/**
+ * A duration as operators write it, `90s`, `10m`, `2h`, `1d`, in milliseconds; null if it is not
+ * one, or is zero, or is over MAX_DURATION_S.
+ */
+export function parseDuration(text: string): number | null {
+  const m = /^(\d{1,9})([smhd])$/.exec(text);
+  if (!m) return null;
+  const seconds = Number(m[1]) * { s: 1, m: 60, h: 3600, d: 86_400 }[m[2] as "s" | "m" | "h" | "d"];
+  return seconds > 0 && seconds <= MAX_DURATION_S ? seconds * 1000 : null;
 }
 
 /**
@@ -3526,6 +4011,8 @@ interface Bus {
   caughtUp(): Promise<void>;
   /** Every member on the other instances; null while Redis is away. */
   others(): Promise<Presence[] | null>;
+  /** Carries an operator's decision to every other instance; keeps bans and topics in Redis. */
+  share(rule: Rule): void;
   close(): Promise<void>;
 }
 
@@ -3554,6 +4041,10 @@ interface BusHandlers {
   say(text: string): void;
   /** Settles when no slow reader here holds the room back (section 2): the bus reads on. */
   paced(room: string): Promise<void>;
+  /** An operator's decision from another instance, or (`quiet`) one Redis kept, read on connecting. */
+  onRule(rule: Rule, quiet: boolean): void;
+  /** The bans and topics in force here, to write back to Redis after it returns. */
+  lasting(): Rule[];
 }
 
 /** How the bus reaches this server: lines for its rooms and nicks, and who is here. */
@@ -3581,6 +4072,8 @@ function busHandlersFor(server: ChatServer): BusHandlers {
       const here = server.directory.room(room);
       return here ? server.flusher.waitForRoom(here) : Promise.resolve();
     },
+    onRule: (rule, quiet) => obey(server, rule, quiet),
+    lasting: () => server.moderation.lasting(),
   };
 }
 
@@ -3596,7 +4089,7 @@ export interface RedisOptions {
   historyLines?: number;
   /** The server's --max-line: what the bus brings is cut to it, with room for a prefix. */
   maxLine?: number;
-  /** Bytes one read of the streams may bring: what a client's queue has left once it is behind. */
+  /** Bytes one read of the streams may bring: the room left in a client's queue once it is behind. */
   readBytes?: number;
 }
 
@@ -3734,6 +4227,7 @@ class RedisBus implements Bus {
   readonly streams: StreamReader;
   readonly epochs: Epochs;
   readonly presence: BusPresence;
+  readonly rules: BusRules;
   private readonly heartbeat: ReturnType<typeof setInterval>;
 
   constructor(
@@ -3750,6 +4244,7 @@ class RedisBus implements Bus {
     );
     const link = this.link = new RedisLink(createClient, options);
     this.presence = new BusPresence(link, handlers, this.maxText);
+    this.rules = new BusRules(link, handlers, this.maxText);
     this.outbox = new Outbox(this);
     this.streams = new StreamReader(this);
     this.epochs = new Epochs(this);
@@ -3767,6 +4262,7 @@ class RedisBus implements Bus {
       if (link.everUp) handlers.say("Redis is back: rooms are shared again");
       link.everUp = true;
       this.presence.restore().then(() => this.outbox.catchUp()).catch(ignore);
+      this.rules.restore().catch(ignore);
     });
     this.heartbeat = setInterval(() => this.beat(), Math.max(200, Math.min(1000, link.expiry * 1000 / 3)));
     const connecting = link.connect();
@@ -3774,6 +4270,7 @@ class RedisBus implements Bus {
     this.ready = connecting.then(async () => {
       await link.sub.subscribe(link.key("instance", link.instance), this.presence.onMessage);
       await link.sub.subscribe(link.key("reset"), this.epochs.onReset);
+      await link.sub.subscribe(link.key("rules"), this.rules.onMessage);
       await this.epochs.check(); // the lobby's stream is read from here on
     });
     this.ready.catch(ignore);
@@ -3846,6 +4343,10 @@ class RedisBus implements Bus {
     return this.presence.others();
   }
 
+  share(rule: Rule): void {
+    this.rules.share(rule);
+  }
+
   async close(): Promise<void> {
     this.link.closed = true;
     clearInterval(this.heartbeat);
@@ -3896,12 +4397,15 @@ class RedisLink {
     this.reader.on("error", ignore);
   }
 
-  /** Every key and channel: `<prefix>:stream:<room>`, `:room:<room>` (its epoch and position), `:instance:<id>`, ... */
+  /**
+   * Every key and channel: `<prefix>:stream:<room>`, `:room:<room>` (its epoch and position),
+   * `:instance:<id>`, ..., and `:rules`, the operators' bans and topics (a hash, and a channel).
+   */
   key(
-    kind: "stream" | "room" | "instance" | "presence" | "nick" | "instances" | "reset",
+    kind: "stream" | "room" | "instance" | "presence" | "nick" | "instances" | "reset" | "rules",
     name = "",
   ): string {
-    return kind === "instances" || kind === "reset"
+    return kind === "instances" || kind === "reset" || kind === "rules"
       ? `${this.prefix}:${kind}`
       : `${this.prefix}:${kind}:${Directory.key(name)}`;
   }
@@ -4617,6 +5121,69 @@ class BusPresence {
   }
 }
 
+/**
+ * Operators' decisions across instances. Each is published on one channel that every instance
+ * reads; bans and topics are also kept in a hash, read whenever Redis (re)connects, so that an
+ * instance started later, or cut off meanwhile, holds them too. Anything with access to Redis can
+ * write there, so what comes is checked as an operator's command is (checkRule, section 4).
+ */
+class BusRules {
+  private readonly link: RedisLink;
+  private readonly handlers: BusHandlers;
+  private readonly maxText: number;
+
+  constructor(link: RedisLink, handlers: BusHandlers, maxText: number) {
+    this.link = link;
+    this.handlers = handlers;
+    this.maxText = maxText;
+  }
+
+  /** A decision made on another instance. */
+  readonly onMessage = (raw: string): void => {
+    let m: unknown;
+    try {
+      m = JSON.parse(raw);
+    } catch {
+      return;
+    }
+    const rule = checkRule(m, this.maxText);
+    if (rule && (m as { i?: unknown }).i !== this.link.instance) this.handlers.onRule(rule, false);
+  };
+
+  share(rule: Rule): void {
+    const link = this.link, field = ruleField(rule);
+    if (!link.up) return; // a ban or topic is written back when Redis returns (restore)
+    const multi = link.pub.multi();
+    if (field !== null && lifts(rule)) multi.hDel(link.key("rules"), field);
+    else if (field !== null) multi.hSet(link.key("rules"), field, JSON.stringify(rule));
+    multi.publish(link.key("rules"), JSON.stringify({ ...rule, i: link.instance }));
+    multi.exec().catch(ignore);
+  }
+
+  /** On (re)connecting: holds the bans and topics Redis keeps, then writes back those it lacks. */
+  async restore(): Promise<void> {
+    const link = this.link;
+    if (!link.up || link.closed) return;
+    const kept = new Set<string>();
+    for (const [field, value] of Object.entries(await link.pub.hGetAll(link.key("rules")))) {
+      let rule: Rule | null = null;
+      try {
+        rule = checkRule(JSON.parse(value), this.maxText);
+      } catch {
+        // not a rule: skipped
+      }
+      if (rule === null || ruleField(rule) !== field) continue;
+      kept.add(field);
+      this.handlers.onRule(rule, true);
+    }
+    const missing = this.handlers.lasting().filter((rule) => !kept.has(ruleField(rule)!));
+    if (missing.length === 0) return;
+    const multi = link.pub.multi();
+    for (const rule of missing) multi.hSet(link.key("rules"), ruleField(rule)!, JSON.stringify(rule));
+    await multi.exec();
+  }
+}
+
 /** A message on an instance's channel: a private line for a nick. */
 interface BusMessage {
   i: string;
@@ -4739,6 +5306,8 @@ export interface ChatServerOptions {
   tls?: { cert: string; key: string };
   /** Keep each room's history in this node:sqlite file, across restarts. Default: in memory. */
   historyFile?: string;
+  /** The password /oper asks for (the command line reads CHAT_OPER_PASSWORD). Default: no operators. */
+  operPassword?: string;
   /** Seconds a TLS client may take to handshake. Default {@linkcode DEFAULT_HANDSHAKE_TIMEOUT}. */
   handshakeTimeout?: number;
   /** Where the event log goes (joins, lines, leaves); `null` for none. Default `Deno.stdout`. */
@@ -4840,6 +5409,11 @@ async function settleWithin(ms: number, promises: Promise<unknown>[]): Promise<v
 }
 
 /** `1 second`, `2 seconds`, `0.3 seconds`. */
+/** `: REASON`, or nothing if there is no reason. */
+function because(reason: string): string {
+  return reason ? `: ${reason}` : "";
+}
+
 function plural(n: number, unit: string): string {
   return `${n} ${unit}${n === 1 ? "" : "s"}`;
 }
@@ -4853,6 +5427,11 @@ function isBlank(line: Uint8Array): boolean {
 /** An IPv4-mapped IPv6 address as plain IPv4; anything else as it is. */
 function plainHost(hostname: string): string {
   return hostname.startsWith("::ffff:") && hostname.includes(".") ? hostname.slice(7) : hostname;
+}
+
+/** The host of a `host:port` or `[v6addr]:port` address, as `plainHost()` gives it. */
+function hostOf(address: string): string {
+  return plainHost(address.slice(0, address.lastIndexOf(":")).replace(/^\[(.*)\]$/, "$1"));
 }
 
 /** A message as the room was sent it (a line and its CRLF), as text without the CRLF. */
@@ -4902,6 +5481,8 @@ export const PAGE_READS = {
   /** A chat line, as Client.framed() builds it in bytes. */
   said: (label: string, text: string) => `[${label}] ${text}`,
   privately: (label: string, text: string) => `(private) [${label}] ${text}`,
+  /** A room's topic: on entering it, and for /topic. The page shows it in its header. */
+  topic: (room: string, text: string) => `Topic of ${room}: ${text}`,
 };
 
 /**
@@ -5550,6 +6131,16 @@ function whyNotStarted(e: unknown, options: ChatServerOptions): string {
 }
 
 /** The command line: parse, listen, serve until SIGINT or SIGTERM. */
+/**
+ * CHAT_OPER_PASSWORD, if it is set and may be read: from the environment, never a flag, which `ps`
+ * would show to everyone on the machine.
+ */
+function operPassword(): string | undefined {
+  const variable = "CHAT_OPER_PASSWORD";
+  if (Deno.permissions.querySync({ name: "env", variable }).state !== "granted") return undefined;
+  return Deno.env.get(variable) || undefined;
+}
+
 async function main(): Promise<void> {
   let args;
   try {
@@ -5563,7 +6154,7 @@ async function main(): Promise<void> {
     console.log(HELP);
     return;
   }
-  const options = args.options;
+  const options = { ...args.options, operPassword: operPassword() };
   const missing = missingPermission(args);
   if (missing) {
     console.error(`chat_server: ${missing}`);

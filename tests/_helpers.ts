@@ -2,6 +2,7 @@
 //
 // Waiting:      WAIT_MS, within(ms, promise, what), eventually(what, test)
 // TCP clients:  TestClient (connect, write, readLine, readToEnd), joinChat(port), GREETING,
+//               From (a client from a loopback address of its own: 127.0.0.7, say),
 //               ask(client, line, ...expected), readUntil(client, test), readSlowly(...),
 //               sendNumberedLines(sender, count, width), resetConnections(port, count)
 // Servers:      withServer(options, body), withWebServer(options, body), Capture (a log to wait on),
@@ -11,6 +12,7 @@
 // The web:      WsClient, withChromium(body), Hiccup (a relay that can cut or freeze connections)
 // TLS:          withCertificates(body), makeCertificates(dir): a CA and a localhost leaf, by openssl
 import assert from "node:assert/strict";
+import { connect, type Socket } from "node:net";
 import { type ChatServerOptions, startChatServer } from "../chat_server.ts";
 
 export const encoder = new TextEncoder();
@@ -122,6 +124,85 @@ export async function joinChat(port: number, hostname = "127.0.0.1"): Promise<Te
   const greeting = await client.readLine();
   if (greeting !== GREETING) throw new Error(`expected the greeting, got ${JSON.stringify(greeting)}`);
   return client;
+}
+
+/** A line client whose connection comes from `local` (a loopback address of its own), through node:net. */
+export class From {
+  readonly socket: Socket;
+  #text = "";
+  #wake: (() => void) | null = null;
+  #ended = false;
+
+  private constructor(socket: Socket) {
+    this.socket = socket;
+    socket.setEncoding("latin1");
+    socket.on("data", (chunk: string) => (this.#text += chunk, this.#wake?.()));
+    socket.on("close", () => (this.#ended = true, this.#wake?.()));
+    socket.on("error", () => {});
+  }
+
+  /** Connects from `local` to a chat server, and reads past its greeting. */
+  static async join(local: string, port: number): Promise<From> {
+    const client = await From.connect(local, port);
+    const greeting = await client.readLine();
+    if (greeting !== GREETING) throw new Error(`expected the greeting, got ${JSON.stringify(greeting)}`);
+    return client;
+  }
+
+  static connect(local: string, port: number): Promise<From> {
+    return new Promise((resolve, reject) => {
+      const socket = connect({ host: "127.0.0.1", port, localAddress: local });
+      socket.once("connect", () => resolve(new From(socket)));
+      socket.once("error", reject);
+    });
+  }
+
+  /** `local:port`, as the server prints this client. */
+  get name(): string {
+    return `${this.socket.localAddress}:${this.socket.localPort}`;
+  }
+
+  write(text: string | Uint8Array): void {
+    this.socket.write(text);
+  }
+
+  async readLine(): Promise<string | null> {
+    const deadline = Date.now() + WAIT_MS;
+    for (;;) {
+      const at = this.#text.indexOf("\r\n");
+      if (at >= 0) {
+        const line = this.#text.slice(0, at + 2);
+        this.#text = this.#text.slice(at + 2);
+        return line;
+      }
+      if (this.#ended) return null;
+      await within(Math.max(1, deadline - Date.now()), new Promise<void>((r) => this.#wake = r), "a line");
+    }
+  }
+
+  /** Sends a line and expects these lines back, in order. */
+  async ask(line: string, ...expected: string[]): Promise<void> {
+    this.write(line + "\r\n");
+    for (const want of expected) assert.equal(await this.readLine(), want + "\r\n");
+  }
+
+  /** Reads lines until one passes `test`, and returns it. */
+  async readUntil(test: (line: string) => boolean): Promise<string> {
+    for (;;) {
+      const line = await this.readLine();
+      if (line === null) throw new Error("closed while waiting");
+      if (test(line)) return line;
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.socket.destroy();
+  }
+
+  close(): Promise<void> {
+    if (this.#ended) return Promise.resolve();
+    return new Promise((resolve) => (this.socket.once("close", () => resolve()), this.socket.destroy()));
+  }
 }
 
 /** A spawned `deno run` of one of our scripts, with its stdout read line by line. */

@@ -147,7 +147,7 @@ Deno.test("/who, /me, /help, //text and unknown commands answer as documented", 
     await b.write("/help\r\n");
     assert.equal(await b.readLine(), "Commands:\r\n");
     const help = [];
-    for (let i = 0; i < 10; i++) help.push(await b.readLine());
+    for (let i = 0; i < 12; i++) help.push(await b.readLine());
     assert.ok(help.some((l) => l!.startsWith("  /msg NAME TEXT")), help.join(""));
     assert.ok(help.some((l) => l!.startsWith("  /history [N]")), help.join(""));
     assert.equal(help.at(-1), "  //text           send a line that starts with /\r\n");

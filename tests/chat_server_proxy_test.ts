@@ -2,61 +2,8 @@
 // the PROXY protocol (v1 and v2, from a real HAProxy too) on the chat port, X-Forwarded-For and
 // Forwarded on the web port; and nobody else can claim an address.
 import assert from "node:assert/strict";
-import * as net from "node:net";
 import { startChatServer } from "../chat_server.ts";
-import { freePort, GREETING, makeCertificates, needs, WAIT_MS, within } from "./_helpers.ts";
-
-/** A line client whose connection comes from `local` (a loopback address of its own), through node:net. */
-class From {
-  readonly socket: net.Socket;
-  #text = "";
-  #wake: (() => void) | null = null;
-  #ended = false;
-
-  private constructor(socket: net.Socket) {
-    this.socket = socket;
-    socket.setEncoding("latin1");
-    socket.on("data", (chunk: string) => (this.#text += chunk, this.#wake?.()));
-    socket.on("close", () => (this.#ended = true, this.#wake?.()));
-    socket.on("error", () => {});
-  }
-
-  static connect(local: string, port: number): Promise<From> {
-    return new Promise((resolve, reject) => {
-      const socket = net.connect({ host: "127.0.0.1", port, localAddress: local });
-      socket.once("connect", () => resolve(new From(socket)));
-      socket.once("error", reject);
-    });
-  }
-
-  /** `local:port`, as the server prints this client. */
-  get name(): string {
-    return `${this.socket.localAddress}:${this.socket.localPort}`;
-  }
-
-  write(text: string | Uint8Array): void {
-    this.socket.write(text);
-  }
-
-  async readLine(): Promise<string | null> {
-    const deadline = Date.now() + WAIT_MS;
-    for (;;) {
-      const at = this.#text.indexOf("\r\n");
-      if (at >= 0) {
-        const line = this.#text.slice(0, at + 2);
-        this.#text = this.#text.slice(at + 2);
-        return line;
-      }
-      if (this.#ended) return null;
-      await within(Math.max(1, deadline - Date.now()), new Promise<void>((r) => this.#wake = r), "a line");
-    }
-  }
-
-  close(): Promise<void> {
-    if (this.#ended) return Promise.resolve();
-    return new Promise((resolve) => (this.socket.once("close", () => resolve()), this.socket.destroy()));
-  }
-}
+import { freePort, From, GREETING, makeCertificates, needs, WAIT_MS, within } from "./_helpers.ts";
 
 /** A PROXY v2 header for TCP over IPv4 from `source`:`port`. */
 function proxyV2(source: string, port: number): Uint8Array {

@@ -8,6 +8,7 @@ import {
   Cli,
   eventually,
   freePort,
+  From,
   joinChat,
   needs,
   readUntil,
@@ -865,3 +866,108 @@ redisTest(
     );
   },
 );
+
+redisTest(
+  "operators across instances: a ban made on one refuses and cuts on the other, a kick reaches the user there, a topic shows there",
+  async () => {
+    const password = "s3cret";
+    await withInstances(
+      2,
+      async ({ servers, logs, redis }) => {
+        const [one, two] = servers.map((s) => s.addr.port);
+        const op = await From.join("127.0.0.1", one);
+        await op.ask(`/oper ${password}`, "You are now an operator; /help lists what operators can do");
+        await op.ask("/join ops", "You are now in ops (1); /who lists who is here");
+        const far = await From.join("127.0.0.7", two);
+        await far.ask("/nick faraway", "You are now known as faraway");
+        using watcher = await joinChat(two);
+        await far.readLine(); // the watcher joined
+        await op.ask("/kick FarAway off topic", "You kicked FarAway: off topic");
+        assert.equal(
+          await far.readUntil((l) => l.startsWith("You")),
+          `You were kicked by ${op.name}: off topic\r\n`,
+        );
+        assert.equal(await far.readLine(), null);
+        assert.equal(await watcher.readLine(), `Client left faraway (kicked by ${op.name}: off topic)\r\n`);
+
+        const banned = await From.join("127.0.0.8", two);
+        await readUntil(watcher, (l) => l === `Client joined ${banned.name}\r\n`);
+        await op.ask("/ban 127.0.0.8 1h spam", `You banned 127.0.0.8 until ${clockIn(60)}: spam`);
+        assert.equal(
+          await banned.readUntil((l) => l.startsWith("You")),
+          "You are banned from this server: spam\r\n",
+        );
+        assert.equal(await banned.readLine(), null);
+        const again = await From.connect("127.0.0.8", two);
+        assert.equal(await again.readLine(), "Sorry, you are banned from this server: spam\r\n");
+
+        await watcher.write("/join ops\r\n");
+        await readUntil(watcher, (l) => l.startsWith("You are now in ops (2)"));
+        await op.readLine(); // the watcher joined ops
+        await op.ask("/topic the rota is pinned", `${op.name} set the topic: the rota is pinned`);
+        assert.equal(await watcher.readLine(), `${op.name} set the topic: the rota is pinned\r\n`);
+
+        // A third instance, started later, holds the ban and the topic from Redis.
+        const { servers: [three] } = await instances(redis, 1, 30, { operPassword: password });
+        try {
+          const refused = await From.connect("127.0.0.8", three.addr.port);
+          assert.equal(await refused.readLine(), "Sorry, you are banned from this server: spam\r\n");
+          using late = await joinChat(three.addr.port);
+          await ask(
+            late,
+            "/join ops",
+            "You are now in ops (3); /who lists who is here",
+            "Topic of ops: the rota is pinned",
+          );
+        } finally {
+          await three.close();
+        }
+        await logs[0].waitFor(`${op.name} kicked FarAway: off topic`);
+        await op.close();
+      },
+      30,
+      { operPassword: password },
+    );
+  },
+);
+
+redisTest(
+  "a decision published on the bus by anyone else is checked like a command: a false mask or a giant topic is ignored",
+  async () => {
+    await withInstances(1, async ({ servers, redis }) => {
+      const port = servers[0].addr.port;
+      using a = await joinChat(port);
+      const rule = (fields: Record<string, unknown>) =>
+        JSON.stringify({
+          kind: "ban",
+          key: "",
+          text: "",
+          until: null,
+          by: "x",
+          at: 0,
+          i: "other",
+          ...fields,
+        });
+      await redis.command("PUBLISH", "chat:rules", rule({ key: "0.0.0.0/0" }).replace("/0", "/99"));
+      await redis.command(
+        "PUBLISH",
+        "chat:rules",
+        rule({ kind: "topic", key: "lobby", text: "t".repeat(5000) }),
+      );
+      await redis.command("PUBLISH", "chat:rules", "not json");
+      await redis.command(
+        "PUBLISH",
+        "chat:rules",
+        rule({ kind: "topic", key: "lobby", text: "fine\u0007 topic" }),
+      );
+      assert.equal(await a.readLine(), "x set the topic: fine topic\r\n"); // only the last, its control taken out
+      const other = await From.join("127.0.0.9", port); // nobody is banned
+      await other.close();
+    });
+  },
+);
+
+/** The clock, `HH:MM`, in `minutes` minutes. */
+function clockIn(minutes: number): string {
+  return new Date(Date.now() + minutes * 60_000).toTimeString().slice(0, 5);
+}
