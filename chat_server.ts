@@ -5606,38 +5606,73 @@ export const PAGE = `<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Deno chat</title>
 <style>
-  :root { color-scheme: light dark; --bg: #fdfdfc; --fg: #1b1b1b; --muted: #6b6b6b; --line: #8883; --me: #0b6e4f; }
-  @media (prefers-color-scheme: dark) { :root { --bg: #151515; --fg: #e8e8e8; --muted: #9a9a9a; --me: #5fd3a5; } }
+  :root { color-scheme: light dark; --bg: #fdfdfc; --fg: #1b1b1b; --muted: #6b6b6b; --line: #8883; --me: #0b6e4f;
+          --warn: #a34a00; }
+  @media (prefers-color-scheme: dark) {
+    :root { --bg: #151515; --fg: #e8e8e8; --muted: #9a9a9a; --me: #5fd3a5; --warn: #ffb066; }
+  }
   * { box-sizing: border-box; }
   body { margin: 0; height: 100dvh; display: flex; flex-direction: column; background: var(--bg); color: var(--fg);
          font: 16px/1.4 system-ui, sans-serif; }
-  header { display: flex; gap: 1rem; align-items: baseline; padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
+  header { display: flex; gap: .25rem 1rem; align-items: center; padding: .5rem 1rem; border-bottom: 1px solid var(--line);
+           flex-wrap: wrap; }
   header h1 { font-size: 1rem; margin: 0; }
-  #status { margin-left: auto; color: var(--muted); font-size: .85rem; }
-  main { flex: 1; display: flex; min-height: 0; }
-  #log { flex: 1; overflow-y: auto; margin: 0; padding: .5rem 1rem; list-style: none; word-wrap: break-word; }
+  #where { min-width: 0; flex: 1; display: flex; gap: .75rem; align-items: baseline; }
+  #topic { color: var(--muted); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; min-width: 0; }
+  #status { color: var(--muted); font-size: .85rem; }
+  #status.down { color: var(--bg); background: var(--warn); padding: .1rem .5rem; border-radius: .25rem; }
+  button { font: inherit; color: inherit; background: transparent; border: 1px solid var(--line); border-radius: .3rem;
+           padding: .3rem .6rem; cursor: pointer; }
+  button:focus-visible, a:focus-visible { outline: 2px solid var(--me); outline-offset: 1px; }
+  #people { display: none; }
+  main { flex: 1; display: flex; min-height: 0; position: relative; }
+  #log { flex: 1; overflow-y: auto; margin: 0; padding: .5rem 1rem; list-style: none; overflow-wrap: anywhere; }
   #log li { margin: .1rem 0; }
-  #members { width: 13rem; overflow-y: auto; border-left: 1px solid var(--line); padding: .5rem 1rem; }
-  #members ul { list-style: none; padding: 0; margin: .25rem 0; }
-  @media (max-width: 640px) { #members { display: none; } }
+  #log a { color: inherit; }
+  #members { width: 14rem; overflow-y: auto; border-left: 1px solid var(--line); padding: .5rem 1rem; background: var(--bg); }
+  #members h2 { font-size: .9rem; margin: .5rem 0 .25rem; }
+  #members ul { list-style: none; padding: 0; margin: 0 0 .5rem; }
+  #roomlist button { border: 0; padding: .15rem 0; text-decoration: underline; }
+  #roomlist .here { font-weight: 600; }
+  @media (max-width: 640px) {
+    #people { display: inline-block; }
+    #members { display: none; position: absolute; inset: 0 0 0 auto; width: min(18rem, 85vw); box-shadow: -4px 0 12px #0003; }
+    #members.open { display: block; }
+    #where { flex-basis: 100%; order: 3; }
+  }
   time { color: var(--muted); font-size: .8rem; margin-right: .5rem; font-variant-numeric: tabular-nums; }
   .from { font-weight: 600; margin-right: .4rem; }
   .mine .from { color: var(--me); }
   .notice { color: var(--muted); font-style: italic; }
+  .block { font-style: normal; }
+  .block ul { list-style: none; margin: .1rem 0 .3rem 1rem; padding: 0; }
+  .block .title { font-weight: 600; }
+  .block .usage { display: inline-block; min-width: 15rem; padding-right: .5rem; color: var(--fg); }
+  @media (max-width: 640px) { .block .usage { display: block; min-width: 0; } }
   .private { background: #fc03; }
   .history { opacity: .8; }
+  .sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   form { display: flex; border-top: 1px solid var(--line); }
   input { flex: 1; font: inherit; padding: .8rem 1rem; border: 0; background: transparent; color: inherit; }
   input:focus { outline: 2px solid var(--me); outline-offset: -2px; }
 </style>
 </head>
 <body>
-<header><h1>Deno chat</h1><span>room <strong id="room">lobby</strong> <span id="count"></span></span><span id="status">connecting&hellip;</span></header>
+<header>
+  <h1>Deno chat</h1>
+  <div id="where"><span>room <strong id="room">lobby</strong></span><span id="topic"></span></div>
+  <button id="people" type="button" aria-controls="members" aria-expanded="false">Members <span id="count"></span></button>
+  <span id="status" role="status">connecting&hellip;</span>
+</header>
 <main>
-  <ul id="log" aria-live="polite"></ul>
-  <aside id="members"><strong>In this room</strong><ul id="memberlist"></ul></aside>
+  <ul id="log" role="log" aria-live="polite" aria-label="Messages"></ul>
+  <aside id="members" aria-label="Members and rooms">
+    <h2>In this room</h2><ul id="memberlist"></ul>
+    <h2>Rooms</h2><ul id="roomlist"></ul>
+  </aside>
 </main>
-<form id="form"><input id="input" autocomplete="off" enterkeyhint="send" placeholder="Say something, or /help" autofocus></form>
+<form id="form"><label for="input" class="sr">Message</label><input id="input" autocomplete="off" enterkeyhint="send"
+  placeholder="Say something, or /help" autofocus></form>
 <script>
 // @ts-check
 /// <reference lib="dom" />
@@ -5648,20 +5683,66 @@ export const PAGE = `<!doctype html>
 const byId = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
 const log = byId("log"), input = /** @type {HTMLInputElement} */ (byId("input"));
 const roomEl = byId("room"),
+  topicEl = byId("topic"),
   statusEl = byId("status"),
   memberList = byId("memberlist"),
-  countEl = byId("count");
+  roomList = byId("roomlist"),
+  countEl = byId("count"),
+  people = byId("people"),
+  aside = byId("members");
 /** @type {WebSocket | null} */
 let ws = null;
-let backoff = 500, quietWho = 0, whoLeft = 0;
+let backoff = 500;
+// The page asks /who and /rooms for itself, and reads their answers into the side panel instead of
+// the log: what it asked (in order), and the answer it is reading, its lines and how many are left.
 /** @type {string[]} */
-let members = [];
+let asked = [];
+let reading = "", left = 0;
+/** @type {string[]} */
+let answer = [];
+// The block the log is adding to: the answer to a /help, /who, /rooms or /history typed by the user,
+// and whether its lines are a command and what it does (/help's).
+/** @type {HTMLElement | null} */
+let block = null;
+let columns = false;
 // The server says how often it makes itself heard (PAGE_MARKS.alive); past twice that in silence
 // it is gone (a dead server or a dead network closes nothing), and the page reconnects.
 let aliveMs = 0, heardAt = 0;
 // Where the page stands, so that it can say so when it reconnects: its token, its nick, and its
 // room's epoch and the position of the last line it has seen there (PAGE_MARKS).
 let token = "", nick = "", room = "", epoch = "", seq = 0;
+// Lines said while the tab is in the background, counted in its title.
+const title = document.title;
+let unread = 0;
+
+/**
+ * Adds text to an element, with http and https links made clickable: always as text nodes and
+ * links whose href is a parsed URL, never as HTML.
+ * @param {HTMLElement} parent
+ * @param {string} text
+ */
+function addText(parent, text) {
+  let at = 0;
+  for (const m of text.matchAll(/\\bhttps?:\\/\\/[^\\s<>"]+/g)) {
+    const url = m[0].replace(/[.,;:!?'")\\]]+$/, "");
+    let href = null;
+    try {
+      href = new URL(url);
+    } catch {
+      continue;
+    }
+    if (href.protocol !== "http:" && href.protocol !== "https:") continue;
+    parent.append(document.createTextNode(text.slice(at, m.index)));
+    const a = /** @type {HTMLAnchorElement} */ (document.createElement("a"));
+    a.href = href.href;
+    a.textContent = url;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer nofollow";
+    parent.append(a);
+    at = (m.index ?? 0) + url.length;
+  }
+  parent.append(document.createTextNode(text.slice(at)));
+}
 
 /**
  * @param {string} kind
@@ -5680,27 +5761,115 @@ function show(kind, from, text, when = Date.now()) {
     who.textContent = from;
     li.append(who);
   }
-  li.append(document.createTextNode(text));
+  addText(li, text);
+  append(li);
+  if (document.hidden && kind.startsWith("line") && !kind.includes("history")) {
+    document.title = "(" + ++unread + ") " + title;
+  }
+  return li;
+}
+
+/** @param {HTMLElement} li */
+function append(li) {
   const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
   log.append(li);
   if (atEnd) log.scrollTop = log.scrollHeight;
 }
 
-function askWho() {
+/**
+ * A line of an answer that comes as a title and indented lines (/help, /who, /rooms, /history,
+ * /bans): one item of the log for all of it. False if the line is not one.
+ * @param {string} line
+ */
+function inBlock(line) {
+  const titled = /^(Commands|Operator commands|In \\S+ \\(\\d+\\)|Rooms \\(\\d+\\)|Bans \\(\\d+\\)|History of .*):$/
+    .test(line);
+  if (titled && !(block && line === "Operator commands:")) {
+    const li = show("notice block", null, "");
+    const head = document.createElement("span");
+    head.className = "title";
+    head.textContent = line;
+    block = document.createElement("ul");
+    columns = line === "Commands:";
+    li.append(head, block);
+    return true;
+  }
+  if (!block || !(line.startsWith("  ") || titled)) return (block = null), false;
+  const item = document.createElement("li");
+  const [, usage, what] = (columns && /^ +(\\S.*?) {2,}(\\S.*)$/.exec(line)) || [];
+  if (what) {
+    const cell = document.createElement("span");
+    cell.className = "usage";
+    cell.textContent = usage;
+    item.append(cell);
+  }
+  addText(item, what ?? line.trim());
+  if (titled) item.className = "title";
+  block.append(item);
+  return true;
+}
+
+/** @param {string} what */
+function ask(what) {
   if (ws && ws.readyState === WebSocket.OPEN) {
-    quietWho++;
-    ws.send("/who");
+    asked.push(what);
+    ws.send("/" + what);
   }
 }
 
-function showMembers() {
-  countEl.textContent = "(" + members.length + " here)"; // the list itself is hidden on a phone
-  countEl.title = members.join(", ");
-  memberList.replaceChildren(...members.map((m) => {
+/**
+ * The answer to a /who or /rooms the page asked: the side panel shows it.
+ * @param {string} what
+ * @param {string[]} lines
+ */
+function took(what, lines) {
+  if (what === "who") {
+    const members = lines.map((l) => l.trim());
+    countEl.textContent = "(" + members.length + ")";
+    memberList.replaceChildren(...members.map((m) => {
+      const li = document.createElement("li");
+      li.textContent = m;
+      return li;
+    }));
+    return;
+  }
+  roomList.replaceChildren(...lines.map((l) => {
+    const [, name, count, here] = /^ +(\\S+) (\\d+)( \\(you are here\\))?$/.exec(l) ?? ["", l.trim(), "", ""];
     const li = document.createElement("li");
-    li.textContent = m;
+    const join = document.createElement("button");
+    join.setAttribute("type", "button");
+    join.textContent = name;
+    join.title = here ? "You are here" : "Join " + name;
+    if (here) li.className = "here";
+    join.addEventListener("click", () => {
+      if (!here && ws && ws.readyState === WebSocket.OPEN) ws.send("/join " + name);
+      aside.classList.remove("open"); // on a phone, back to the room
+      people.setAttribute("aria-expanded", "false");
+    });
+    li.append(join, document.createTextNode(" " + count));
     return li;
   }));
+}
+
+/**
+ * The lines of an answer the page asked for: false once the line is not one.
+ * @param {string} line
+ */
+function quiet(line) {
+  let m;
+  if (left > 0) {
+    answer.push(line);
+    if (--left === 0) took(reading, answer);
+    return true;
+  }
+  const header = asked[0] === "who" ? /^In (\\S+) \\((\\d+)\\):$/ : /^Rooms \\((\\d+)\\):$/;
+  if (asked.length === 0 || !(m = header.exec(line))) return false;
+  reading = /** @type {string} */ (asked.shift());
+  if (reading === "who") roomEl.textContent = m[1];
+  left = Number(m.at(-1));
+  answer = [];
+  if (left === 0) took(reading, answer);
+  return true;
 }
 
 /**
@@ -5721,6 +5890,7 @@ function mark(line) {
     receive(m[2]);
   } else if ((m = /^\\x1eh (\\d+) (\\d+) (.*)$/.exec(line))) {
     seq = Number(m[1]);
+    block = null;
     const said = /^\\[([^\\]]+)\\] (.*)$/.exec(m[3]);
     show("line history", said ? said[1] : null, said ? said[2] : m[3], Number(m[2]));
   }
@@ -5730,29 +5900,27 @@ function mark(line) {
 function receive(line) {
   let m;
   if (line.charCodeAt(0) === 0x1e) return mark(line);
+  if (quiet(line)) return;
   if ((m = /^You are now known as (\\S+)$/.exec(line))) nick = m[1];
-  if (quietWho > 0 && (m = /^In (\\S+) \\((\\d+)\\):$/.exec(line))) {
-    quietWho--;
-    whoLeft = Number(m[2]);
-    members = [];
+  if ((m = /^You are now in (\\S+) /.exec(line))) {
     roomEl.textContent = m[1];
-    if (whoLeft === 0) showMembers();
-    return;
+    topicEl.textContent = ""; // the server says the new room's topic next, if it has one
+    ask("rooms");
   }
-  if (whoLeft > 0) {
-    members.push(line.trim().replace(/ \\(you\\)$/, " (you)"));
-    if (--whoLeft === 0) showMembers();
-    return;
-  }
-  if ((m = /^You are now in (\\S+) /.exec(line))) roomEl.textContent = m[1];
+  if ((m = /^Topic of \\S+: (.*)$/.exec(line) ?? /^\\S+ set the topic: (.*)$/.exec(line))) {
+    topicEl.textContent = m[1];
+    topicEl.title = m[1];
+  } else if (/^\\S+ cleared the topic$/.test(line)) topicEl.textContent = "";
   if (/^(Client joined|Client left|You are now)|( has joined | has left | is now known as )/.test(line)) {
-    askWho();
+    ask("who");
   }
-  if ((m = /^\\[([^\\]]+)\\] (.*)$/.exec(line))) return show("line", m[1], m[2]);
+  if (/ has (joined|left) /.test(line)) ask("rooms");
+  if (inBlock(line)) return;
+  if ((m = /^\\[([^\\]]+)\\] (.*)$/.exec(line))) return void show("line", m[1], m[2]);
   if ((m = /^\\(private\\) \\[([^\\]]+)\\] (.*)$/.exec(line))) {
-    return show("line private", m[1] + " (private)", m[2]);
+    return void show("line private", m[1] + " (private)", m[2]);
   }
-  show("notice", null, line);
+  show(/^\\* /.test(line) ? "line action" : "notice", null, line);
 }
 
 function connect() {
@@ -5766,10 +5934,12 @@ function connect() {
   ws = new WebSocket(url);
   ws.onopen = () => {
     statusEl.textContent = "connected";
+    statusEl.className = "";
     backoff = 500;
-    quietWho = 0;
-    whoLeft = 0;
-    askWho();
+    asked = [];
+    left = 0;
+    ask("who");
+    ask("rooms");
   };
   ws.onmessage = (event) => {
     heardAt = Date.now();
@@ -5779,7 +5949,8 @@ function connect() {
 }
 
 function reconnect() {
-  statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s\u2026";
+  statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s\\u2026";
+  statusEl.className = "down";
   setTimeout(connect, backoff);
   backoff = Math.min(backoff * 2, 10000);
 }
@@ -5798,8 +5969,19 @@ byId("form").addEventListener("submit", (event) => {
   const text = input.value;
   if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN) return;
   ws.send(text);
+  block = null;
   if (!text.startsWith("/") || text.startsWith("//")) show("line mine", "you", text.replace(/^\\//, ""));
   input.value = "";
+});
+// On a phone the members are one tap away: the button opens and closes the side panel.
+people.addEventListener("click", () => {
+  const open = aside.classList.toggle("open");
+  people.setAttribute("aria-expanded", String(open));
+});
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) return;
+  unread = 0;
+  document.title = title;
 });
 connect();
 </script>

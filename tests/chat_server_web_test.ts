@@ -9,6 +9,7 @@ import {
   WebListenError,
 } from "../chat_server.ts";
 import {
+  ask,
   Cli,
   freePort,
   GREETING,
@@ -227,15 +228,29 @@ Deno.test("startChatServer() with redis and a taken web port fails and leaves no
 Deno.test("the page understands every line it reads, as the server writes them (PAGE_READS)", () => {
   const page = runPageScript();
   page.socket.onopen();
-  assert.deepEqual(page.socket.sent, ["/who"]); // asked quietly at once
+  assert.deepEqual(page.socket.sent, ["/who", "/rooms"]); // asked quietly at once
   page.receive(PAGE_READS.whoHeader("dev", 2));
   page.receive("  ann (127.0.0.1:4000) (you)");
   page.receive("  127.0.0.1:4001");
+  page.receive("Rooms (2):");
+  page.receive("  dev 2 (you are here)");
+  page.receive("  lobby 5");
   assert.equal(page.byId("room").textContent, "dev");
   assert.deepEqual(page.members(), ["ann (127.0.0.1:4000) (you)", "127.0.0.1:4001"]);
-  assert.equal(page.lines.length, 0, "the quiet /who is not shown");
+  assert.equal(page.byId("count").textContent, "(2)");
+  const rooms = page.byId("roomlist").children as Record<string, unknown>[];
+  assert.deepEqual(
+    rooms.map((li) => (li.children as { textContent: string }[]).map((k) => k.textContent).join("")),
+    [
+      "dev 2",
+      "lobby 5",
+    ],
+  );
+  assert.equal(page.lines.length, 0, "the quiet /who and /rooms are not shown");
   page.receive(PAGE_READS.nowIn("ops", 1));
   assert.equal(page.byId("room").textContent, "ops");
+  page.receive(PAGE_READS.topic("ops", "deploys on Fridays"));
+  assert.equal(page.byId("topic").textContent, "deploys on Fridays");
   const asks = [
     PAGE_READS.joined("127.0.0.1:4002"),
     PAGE_READS.left("bob", " (lunch)"),
@@ -247,8 +262,13 @@ Deno.test("the page understands every line it reads, as the server writes them (
   for (const line of asks) {
     const before = page.socket.sent.length;
     page.receive(line);
-    assert.equal(page.socket.sent.length, before + 1, `the page did not ask /who after "${line}"`);
+    assert.equal(page.socket.sent[before], "/who", `the page did not ask /who after "${line}"`);
   }
+  assert.deepEqual(
+    page.socket.sent.slice(-3),
+    ["/rooms", "/who", "/rooms"],
+    "and /rooms when a room changes",
+  );
   page.receive(PAGE_READS.said("bob", "hi <b>there</b>"));
   page.receive(PAGE_READS.privately("bob", "psst"));
   const [said, privately] = page.lines.slice(-2);
@@ -354,14 +374,19 @@ function runPageScript() {
     el.append = (...kids: Record<string, unknown>[]) => (el.children as unknown[]).push(...kids);
     el.replaceChildren = (...kids: unknown[]) => el.children = kids;
     el.addEventListener = () => {};
+    el.setAttribute = (name: string, value: string) => el[name] = value;
+    el.classList = { toggle: () => true };
     return el;
   };
   const document = {
+    title: "Deno chat",
+    hidden: false,
+    addEventListener: () => {},
     getElementById(id: string) {
       if (!elements.has(id)) elements.set(id, element());
       return elements.get(id);
     },
-    createElement: () => element(),
+    createElement: (tagName: string) => Object.assign(element(), { tagName }),
     createTextNode: (text: string) => ({ textContent: text }),
   };
   const socket = { sent: [] as string[], readyState: 1, urls: [] as string[] } as
@@ -391,11 +416,24 @@ function runPageScript() {
     FakeDate,
   );
   const log = document.getElementById("log")!;
+  // Each item of the log as its kind, sender, text and time; the text is read when asked, since a
+  // block's lines are added after the item is.
+  const textOf = (node: Record<string, unknown>): string =>
+    node.children
+      ? (node.children as Record<string, unknown>[]).map(textOf).join(node.tagName === "ul" ? "\n" : "")
+      : String(node.textContent);
   (log.append as unknown) = (li: Record<string, unknown>) => {
     const kids = li.children as Record<string, unknown>[];
     const from = kids.find((k) => k.className === "from")?.textContent as string | undefined;
     const time = kids[0].textContent as string;
-    lines.push({ kind: li.className as string, from, text: kids.at(-1)!.textContent as string, time });
+    lines.push({
+      kind: li.className as string,
+      from,
+      get text() {
+        return kids.slice(1).filter((k) => k.className !== "from").map(textOf).join("");
+      },
+      time,
+    });
   };
   return {
     socket: socket as typeof socket & {
@@ -956,6 +994,103 @@ Deno.test({
           await page.press("#input", "Enter");
           assert.equal(await readUntil(tcp, (l) => l.includes("back again")), "[ann] back again\r\n");
           await page.close();
+        });
+      } finally {
+        hiccup.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: haveChromium
+    ? "the page on a phone (375 px) and a desktop: topic in the header, members a tap away, answers as blocks, rooms to click, safe links, unread count, reconnecting"
+    : "the page on a phone and a desktop (ignored: chromium not installed)",
+  ignore: !haveChromium,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await withWebServer({ operPassword: "pw" }, async (tcpPort, httpPort) => {
+      const hiccup = new Hiccup(httpPort);
+      try {
+        await withChromium(async (browser) => {
+          using op = await joinChat(tcpPort);
+          await ask(op, "/oper pw", "You are now an operator; /help lists what operators can do");
+          await ask(op, "/topic Homework: chapter 3", `${op.name} set the topic: Homework: chapter 3`);
+          for (const [size, width, height] of [["phone", 375, 667], ["desktop", 1100, 700]] as const) {
+            const page = await browser.newPage({ viewport: { width, height } });
+            await page.goto(`http://127.0.0.1:${hiccup.port}/`);
+            await page.getByRole("status").filter({ hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+            await readUntil(op, (l) => l.startsWith("Client joined"));
+            // The room's topic is in the header.
+            await page.locator("#topic", { hasText: "Homework: chapter 3" }).waitFor({ timeout: WAIT_MS });
+            // The members: on a phone behind a button named for them, beside the log on a desktop.
+            const button = page.getByRole("button", { name: /Members/ });
+            const list = page.locator("#memberlist");
+            if (size === "phone") {
+              assert.ok(await list.isHidden());
+              await button.click();
+              assert.equal(await button.getAttribute("aria-expanded"), "true");
+            } else assert.ok(await button.isHidden());
+            await list.locator("li", { hasText: op.name }).waitFor({ timeout: WAIT_MS });
+            await Deno.mkdir("test-artifacts", { recursive: true });
+            if (size === "phone") {
+              await page.screenshot({ path: "test-artifacts/chat_page_phone_members.png" });
+              await button.click(); // and closed again
+              assert.equal(await button.getAttribute("aria-expanded"), "false");
+              assert.ok(await list.isHidden());
+            }
+            // /help and /who: one item of the log each, with one time.
+            const message = page.getByRole("textbox", { name: "Message" });
+            await message.fill("/help");
+            await message.press("Enter");
+            const help = page.locator("#log li.block", { hasText: "Commands:" });
+            await help.waitFor({ timeout: WAIT_MS });
+            assert.equal(await help.locator("time").count(), 1);
+            assert.ok((await help.locator("ul li").count()) >= 12);
+            await message.fill("/who");
+            await message.press("Enter");
+            await page.locator("#log li.block", { hasText: "In lobby (2):" }).waitFor({ timeout: WAIT_MS });
+            // Links: http and https are links that open safely; anything else stays text.
+            await op.write(
+              `see https://example.com/${size}?b=1. or javascript:alert(1) or <a href=x>x</a>\r\n`,
+            );
+            const link = page.locator("#log li", { hasText: `/${size}?b=1` }).locator("a");
+            await link.waitFor({ timeout: WAIT_MS });
+            assert.equal(await link.count(), 1);
+            assert.equal(await link.getAttribute("href"), `https://example.com/${size}?b=1`);
+            assert.equal(await link.getAttribute("rel"), "noopener noreferrer nofollow");
+            assert.equal(await link.getAttribute("target"), "_blank");
+            // In the background, the tab's title counts what was said.
+            const hide = (hidden: boolean) =>
+              page.evaluate(
+                `Object.defineProperty(document, "hidden", { value: ${hidden}, configurable: true });
+                document.dispatchEvent(new Event("visibilitychange"))`,
+              );
+            await hide(true);
+            await op.write("one\r\ntwo\r\n");
+            await page.waitForFunction(`document.title === "(2) Deno chat"`, null, { timeout: WAIT_MS });
+            await hide(false);
+            assert.equal(await page.title(), "Deno chat");
+            await page.screenshot({ path: `test-artifacts/chat_page_${size}.png` });
+            // The rooms: a click joins one.
+            await op.write("/join dev\r\n");
+            await readUntil(op, (l) => l.startsWith("You are now in dev"));
+            if (size === "phone" && await list.isHidden()) await button.click();
+            await page.locator("#roomlist button", { hasText: "dev" }).click();
+            await readUntil(op, (l) => l.endsWith(" has joined dev\r\n"));
+            await page.locator("#room", { hasText: "dev" }).waitFor({ timeout: WAIT_MS });
+            // A dropped connection is shown as such until the page is back.
+            hiccup.cut();
+            await page.locator("#status.down", { hasText: "reconnecting" }).waitFor({ timeout: WAIT_MS });
+            await page.screenshot({ path: `test-artifacts/chat_page_${size}_reconnecting.png` });
+            hiccup.restore();
+            await page.getByRole("status").filter({ hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+            await page.close();
+            await op.write("/join lobby\r\n");
+            await readUntil(op, (l) => l.startsWith("You are now in lobby"));
+            assert.equal(await op.readLine(), "Topic of lobby: Homework: chapter 3\r\n");
+          }
         });
       } finally {
         hiccup.close();
