@@ -8,8 +8,9 @@
  *     telnet localhost 2626
  *
  * Beyond the tutorial, a plain telnet user gets what chat users expect: `/nick`, `/who`, `/me`,
- * `/msg`, rooms (`/join`, `/rooms`), `/quit` and `/help`; and the operator gets limits (clients,
- * clients per address, idle time, flood rate, allow/deny lists), TLS and a JSON event log.
+ * `/msg`, rooms (`/join`, `/rooms`, `/topic`), `/quit` and `/help`; operators (`/oper`) can kick,
+ * ban, mute and set topics; and whoever runs it gets limits (clients, clients per address, idle
+ * time, flood rate, allow/deny lists), TLS and a JSON event log.
  * `--http PORT` puts browser users in the same rooms (a page and a WebSocket, both in this file),
  * and `--redis URL` lets several instances share their rooms.
  *
@@ -20,11 +21,13 @@
  *   1. The tutorial's chat server: ChatServer (run, acceptNewConnection, handleLine, relay, leave,
  *      close), Room (broadcastExcept), Client, LineFramer
  *   2. Writing without blocking: the send queue's flusher, sender pacing, the event log
- *   3. Rooms, names and commands: the directory, and one small handler per command
- *   4. Limits: allow/deny, client counts, the idle sweep, flood control's token bucket
+ *   3. Rooms, names and commands: the directory, one small handler per command, operators' commands
+ *   4. Limits and operators: allow/deny, bans, client counts, the idle sweep, flood control's token
+ *      bucket, and what operators decide (bans, topics)
  *   5. TLS and the web gate: the listener, handshakes, refusals, the page's WebSocket clients,
  *      PROXY headers from a load balancer, and the admin port (health, readiness, metrics)
- *   6. Sharing rooms through Redis (--redis): the bus, its outbox, stream reader, epochs, presence
+ *   6. Sharing rooms through Redis (--redis): the bus, its outbox, stream reader, epochs, presence,
+ *      and the operators' decisions
  *   7. Options   8. Small helpers   9. The web page   10. The command line
  *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
@@ -2370,11 +2373,12 @@ export function checkName(name: string, what: string): string | null {
 }
 
 // =============================================================================================
-// 4. Limits
+// 4. Limits and operators
 //
-// acceptNewConnection() (section 1) asks refusal() before it admits anyone; admit() and leave()
-// count clients in and out; handleLine() asks withinRate() for every line; start() starts the
-// idle sweep. Nothing here writes to a socket but through Client and ChatServer.sendOff().
+// acceptNewConnection() (section 1) asks refusal() before it admits anyone (bans included);
+// admit() and leave() count clients in and out; handleLine() asks withinRate() for every line;
+// start() starts the idle sweep. Moderation keeps what operators decide (section 3's commands).
+// Nothing here writes to a socket but through Client and ChatServer.sendOff().
 
 /** Why a connection was turned away, and why a client was sent off: the labels of --admin's metrics. */
 type RefusalReason = "denied" | "banned" | "full" | "per_ip" | "busy" | "origin";

@@ -423,6 +423,11 @@ export class WsClient {
     return this.#messages.shift()!;
   }
 
+  /** Settles when the server has closed the connection. */
+  closed(ms = WAIT_MS): Promise<void> {
+    return within(ms, this.#closed, "the WebSocket to close");
+  }
+
   async close(): Promise<void> {
     this.ws.close();
     await this.#closed;

@@ -2,7 +2,17 @@
 // tried by telnet-like clients, each bound to a loopback address of its own (127.0.0.7, ...) so
 // that a ban by address never touches the test's own 127.0.0.1.
 import assert from "node:assert/strict";
-import { ask, Cli, freePort, From, joinChat, readUntil, withServer } from "./_helpers.ts";
+import {
+  ask,
+  Cli,
+  freePort,
+  From,
+  joinChat,
+  readUntil,
+  withServer,
+  withWebServer,
+  WsClient,
+} from "./_helpers.ts";
 
 const PASSWORD = "correct horse battery staple";
 
@@ -267,3 +277,48 @@ function dayAfter(): string {
 function clockIn(minutes: number): string {
   return new Date(Date.now() + minutes * 60_000).toTimeString().slice(0, 5);
 }
+
+Deno.test("operators reach web clients too: a mute, a kick and a ban by address, and the banned page is refused at the door", async () => {
+  await withWebServer({ operPassword: PASSWORD, host: "127.0.0.1" }, async (tcp, http) => {
+    const op = await From.join("127.0.0.2", tcp); // the pages come from 127.0.0.1: the ban is theirs alone
+    await op.ask(`/oper ${PASSWORD}`, "You are now an operator; /help lists what operators can do");
+    await op.ask("/join ops", "You are now in ops (1); /who lists who is here");
+    const watcher = await From.join("127.0.0.3", tcp);
+    const web = new WsClient(`ws://127.0.0.1:${http}/ws`);
+    await web.opened();
+    await web.next(); // the greeting
+    const name = /^Client joined (\S+)\r\n$/.exec((await watcher.readLine())!)![1];
+    await op.ask(`/mute ${name}`, `You muted ${name} until lifted`);
+    assert.equal(
+      await web.next(),
+      `You have been muted by ${op.name} until lifted: nobody hears what you say`,
+    );
+    web.ws.send("can anyone hear me");
+    web.ws.send("/topic"); // its answer comes after the line above was taken (and dropped)
+    assert.equal(await web.next(), "lobby has no topic");
+    await op.ask(`/unmute ${name}`, `You unmuted ${name}`);
+    await web.next();
+    web.ws.send("now?");
+    assert.equal(await watcher.readLine(), `[${name}] now?\r\n`); // and not the muted line
+    await op.ask(`/kick ${name} enough`, `You kicked ${name}: enough`);
+    assert.equal(await web.next(), `You were kicked by ${op.name}: enough`);
+    await web.closed();
+    const again = new WsClient(`ws://127.0.0.1:${http}/ws`);
+    await again.opened();
+    await again.next();
+    await op.ask("/ban 127.0.0.1 2h", `You banned 127.0.0.1 until ${clockIn(120)}`);
+    assert.equal(await again.next(), "You are banned from this server");
+    await again.closed();
+    const refused = await fetch(`http://127.0.0.1:${http}/ws`, {
+      headers: {
+        Upgrade: "websocket",
+        Connection: "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+      },
+    });
+    assert.equal(refused.status, 403);
+    assert.equal(await refused.text(), "Sorry, you are banned from this server\n");
+    await Promise.all([op, watcher].map((c) => c.close()));
+  });
+});
