@@ -139,6 +139,10 @@ export class ChatServer {
   closing = false;
   /** Lines received from clients (blank ones aside), for --admin's metrics. */
   linesIn = 0;
+  /** Chat lines one client said in a row, and their bytes, waiting to be queued (relay). */
+  private gathered: Uint8Array[] = [];
+  private gatheredFrom: Client | null = null;
+  private gatheredBytes = 0;
   readonly maxLine: number;
   readonly greeting = encoder.encode(GREETING);
   readonly tooLong: Uint8Array;
@@ -334,19 +338,49 @@ export class ChatServer {
     this.linesIn++;
     if (!this.limits.withinRate(this, client)) return;
     if (line[0] === SLASH) {
-      if (line[1] !== SLASH) return runCommand(this, client, decoder.decode(line));
+      if (line[1] !== SLASH) {
+        this.sayGathered(); // what was said before the command comes before what it says
+        return runCommand(this, client, decoder.decode(line));
+      }
       line = line.subarray(1); // "//text" says "/text"
     }
     if (client.mutedUntil !== 0 && muted(client)) return; // section 3
     this.relay(client, line);
   }
 
-  /** Relays a line to the client's room as `[name] line`: built once, queued for everyone else. */
+  /**
+   * Relays a line to the client's room as `[name] line`: built once, queued for everyone else.
+   * Lines one client says in a row (those of one read) are gathered and queued as one message: a
+   * member's queue then takes one part per read rather than one per line.
+   */
   relay(client: Client, line: Uint8Array): void {
     const message = client.framed(line);
-    toRoom(this, client.room, client, message, true); // section 3: here, and with --redis everywhere
+    const room = client.room;
+    if (this.bus || room.pages > 0 || client.page) {
+      toRoom(this, room, client, message, true); // section 3: here, and with --redis everywhere
+    } else {
+      this.history.keep(room.name, message); // section 3
+      if (this.gatheredFrom !== client || this.gatheredBytes > WRITE_SIZE) this.sayGathered();
+      if (this.gathered.push(message) === 1) queueMicrotask(this.sayGathered);
+      this.gatheredFrom = client;
+      this.gatheredBytes += message.length;
+    }
     this.log.line(client, line, message);
   }
+
+  /**
+   * Queues the lines relay() gathered for the sender's room. Runs before anything else is said to
+   * a room (toRoom) and before a command, at the end of each read, and at the latest when this
+   * turn's tasks are done: nobody sees lines out of order.
+   */
+  readonly sayGathered = (): void => {
+    const from = this.gatheredFrom, parts = this.gathered;
+    if (from === null || parts.length === 0) return;
+    this.gathered = [];
+    from.room.broadcastExcept(from, parts.length === 1 ? parts[0] : concatBytes(parts, this.gatheredBytes));
+    this.gatheredFrom = null;
+    this.gatheredBytes = 0;
+  };
 
   /**
    * Sends a client off: tells it why, stops reading it, and closes it once the notice is out (or
@@ -484,6 +518,7 @@ class Reader {
         (line, truncated) => server.onLine(client, line, truncated),
       );
       this.framer.push(this.buffer.subarray(0, n));
+      server.sayGathered();
       if (n === this.buffer.length && n < READ_SIZE) this.buffer = new Uint8Array(2 * n);
     } catch (e) {
       return this.end(e);
@@ -1300,6 +1335,8 @@ class EventLog {
 /** Longest nick or room name, in characters. */
 const MAX_NAME = 32;
 
+let lastName = "", lastKey = "";
+
 /** The rooms by name and the clients by nick, whatever the case. Does no I/O. */
 export class Directory {
   readonly lobby: Room = new Room(LOBBY);
@@ -1315,7 +1352,11 @@ export class Directory {
    * `STRASSE`.
    */
   static key(name: string): string {
-    return name.normalize("NFKC").toUpperCase().toLowerCase().normalize("NFKC");
+    // The last answer is kept: a room's name is asked for on every line said in it.
+    if (name !== lastName) {
+      [lastName, lastKey] = [name, name.normalize("NFKC").toUpperCase().toLowerCase().normalize("NFKC")];
+    }
+    return lastKey;
   }
 
   /** True if two names are the same name. */
@@ -1439,6 +1480,7 @@ function toRoom(
   message: Uint8Array,
   kept: boolean,
 ): void {
+  server.sayGathered(); // what was said before this comes first (relay)
   if (server.bus?.send(room.name, message, kept, sender)) return;
   // With a bus, a line said here while Redis is away gets its position (and its place in the
   // history) when Redis has it.
@@ -5424,7 +5466,7 @@ function plural(n: number, unit: string): string {
 
 /** True if a line holds nothing but spaces and tabs. */
 function isBlank(line: Uint8Array): boolean {
-  for (const b of line) if (b !== 32 && b !== TAB) return false;
+  for (let i = 0; i < line.length; i++) if (line[i] !== 32 && line[i] !== TAB) return false; // no iterator: it is per line
   return true;
 }
 
