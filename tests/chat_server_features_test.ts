@@ -495,3 +495,23 @@ Deno.test("Limits: by default ten clients per address, loopback spared; a --max-
   fill(none, "10.0.0.1", 500);
   assert.equal(none.refusal("10.0.0.1", 500), null);
 });
+
+Deno.test("lines and commands sent in one write come out in the order they were sent, whoever they reach", async () => {
+  await withServer({}, async (port) => {
+    using a = await joinChat(port);
+    using c = await joinChat(port);
+    await a.readLine(); // c joined
+    await a.write(`one\r\ntwo\r\n/msg ${c.name} psst\r\nthree\r\n/me waves\r\nfour\r\n/quit\r\n`);
+    for (
+      const want of [
+        `[${a.name}] one`,
+        `[${a.name}] two`,
+        `(private) [${a.name}] psst`,
+        `[${a.name}] three`,
+        `* ${a.name} waves`,
+        `[${a.name}] four`,
+        `Client left ${a.name}`,
+      ]
+    ) assert.equal(await c.readLine(), want + "\r\n");
+  });
+});
