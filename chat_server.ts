@@ -123,6 +123,7 @@ export class ChatServer {
   listener: Deno.TcpListener | null = null;
   readonly clients = new Set<Client>();
   readonly flusher: Flusher; // section 2
+  readonly gathering = new Gathering(); // section 2
   readonly log: EventLog; // section 2
   readonly directory = new Directory(); // section 3
   history: RoomHistory; // section 3
@@ -139,10 +140,6 @@ export class ChatServer {
   closing = false;
   /** Lines received from clients (blank ones aside), for --admin's metrics. */
   linesIn = 0;
-  /** Chat lines one client said in a row, and their bytes, waiting to be queued (relay). */
-  private gathered: Uint8Array[] = [];
-  private gatheredFrom: Client | null = null;
-  private gatheredBytes = 0;
   readonly maxLine: number;
   readonly greeting = encoder.encode(GREETING);
   readonly tooLong: Uint8Array;
@@ -198,26 +195,13 @@ export class ChatServer {
       if (o.historyFile) {
         const say = (text: string) => this.log.event(text, { event: "history", text });
         const file = await HistoryFile.open(o.historyFile, say); // section 3
-        for (const kept of file.rules()) {
-          const rule = checkRule(kept, this.maxLine);
-          if (rule) this.moderation.hold(rule); // section 4
-        }
+        this.moderation.load(file.rules(), this.maxLine); // section 4
         this.history = new RoomHistory(this.history.limit, file);
         this.history.occupied = this.occupied;
       }
       if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
-      if (o.redis) {
-        this.bus = await startBus(
-          {
-            historyLines: o.historyLines,
-            maxLine: this.maxLine,
-            readBytes: this.flusher.sendq - this.flusher.paceBytes,
-            ...o.redis,
-          },
-          busHandlersFor(this),
-        );
-      }
+      if (o.redis) this.bus = await startBus(this, o.redis); // section 6
       this.bus?.watch(LOBBY); // always: the lobby's stream is read before anyone arrives
       if (o.http) this.web = new WebGate(this, o.http);
       if (o.admin) this.admin = new AdminGate(this, o.admin);
@@ -339,7 +323,7 @@ export class ChatServer {
     if (!this.limits.withinRate(this, client)) return;
     if (line[0] === SLASH) {
       if (line[1] !== SLASH) {
-        this.sayGathered(); // what was said before the command comes before what it says
+        this.gathering.say(); // what was said before the command comes before what it says
         return runCommand(this, client, decoder.decode(line));
       }
       line = line.subarray(1); // "//text" says "/text"
@@ -349,9 +333,8 @@ export class ChatServer {
   }
 
   /**
-   * Relays a line to the client's room as `[name] line`: built once, queued for everyone else.
-   * Lines one client says in a row (those of one read) are gathered and queued as one message: a
-   * member's queue then takes one part per read rather than one per line.
+   * Relays a line to the client's room as `[name] line`: built once, kept in the room's history,
+   * and queued for everyone else, with the other lines of the same read (Gathering, section 2).
    */
   relay(client: Client, line: Uint8Array): void {
     const message = client.framed(line);
@@ -360,27 +343,10 @@ export class ChatServer {
       toRoom(this, room, client, message, true); // section 3: here, and with --redis everywhere
     } else {
       this.history.keep(room.name, message); // section 3
-      if (this.gatheredFrom !== client || this.gatheredBytes > WRITE_SIZE) this.sayGathered();
-      if (this.gathered.push(message) === 1) queueMicrotask(this.sayGathered);
-      this.gatheredFrom = client;
-      this.gatheredBytes += message.length;
+      this.gathering.add(client, message);
     }
     this.log.line(client, line, message);
   }
-
-  /**
-   * Queues the lines relay() gathered for the sender's room. Runs before anything else is said to
-   * a room (toRoom) and before a command, at the end of each read, and at the latest when this
-   * turn's tasks are done: nobody sees lines out of order.
-   */
-  readonly sayGathered = (): void => {
-    const from = this.gatheredFrom, parts = this.gathered;
-    if (from === null || parts.length === 0) return;
-    this.gathered = [];
-    from.room.broadcastExcept(from, parts.length === 1 ? parts[0] : concatBytes(parts, this.gatheredBytes));
-    this.gatheredFrom = null;
-    this.gatheredBytes = 0;
-  };
 
   /**
    * Sends a client off: tells it why, stops reading it, and closes it once the notice is out (or
@@ -518,7 +484,7 @@ class Reader {
         (line, truncated) => server.onLine(client, line, truncated),
       );
       this.framer.push(this.buffer.subarray(0, n));
-      server.sayGathered();
+      server.gathering.say();
       if (n === this.buffer.length && n < READ_SIZE) this.buffer = new Uint8Array(2 * n);
     } catch (e) {
       return this.end(e);
@@ -1174,6 +1140,37 @@ export class SharedJoin {
   }
 }
 
+/**
+ * The chat lines one client says in a row (those of one read), queued for its room as one message:
+ * each member's queue then takes one part per read, not one per line. ChatServer.relay() adds to
+ * it. What was gathered is said before anything else is said to a room (toRoom) and before a
+ * command, at the end of each read, and at the latest when this turn's tasks are done: nobody
+ * sees lines out of order.
+ */
+export class Gathering {
+  private parts: Uint8Array[] = [];
+  private from: Client | null = null;
+  private bytes = 0;
+
+  /** Adds a line of `client`'s: another client's lines, or a batch past WRITE_SIZE, are said first. */
+  add(client: Client, message: Uint8Array): void {
+    if (this.from !== client || this.bytes > WRITE_SIZE) this.say();
+    if (this.parts.push(message) === 1) queueMicrotask(this.say);
+    this.from = client;
+    this.bytes += message.length;
+  }
+
+  /** Queues what was gathered for the sender's room, as one message. */
+  readonly say = (): void => {
+    const from = this.from, parts = this.parts;
+    if (from === null || parts.length === 0) return;
+    this.parts = [];
+    from.room.broadcastExcept(from, parts.length === 1 ? parts[0] : concatBytes(parts, this.bytes));
+    this.from = null;
+    this.bytes = 0;
+  };
+}
+
 /** Writes all of `bytes`, however many calls it takes: `write()` may take only part. */
 async function writeAll(w: Writer, bytes: Uint8Array): Promise<void> {
   let at = 0;
@@ -1480,7 +1477,7 @@ function toRoom(
   message: Uint8Array,
   kept: boolean,
 ): void {
-  server.sayGathered(); // what was said before this comes first (relay)
+  server.gathering.say(); // what was said before this comes first (relay)
   if (server.bus?.send(room.name, message, kept, sender)) return;
   // With a bus, a line said here while Redis is away gets its position (and its place in the
   // history) when Redis has it.
@@ -2723,6 +2720,14 @@ export class Moderation {
     if (rule.text === "") return this.topics.delete(key);
     this.topics.set(key, rule);
     return true;
+  }
+
+  /** Holds the bans and topics a history file kept: those that checkRule() passes. */
+  load(kept: unknown[], maxText: number): void {
+    for (const value of kept) {
+      const rule = checkRule(value, maxText);
+      if (rule) this.hold(rule);
+    }
   }
 
   /** Every lasting rule, to write back to Redis after it returns. */
@@ -4142,10 +4147,12 @@ export interface RedisOptions {
 /** A client of npm:redis, as createClient() makes it (a type only: nothing is loaded for it). */
 type RedisClient = ReturnType<typeof import("redis").createClient>;
 
-/** Connects the bus; see RedisBus. */
-async function startBus(options: RedisOptions, handlers: BusHandlers): Promise<RedisBus> {
+/** Connects the bus for a server; see RedisBus. */
+async function startBus(server: ChatServer, redis: RedisOptions): Promise<RedisBus> {
   const { createClient } = await import("redis"); // loaded only with --redis: no network needed without
-  return new RedisBus(createClient, options, handlers);
+  const { sendq, paceBytes } = server.flusher; // a read from Redis fits what a client behind has left
+  const options = { historyLines: server.options.historyLines, maxLine: server.maxLine, ...redis };
+  return new RedisBus(createClient, { readBytes: sendq - paceBytes, ...options }, busHandlersFor(server));
 }
 
 /**
