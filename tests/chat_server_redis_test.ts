@@ -879,9 +879,10 @@ redisTest(
         await op.ask(`/oper ${password}`, "You are now an operator; /help lists what operators can do");
         await op.ask("/join ops", "You are now in ops (1); /who lists who is here");
         const far = await From.join("127.0.0.7", two);
-        await far.ask("/nick faraway", "You are now known as faraway");
+        far.write("/nick faraway\r\n"); // the op's move to ops may cross Redis before the answer
+        await far.readUntil((l) => l === "You are now known as faraway\r\n");
         using watcher = await joinChat(two);
-        await far.readLine(); // the watcher joined
+        await far.readUntil((l) => l === `Client joined ${watcher.name}\r\n`);
         await op.ask("/kick FarAway off topic", "You kicked FarAway: off topic");
         assert.equal(
           await far.readUntil((l) => l.startsWith("You")),
@@ -906,7 +907,7 @@ redisTest(
 
         await watcher.write("/join ops\r\n");
         await readUntil(watcher, (l) => l.startsWith("You are now in ops (2)"));
-        await op.readLine(); // the watcher joined ops
+        await op.readUntil((l) => l.endsWith(" has joined ops\r\n"));
         await op.ask("/topic the rota is pinned", `${op.name} set the topic: the rota is pinned`);
         assert.equal(await watcher.readLine(), `${op.name} set the topic: the rota is pinned\r\n`);
 
