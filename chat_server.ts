@@ -1918,7 +1918,7 @@ function confirm(server: ChatServer, op: Client, rule: Rule): void {
     unmute: `unmuted ${rule.key}`,
   }[rule.kind];
   if (rule.kind !== "topic") op.tell(`You ${what}`);
-  const { kind, key, text, until } = rule;
+  const { kind, key, text } = rule, until = rule.until === null ? null : new Date(rule.until).toISOString();
   server.log.event(`${op.label} ${what}`, { event: kind, by: op.label, peer: op.address, key, text, until });
 }
 

@@ -322,3 +322,17 @@ Deno.test("operators reach web clients too: a mute, a kick and a ban by address,
     await Promise.all([op, watcher].map((c) => c.close()));
   });
 });
+
+Deno.test("with --log json, each operator's decision is one JSON event saying who made it, and when a ban ends", async () => {
+  await withServer({ operPassword: PASSWORD, logFormat: "json" }, async (port, log) => {
+    const op = await operator(port);
+    await op.ask("/ban 10.0.0.0/8 1h spammers", `You banned 10.0.0.0/8 until ${clockIn(60)}: spammers`);
+    await log.waitFor('"event":"ban"');
+    const ban = log.text.split("\n").map((l) => l && JSON.parse(l)).find((e) => e?.event === "ban");
+    assert.equal(ban.by, op.name);
+    assert.equal(ban.key, "10.0.0.0/8");
+    assert.equal(ban.text, "spammers");
+    assert.ok(Math.abs(Date.parse(ban.until) - Date.now() - 3_600_000) < 5000, ban.until);
+    await op.close();
+  });
+});
