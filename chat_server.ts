@@ -1141,20 +1141,22 @@ export class SharedJoin {
 }
 
 /**
- * The chat lines one client says in a row (those of one read), queued for its room as one message:
- * each member's queue then takes one part per read, not one per line. ChatServer.relay() adds to
- * it. What was gathered is said before anything else is said to a room (toRoom) and before a
- * command, at the end of each read, and at the latest when this turn's tasks are done: nobody
- * sees lines out of order.
+ * The short chat lines one client says in a row (those of one read), queued for its room as one
+ * message: each member's queue then takes one part per read, not one per line. ChatServer.relay()
+ * adds to it. What was gathered is said before anything else is said to a room (toRoom) and
+ * before a command, at the end of each read, and at the latest when this turn's tasks are done:
+ * nobody sees lines out of order. A long line goes on its own: its part is worth its cost, and
+ * copying it again would only make garbage.
  */
 export class Gathering {
   private parts: Uint8Array[] = [];
   private from: Client | null = null;
   private bytes = 0;
 
-  /** Adds a line of `client`'s: another client's lines, or a batch past WRITE_SIZE, are said first. */
+  /** Adds a line of `client`'s: another client's lines, or a batch past READ_SIZE, are said first. */
   add(client: Client, message: Uint8Array): void {
-    if (this.from !== client || this.bytes > WRITE_SIZE) this.say();
+    if (this.from !== client || this.bytes > READ_SIZE || message.length > GATHER_LINE) this.say();
+    if (message.length > GATHER_LINE) return client.room.broadcastExcept(client, message);
     if (this.parts.push(message) === 1) queueMicrotask(this.say);
     this.from = client;
     this.bytes += message.length;
@@ -1170,6 +1172,9 @@ export class Gathering {
     this.bytes = 0;
   };
 }
+
+/** The longest line Gathering joins to others: 256 bytes (measured in DESIGN.md). */
+const GATHER_LINE = 256;
 
 /** Writes all of `bytes`, however many calls it takes: `write()` may take only part. */
 async function writeAll(w: Writer, bytes: Uint8Array): Promise<void> {

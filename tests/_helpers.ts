@@ -3,7 +3,7 @@
 // Waiting:      WAIT_MS, within(ms, promise, what), eventually(what, test)
 // TCP clients:  TestClient (connect, write, readLine, readToEnd), joinChat(port), GREETING,
 //               From (a client from a loopback address of its own: 127.0.0.7, say),
-//               ask(client, line, ...expected), readUntil(client, test), readSlowly(...),
+//               ask(client, line, ...expected), clocked(text), readUntil(client, test), readSlowly(...),
 //               sendNumberedLines(sender, count, width), resetConnections(port, count)
 // Servers:      withServer(options, body), withWebServer(options, body), Capture (a log to wait on),
 //               freePort()
@@ -180,10 +180,10 @@ export class From {
     }
   }
 
-  /** Sends a line and expects these lines back, in order. */
-  async ask(line: string, ...expected: string[]): Promise<void> {
+  /** Sends a line and expects these lines back, in order (a pattern matches a line without its CRLF). */
+  async ask(line: string, ...expected: (string | RegExp)[]): Promise<void> {
     this.write(line + "\r\n");
-    for (const want of expected) assert.equal(await this.readLine(), want + "\r\n");
+    for (const want of expected) expectLine(await this.readLine(), want);
   }
 
   /** Reads lines until one passes `test`, and returns it. */
@@ -476,10 +476,36 @@ export async function eventually(what: string, test: () => boolean | Promise<boo
   }
 }
 
-/** Sends a line and expects these lines back, in order. */
-export async function ask(client: TestClient, line: string, ...expected: string[]): Promise<void> {
+/** Sends a line and expects these lines back, in order (a pattern matches a line without its CRLF). */
+export async function ask(client: TestClient, line: string, ...expected: (string | RegExp)[]): Promise<void> {
   await client.write(line + "\r\n");
-  for (const want of expected) assert.equal(await client.readLine(), want + "\r\n");
+  for (const want of expected) expectLine(await client.readLine(), want);
+}
+
+function expectLine(line: string | null, want: string | RegExp): void {
+  if (typeof want === "string") return assert.equal(line, want + "\r\n");
+  assert.match(line ?? "(closed)", new RegExp(want.source.replace(/\$$/, "\r\n$")));
+}
+
+/**
+ * `text` as a pattern of a whole line, each `{M}` standing for when the server says something ends
+ * M minutes from now: `HH:MM` today, `YYYY-MM-DD HH:MM` another day, give or take the minute that
+ * may turn while the answer is on its way.
+ */
+export function clocked(text: string): RegExp {
+  const at = (minutes: number) => {
+    const when = new Date(Date.now() + minutes * 60_000), clock = when.toTimeString().slice(0, 5);
+    if (when.toDateString() === new Date().toDateString()) return clock;
+    const day = [when.getFullYear(), when.getMonth() + 1, when.getDate()].map((n) =>
+      String(n).padStart(2, "0")
+    );
+    return `${day.join("-")} ${clock}`;
+  };
+  const escape = (t: string) => t.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+  const parts = text.split(/\{(\d+)\}/).map((part, i) =>
+    i % 2 === 0 ? escape(part) : `(?:${[-1, 0, 1].map((d) => escape(at(Number(part) + d))).join("|")})`
+  );
+  return new RegExp(`^${parts.join("")}$`);
 }
 
 /** Reads lines until one passes `test`, and returns it. */

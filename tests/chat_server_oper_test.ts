@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import {
   ask,
   Cli,
+  clocked,
   freePort,
   From,
   joinChat,
@@ -90,7 +91,7 @@ Deno.test("/ban: cuts the address at once, refuses it at the door in one line, l
     const op = await operator(port, "ops");
     const b = await From.join("127.0.0.7", port);
     const b2 = await From.join("127.0.0.7", port);
-    await op.ask("/ban 127.0.0.7 10m spam", `You banned 127.0.0.7 until ${clockIn(10)}: spam`);
+    await op.ask("/ban 127.0.0.7 10m spam", clocked(`You banned 127.0.0.7 until {10}: spam`));
     for (const gone of [b, b2]) {
       assert.equal(
         await gone.readUntil((l) => !l.startsWith("Client joined")),
@@ -102,7 +103,7 @@ Deno.test("/ban: cuts the address at once, refuses it at the door in one line, l
     assert.equal(await again.readLine(), "Sorry, you are banned from this server: spam\r\n");
     assert.equal(await again.readLine(), null);
     const other = await From.join("127.0.0.8", port); // its neighbour is not banned
-    await op.ask("/bans", "Bans (1):", `  127.0.0.7 until ${clockIn(10)}, by ${op.name}: spam`);
+    await op.ask("/bans", "Bans (1):", clocked(`  127.0.0.7 until {10}, by ${op.name}: spam`));
     await op.ask("/unban 127.0.0.7", "You lifted the ban on 127.0.0.7");
     await op.ask("/unban 127.0.0.7", "No ban on 127.0.0.7");
     await op.ask("/bans", "No bans");
@@ -120,7 +121,7 @@ Deno.test("/ban by nick and by CIDR block, with and without a duration; a short 
     await b.ask("/nick mallory", "You are now known as mallory");
     await op.ask("/ban Mallory", "You banned 127.0.0.9 until lifted");
     assert.equal(await b.readUntil((l) => l.startsWith("You are")), "You are banned from this server\r\n");
-    await op.ask("/ban 127.0.1.0/24 1s", `You banned 127.0.1.0/24 until ${clockIn(0)}`);
+    await op.ask("/ban 127.0.1.0/24 1s", clocked(`You banned 127.0.1.0/24 until {0}`));
     const refused = await From.connect("127.0.1.5", port);
     assert.equal(await refused.readLine(), "Sorry, you are banned from this server\r\n");
     await new Promise((r) => setTimeout(r, 1100));
@@ -177,7 +178,7 @@ Deno.test("/mute: the muted client's lines, actions and private lines reach nobo
     assert.equal(await b.readLine(), `You have been unmuted by ${op.name}: you are heard again\r\n`);
     b.write("heard again\r\n");
     assert.equal(await c.readLine(), `[${b.name}] heard again\r\n`); // and not the muted lines before it
-    await op.ask(`/mute ${b.name} 1s`, `You muted ${b.name} until ${clockIn(0)}`);
+    await op.ask(`/mute ${b.name} 1s`, clocked(`You muted ${b.name} until {0}`));
     await b.readUntil((l) => l.startsWith("You have"));
     b.write("too soon\r\n");
     await new Promise((r) => setTimeout(r, 1100));
@@ -232,7 +233,7 @@ Deno.test("with --history FILE, bans and topics survive a restart; mutes and ope
     await withServer(options, async (port) => {
       const op = await operator(port);
       await op.ask("/topic read the syllabus", `${op.name} set the topic: read the syllabus`);
-      await op.ask("/ban 127.0.0.7 1d cheating", `You banned 127.0.0.7 until ${dayAfter()}: cheating`);
+      await op.ask("/ban 127.0.0.7 1d cheating", clocked(`You banned 127.0.0.7 until {1440}: cheating`));
       await op.ask("/ban 127.0.0.8", "You banned 127.0.0.8 until lifted");
       await op.ask("/unban 127.0.0.8", "You lifted the ban on 127.0.0.8");
       await op.close();
@@ -266,18 +267,6 @@ Deno.test("chat_server.ts reads CHAT_OPER_PASSWORD from the environment, never f
   }
 });
 
-/** A day from now, as the server writes an end time on another day: `YYYY-MM-DD HH:MM`. */
-function dayAfter(): string {
-  const at = new Date(Date.now() + 86_400_000);
-  const day = [at.getFullYear(), at.getMonth() + 1, at.getDate()].map((n) => String(n).padStart(2, "0"));
-  return `${day.join("-")} ${at.toTimeString().slice(0, 5)}`;
-}
-
-/** The clock, `HH:MM`, in `minutes` minutes, as the server writes an end time today. */
-function clockIn(minutes: number): string {
-  return new Date(Date.now() + minutes * 60_000).toTimeString().slice(0, 5);
-}
-
 Deno.test("operators reach web clients too: a mute, a kick and a ban by address, and the banned page is refused at the door", async () => {
   await withWebServer({ operPassword: PASSWORD, host: "127.0.0.1" }, async (tcp, http) => {
     const op = await From.join("127.0.0.2", tcp); // the pages come from 127.0.0.1: the ban is theirs alone
@@ -306,7 +295,7 @@ Deno.test("operators reach web clients too: a mute, a kick and a ban by address,
     const again = new WsClient(`ws://127.0.0.1:${http}/ws`);
     await again.opened();
     await again.next();
-    await op.ask("/ban 127.0.0.1 2h", `You banned 127.0.0.1 until ${clockIn(120)}`);
+    await op.ask("/ban 127.0.0.1 2h", clocked(`You banned 127.0.0.1 until {120}`));
     assert.equal(await again.next(), "You are banned from this server");
     await again.closed();
     const refused = await fetch(`http://127.0.0.1:${http}/ws`, {
@@ -326,7 +315,7 @@ Deno.test("operators reach web clients too: a mute, a kick and a ban by address,
 Deno.test("with --log json, each operator's decision is one JSON event saying who made it, and when a ban ends", async () => {
   await withServer({ operPassword: PASSWORD, logFormat: "json" }, async (port, log) => {
     const op = await operator(port);
-    await op.ask("/ban 10.0.0.0/8 1h spammers", `You banned 10.0.0.0/8 until ${clockIn(60)}: spammers`);
+    await op.ask("/ban 10.0.0.0/8 1h spammers", clocked(`You banned 10.0.0.0/8 until {60}: spammers`));
     await log.waitFor('"event":"ban"');
     const ban = log.text.split("\n").map((l) => l && JSON.parse(l)).find((e) => e?.event === "ban");
     assert.equal(ban.by, op.name);

@@ -6,6 +6,7 @@ import {
   ask,
   Capture,
   Cli,
+  clocked,
   eventually,
   freePort,
   From,
@@ -896,7 +897,7 @@ redisTest(
 
         const banned = await From.join("127.0.0.8", two);
         await readUntil(watcher, (l) => l === `Client joined ${banned.name}\r\n`);
-        await op.ask("/ban 127.0.0.8 1h spam", `You banned 127.0.0.8 until ${clockIn(60)}: spam`);
+        await op.ask("/ban 127.0.0.8 1h spam", clocked(`You banned 127.0.0.8 until {60}: spam`));
         assert.equal(
           await banned.readUntil((l) => l.startsWith("You")),
           "You are banned from this server: spam\r\n",
@@ -970,8 +971,3 @@ redisTest(
     });
   },
 );
-
-/** The clock, `HH:MM`, in `minutes` minutes. */
-function clockIn(minutes: number): string {
-  return new Date(Date.now() + minutes * 60_000).toTimeString().slice(0, 5);
-}
