@@ -2284,7 +2284,7 @@ export class HistoryFile {
   /** The bans and topics the file keeps (section 4), as it has them: the caller checks them. */
   rules(): unknown[] {
     try {
-      return this.db?.prepare("SELECT rule FROM rules").all().map((r) => JSON.parse(String(r.rule))) ?? [];
+      return this.db?.prepare("SELECT rule FROM rules").all().map((r) => parseJson(String(r.rule))) ?? [];
     } catch (e) {
       this.fail(e);
       return [];
@@ -5054,12 +5054,7 @@ class BusPresence {
    * shape is checked, and its text gets the same character rules (no controls, no escapes).
    */
   readonly onMessage = (raw: string): void => {
-    let m: unknown;
-    try {
-      m = JSON.parse(raw);
-    } catch {
-      return; // not ours
-    }
+    const m = parseJson(raw);
     if (!isBusMessage(m) || m.i === this.link.instance) return;
     const text = safeBusText(m.text, this.maxText);
     if (text !== "" && typeof m.nick === "string") this.handlers.onWhisper(m.nick, text);
@@ -5198,12 +5193,7 @@ class BusRules {
 
   /** A decision made on another instance. */
   readonly onMessage = (raw: string): void => {
-    let m: unknown;
-    try {
-      m = JSON.parse(raw);
-    } catch {
-      return;
-    }
+    const m = parseJson(raw);
     const rule = checkRule(m, this.maxText);
     if (rule && (m as { i?: unknown }).i !== this.link.instance) this.handlers.onRule(rule, false);
   };
@@ -5224,12 +5214,7 @@ class BusRules {
     if (!link.up || link.closed) return;
     const kept = new Set<string>();
     for (const [field, value] of Object.entries(await link.pub.hGetAll(link.key("rules")))) {
-      let rule: Rule | null = null;
-      try {
-        rule = checkRule(JSON.parse(value), this.maxText);
-      } catch {
-        // not a rule: skipped
-      }
+      const rule = checkRule(parseJson(value), this.maxText);
       if (rule === null || ruleField(rule) !== field) continue;
       kept.add(field);
       this.handlers.onRule(rule, true);
@@ -5306,6 +5291,15 @@ function parsePresence(value: string): Presence | null {
     nick: nick === null ? null : safeBusText(nick),
     room: safeBusText(room),
   };
+}
+
+/** What a JSON text says; undefined if it is not JSON (what Redis brings may be anything). */
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
 }
 
 /** For promises whose failure is already handled elsewhere (Redis being away). */

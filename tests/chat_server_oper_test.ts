@@ -238,6 +238,12 @@ Deno.test("with --history FILE, bans and topics survive a restart; mutes and ope
       await op.ask("/unban 127.0.0.8", "You lifted the ban on 127.0.0.8");
       await op.close();
     });
+    const { DatabaseSync } = await import("node:sqlite"); // a row nobody wrote is skipped, not fatal
+    const db = new DatabaseSync(options.historyFile);
+    db.exec(
+      `INSERT INTO rules (field, rule) VALUES ('ban 10.0.0.1', 'not json'), ('ban 10.0.0.2', '{"kind":"ban"}')`,
+    );
+    db.close();
     await withServer(options, async (port) => {
       using a = await joinChat(port);
       assert.equal(await a.readLine(), "Topic of lobby: read the syllabus\r\n");
