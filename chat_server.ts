@@ -2025,16 +2025,114 @@ export interface KeptLine {
   message: Uint8Array;
 }
 
-/** One room's history: a ring of its last lines, the position of the newest, and its epoch. */
-interface Ring {
+/**
+ * One room's history: its last lines, the position of the newest, and its epoch. The lines' bytes
+ * are copied into one buffer that wraps around, and each line's start, length, position and time
+ * into one array of numbers, so a ring holds no object per line. Kept lines live for a while, and as
+ * objects the garbage collector would copy each of them and then promote it: that made the young
+ * generation grow to 8 MiB and doubled the page faults under load (DESIGN.md, 2026-12-02).
+ */
+class Ring {
   epoch: string;
+  /** The position of the newest line (0 before any). */
   seq: number;
-  kept: KeptLine[];
-  /** Where the oldest line is in `kept`, once it is full. */
-  next: number;
-  bytes: number;
   /** When a line was last kept (0: never), for choosing which room loses its history. */
-  used: number;
+  used = 0;
+  /** Lines kept, and their bytes. */
+  count = 0;
+  bytes = 0;
+  private data = NO_BYTES;
+  /** Where the oldest line's bytes start in `data`, and its slot in `meta`. */
+  private head = 0;
+  private first = 0;
+  /** Four numbers a line: where its bytes start, how many, its position, and when it was said. */
+  private meta = new Float64Array(0);
+
+  constructor(epoch: string, seq = 0) {
+    this.epoch = epoch;
+    this.seq = seq;
+  }
+
+  /** Starts again under `epoch`, at `seq`, with no lines. */
+  clear(epoch: string, seq: number): void {
+    this.epoch = epoch;
+    this.seq = seq;
+    this.count =
+      this.bytes =
+      this.head =
+      this.first =
+        0;
+  }
+
+  /** The oldest line's position, or the next one's if none is kept (what a file may forget before). */
+  get oldest(): number {
+    return this.count === 0 ? this.seq + 1 : this.meta[4 * this.first + 2];
+  }
+
+  /** Keeps a copy of `message`, dropping the oldest lines past `limit` lines or HISTORY_ROOM_BYTES. */
+  push(seq: number, time: number, message: Uint8Array, limit: number): void {
+    const size = message.length;
+    while (this.count > 0 && (this.count >= limit || this.bytes + size > HISTORY_ROOM_BYTES)) {
+      this.dropOldest();
+    }
+    if (this.bytes + size > this.data.length) this.grow(size);
+    if (4 * (this.count + 1) > this.meta.length) this.growMeta(limit);
+    const room = this.data.length, at = (this.head + this.bytes) % room;
+    const split = Math.min(size, room - at); // a line that reaches the end goes on at the start
+    this.data.set(split === size ? message : message.subarray(0, split), at);
+    if (split < size) this.data.set(message.subarray(split), 0);
+    const slot = 4 * ((this.first + this.count) % (this.meta.length / 4));
+    this.meta[slot] = at, this.meta[slot + 1] = size, this.meta[slot + 2] = seq, this.meta[slot + 3] = time;
+    this.count++;
+    this.bytes += size;
+  }
+
+  /** The `i`th line kept, oldest first, with a copy of its bytes. */
+  line(i: number): KeptLine {
+    const slot = 4 * ((this.first + i) % (this.meta.length / 4));
+    const at = this.meta[slot], size = this.meta[slot + 1], room = this.data.length;
+    const message = new Uint8Array(size);
+    const split = Math.min(size, room - at);
+    message.set(this.data.subarray(at, at + split));
+    if (split < size) message.set(this.data.subarray(0, size - split), split);
+    return { seq: this.meta[slot + 2], time: this.meta[slot + 3], message };
+  }
+
+  private dropOldest(): void {
+    const size = this.meta[4 * this.first + 1];
+    this.head = (this.head + size) % this.data.length;
+    this.first = (this.first + 1) % (this.meta.length / 4);
+    this.count--;
+    this.bytes -= size;
+  }
+
+  // Doubles the buffer (from 4 KiB, up to HISTORY_ROOM_BYTES, or one line's size), oldest line first.
+  private grow(size: number): void {
+    const want = Math.max(HISTORY_ROOM_BYTES, size);
+    const data = new Uint8Array(Math.min(want, Math.max(4096, 2 * this.data.length, this.bytes + size)));
+    const split = Math.min(this.bytes, this.data.length - this.head);
+    data.set(this.data.subarray(this.head, this.head + split));
+    data.set(this.data.subarray(0, this.bytes - split), split);
+    const moved = this.head;
+    for (let i = 0; i < this.count; i++) {
+      const slot = 4 * ((this.first + i) % (this.meta.length / 4));
+      this.meta[slot] = (this.meta[slot] - moved + this.data.length) % this.data.length;
+    }
+    this.data = data;
+    this.head = 0;
+  }
+
+  // Doubles the numbers (from 16 lines, up to `limit`), oldest line first.
+  private growMeta(limit: number): void {
+    const slots = this.meta.length / 4;
+    const meta = new Float64Array(4 * Math.min(Math.max(limit, 1), Math.max(16, 2 * slots)));
+    for (let i = 0; i < this.count; i++) {
+      const from = 4 * ((this.first + i) % slots);
+      meta.set(this.meta.subarray(from, from + 4), 4 * i);
+    }
+    this.meta = meta;
+    this.first = 0;
+  }
 }
 
 /**
@@ -2065,10 +2163,10 @@ export class RoomHistory {
     let ring = this.rooms.get(key);
     if (!ring) {
       if (this.rooms.size >= HISTORY_ROOMS) this.forgetOne();
-      ring = { epoch: crypto.randomUUID().slice(0, 8), seq: 0, kept: [], next: 0, bytes: 0, used: 0 };
+      ring = new Ring(crypto.randomUUID().slice(0, 8));
       const saved = this.file?.load(key, this.limit);
-      if (saved) [ring.epoch, ring.seq] = [saved.epoch, saved.seq];
-      for (const line of saved?.lines ?? []) this.push(ring, line);
+      if (saved) ring.clear(saved.epoch, saved.seq);
+      for (const line of saved?.lines ?? []) ring.push(line.seq, line.time, line.message, this.limit);
       if (saved?.lines.length) ring.used = saved.lines.at(-1)!.time;
       this.rooms.set(key, ring);
     }
@@ -2095,30 +2193,11 @@ export class RoomHistory {
   /** Keeps a line (`message`, with its CRLF) said in a room at `now`, and returns its position. */
   keep(room: string, message: Uint8Array, now = Date.now()): number {
     const ring = this.ring(room);
-    const line = { seq: ++ring.seq, time: now, message };
+    const seq = ++ring.seq;
     ring.used = now;
-    if (this.limit > 0) this.push(ring, line);
-    this.file?.add(Directory.key(room), ring, line);
-    return line.seq;
-  }
-
-  private push(ring: Ring, line: KeptLine): void {
-    ring.bytes += line.message.length;
-    if (ring.kept.length < this.limit) {
-      ring.kept.push(line);
-    } else {
-      ring.bytes -= ring.kept[ring.next].message.length;
-      ring.kept[ring.next] = line;
-      ring.next = (ring.next + 1) % this.limit;
-    }
-    while (ring.bytes > HISTORY_ROOM_BYTES && ring.kept.length > 1) this.dropOldest(ring);
-  }
-
-  // Over its bytes (a rare path): the ring becomes a plain list, oldest first, and loses its head.
-  private dropOldest(ring: Ring): void {
-    if (ring.next !== 0) ring.kept = [...ring.kept.slice(ring.next), ...ring.kept.slice(0, ring.next)];
-    ring.next = 0;
-    ring.bytes -= ring.kept.shift()!.message.length;
+    if (this.limit > 0) ring.push(seq, now, message, this.limit);
+    this.file?.add(Directory.key(room), ring, { seq, time: now, message });
+    return seq;
   }
 
   /**
@@ -2128,21 +2207,22 @@ export class RoomHistory {
   put(room: string, at: Position, message: Uint8Array, now = Date.now()): boolean {
     const ring = this.ring(room);
     const reset = ring.epoch !== at.epoch && ring.seq > 0; // a room with nothing yet loses nothing
-    if (ring.epoch !== at.epoch) {
-      Object.assign(ring, { epoch: at.epoch, seq: 0, kept: [], next: 0, bytes: 0 });
-    }
+    if (ring.epoch !== at.epoch) ring.clear(at.epoch, 0);
     if (at.seq <= ring.seq) return false; // had it
     ring.seq = at.seq;
     ring.used = now;
-    if (this.limit > 0) this.push(ring, { seq: at.seq, time: now, message });
+    if (this.limit > 0) ring.push(at.seq, now, message, this.limit);
     return reset;
   }
 
   /** Replaces a room's history with what the bus has of it, when the instance starts reading it. */
   load(room: string, at: Position, lines: KeptLine[]): void {
     const ring = this.ring(room);
-    Object.assign(ring, { epoch: at.epoch, seq: at.seq, kept: [], next: 0, bytes: 0, used: Date.now() });
-    for (const line of lines.slice(-this.limit)) if (this.limit > 0) this.push(ring, line);
+    ring.clear(at.epoch, at.seq);
+    ring.used = Date.now();
+    for (const line of lines.slice(-this.limit)) {
+      if (this.limit > 0) ring.push(line.seq, line.time, line.message, this.limit);
+    }
   }
 
   /** The last `n` lines kept for a room, oldest first. */
@@ -2150,8 +2230,8 @@ export class RoomHistory {
     // A room not yet in memory may still be in the file (after a restart, before anyone spoke).
     const ring = this.rooms.get(Directory.key(room)) ?? (this.file ? this.ring(room) : undefined);
     if (!ring) return [];
-    const count = ring.kept.length, out = [];
-    for (let i = Math.max(0, count - n); i < count; i++) out.push(ring.kept[(ring.next + i) % count]);
+    const out = [];
+    for (let i = Math.max(0, ring.count - n); i < ring.count; i++) out.push(ring.line(i));
     return out;
   }
 
@@ -2311,7 +2391,7 @@ export class HistoryFile {
     if (this.db === null) return;
     this.rooms.set(key, ring);
     this.gone.delete(key);
-    if (ring.kept.length > 0) this.lines.push([key, line]);
+    if (ring.count > 0) this.lines.push([key, line]);
     this.soon();
   }
 
@@ -2348,8 +2428,7 @@ export class HistoryFile {
       const trim = db.prepare("DELETE FROM lines WHERE room = ? AND seq < ?");
       for (const [room, ring] of rooms) {
         position.run(room, ring.epoch, ring.seq);
-        const oldest = ring.kept.length === 0 ? ring.seq + 1 : ring.kept[ring.next % ring.kept.length].seq;
-        trim.run(room, oldest);
+        trim.run(room, ring.oldest);
       }
       const forgetRoom = db.prepare("DELETE FROM rooms WHERE room = ?");
       const forgetLines = db.prepare("DELETE FROM lines WHERE room = ?");

@@ -72,6 +72,32 @@ Deno.test("RoomHistory keeps at most 512 KiB of lines a room, the newest, in ord
   assert.equal(history.after("lobby", 10).missing, 6);
 });
 
+Deno.test("RoomHistory keeps the very bytes of the newest lines, whatever their sizes and however they wrap", () => {
+  // Against a plain list with the same rules: at most `limit` lines and 512 KiB, the newest line always.
+  const limit = 50, cap = 512 * 1024;
+  const history = new RoomHistory(limit), model: Uint8Array[] = [];
+  let seed = 7;
+  const random = (n: number) => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % n;
+  for (let n = 1; n <= 3000; n++) {
+    // Mostly short lines, some long ones, and once a line over 512 KiB, which is kept alone.
+    const size = n === 1500 ? 600_000 : [10, 83, 83, 4000, 100_000][random(5)];
+    const message = new Uint8Array(size).map((_, i) => (n * 31 + i) % 251);
+    history.keep("lobby", message, n);
+    model.push(message);
+    let bytes = model.reduce((sum, m) => sum + m.length, 0);
+    while (model.length > 1 && (model.length > limit || bytes > cap)) bytes -= model.shift()!.length;
+    if (n % 97 === 0 || n === 1500 || n === 1501) {
+      const kept = history.last("lobby", limit);
+      assert.equal(kept.length, model.length, `after line ${n}`);
+      kept.forEach((k, i) => {
+        assert.equal(k.seq, n - model.length + 1 + i);
+        assert.equal(k.time, k.seq);
+        assert.deepEqual(k.message, model[i], `line ${k.seq} after line ${n}`);
+      });
+    }
+  }
+});
+
 // The page's own protocol (/ws?page=1). Lines for the page alone start with U+001E, which no
 // client and no bus line can send: "! TOKEN", "@ ROOM EPOCH SEQ" (where its room stands),
 // "h SEQ TIME LINE" (history), "# SEQ LINE" (a line as it is said), "= SEQ" (its own line's).
