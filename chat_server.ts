@@ -879,6 +879,8 @@ const LOG_STALL_MS = 1000;
  * LOG_GATHER_MS carries dozens of joins.
  */
 const LOG_GATHER_MS = 10;
+/** The log copies chat lines into buffers of this size (a longer line gets one of its own). */
+const LOG_CHUNK_BYTES = 16 * 1024;
 
 /** A client's record of holding its room back: since when it is behind (0: it is not), and its bank. */
 class Hold {
@@ -1213,8 +1215,6 @@ async function writeCoalesced(
   }
 }
 
-const LF = encoder.encode("\n");
-
 /**
  * The event log: the tutorial's lines (or one JSON object per event) for stdout, written in
  * batches so that logging costs one write per LOG_GATHER_MS. A stdout that stops draining (a
@@ -1226,6 +1226,13 @@ class EventLog {
   #json: boolean;
   /** Events as text (one string for a run of them, encoded when written), chat lines as bytes. */
   #parts: (Uint8Array | string)[] = [];
+  /**
+   * The last part while chat lines are copied into it, and how full it is. Copied, not referred to:
+   * a reference would keep each line's buffer alive until its batch is written, long enough for
+   * the garbage collector to copy it out of the young generation (see Ring, section 3).
+   */
+  #chunk: Uint8Array | null = null;
+  #chunkFill = 0;
   #bytes = 0;
   #dropped = 0;
   #writing: Promise<void> | null = null;
@@ -1248,8 +1255,34 @@ class EventLog {
   /** Logs a chat line; `message` is what the room got, so text logging needs no decoding. */
   line(client: Client, line: Uint8Array, message: Uint8Array): void {
     if (!this.#out) return;
-    if (!this.#json) return this.#append(message.subarray(0, message.length - 2));
+    if (!this.#json) return this.#appendLine(message, message.length - 2);
     this.event("", { event: "line", room: client.room.name, from: client.label, text: decoder.decode(line) });
+  }
+
+  // Copies a chat line (the first `length` bytes of `message`) and its newline into the last chunk.
+  #appendLine(message: Uint8Array, length: number): void {
+    if (this.#bytes > LOG_BACKLOG_BYTES && this.#stalled()) {
+      this.#dropped++;
+      return;
+    }
+    if (this.#chunk === null || this.#chunkFill + length + 1 > this.#chunk.length) {
+      this.#closeChunk();
+      this.#chunk = new Uint8Array(Math.max(LOG_CHUNK_BYTES, length + 1));
+      this.#parts.push(this.#chunk);
+    }
+    this.#chunk.set(length === message.length ? message : message.subarray(0, length), this.#chunkFill);
+    this.#chunkFill += length;
+    this.#chunk[this.#chunkFill++] = NL;
+    this.#bytes += length + 1;
+    this.#writing ??= this.#drain();
+  }
+
+  // The last chunk takes no more lines: the part becomes what it holds.
+  #closeChunk(): void {
+    if (this.#chunk === null) return;
+    this.#parts[this.#parts.length - 1] = this.#chunk.subarray(0, this.#chunkFill);
+    this.#chunk = null;
+    this.#chunkFill = 0;
   }
 
   /** Resolves when everything logged so far has been written. */
@@ -1269,14 +1302,14 @@ class EventLog {
     }
   }
 
-  #append(line: Uint8Array | string): void {
+  #append(line: string): void {
     if (this.#bytes > LOG_BACKLOG_BYTES && this.#stalled()) {
       this.#dropped++;
       return;
     }
+    this.#closeChunk();
     const parts = this.#parts;
-    if (typeof line !== "string") parts.push(line, LF);
-    else if (typeof parts[parts.length - 1] === "string") parts[parts.length - 1] += line + "\n";
+    if (typeof parts[parts.length - 1] === "string") parts[parts.length - 1] += line + "\n";
     else parts.push(line + "\n");
     this.#bytes += line.length + 1; // for text, its UTF-16 length until it is encoded
     this.#writing ??= this.#drain();
@@ -1300,6 +1333,7 @@ class EventLog {
         // Let more lines join the batch; the timer holds the process open until they are written.
         await new Promise((go) => setTimeout(go, LOG_GATHER_MS));
         if (this.#parts.length === 0) break;
+        this.#closeChunk();
         if (this.#dropped > 0) {
           const note = encoder.encode(`(${this.#dropped} log lines dropped: stdout was slow)\n`);
           this.#parts.push(note);

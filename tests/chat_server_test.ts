@@ -74,6 +74,25 @@ Deno.test("chat_server.ts prints the tutorial's server log on stdout", async () 
   assert.deepEqual(stdout, ["ChatServer shutdown complete"]);
 });
 
+Deno.test("chat_server.ts logs chat lines and events in the order they happen, in one batch or not", async () => {
+  const port = freePort();
+  const cli = new Cli("chat_server.ts", [String(port)]);
+  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  const a = await joinChat(port);
+  assert.equal(await cli.readLine(), `Client joined ${a.name}`);
+  await a.write("one\r\n/nick ann\r\ntwo\r\n/join dev\r\nthree\r\n"); // one read, one batch of the log
+  for (const expected of [`[${a.name}] one`, `${a.name} is now known as ann`, "[ann] two"]) {
+    assert.equal(await cli.readLine(), expected);
+  }
+  assert.equal(await cli.readLine(), "ann has left lobby for dev");
+  assert.equal(await cli.readLine(), "ann has joined dev");
+  assert.equal(await cli.readLine(), "[ann] three");
+  a.close();
+  assert.equal(await cli.readLine(), "Client left ann");
+  cli.kill("SIGINT");
+  assert.equal((await cli.finish()).code, 0);
+});
+
 // --- Framing ---------------------------------------------------------------------------------
 
 /** Frames `chunks` fed one by one; returns each line decoded, with "!" after truncated ones. */
