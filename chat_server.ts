@@ -728,14 +728,14 @@ export class Client {
   lastWrite = 0;
   /** How long it may hold back its room (section 2); made the first time it falls behind. */
   hold: Hold | null = null;
-  /** A write is under way; `inflight` is what it still has to write. */
+  /** A write is under way; `inflight` is what it still has to write (a partial one: the next round). */
   flushing = false;
   inflight: Uint8Array | null = null;
   /** Waiting in the flusher's list of clients to flush at the end of this turn. */
   dirty = false;
   /** Who waits for the queue to empty (a goodbye before closing); usually nobody. */
   drainWaiters: (() => void)[] | null = null;
-  /** The write op's callbacks, made once per client rather than once per write (bound, as Reader's). */
+  /** The write op's callbacks, made once per client rather than once per write: the flusher's, bound to it. */
   readonly wrote: (n: number) => void;
   readonly failed: (e: unknown) => void;
   // Input.
@@ -770,19 +770,10 @@ export class Client {
     this.label = address;
     this.room = room;
     this.flusher = flusher;
-    this.wrote = this.afterWrite.bind(this);
-    this.failed = this.writeFailed.bind(this);
+    this.wrote = flusher.afterWrite.bind(flusher, this);
+    this.failed = flusher.writeFailed.bind(flusher, this);
     this.lastInput = Date.now();
     this.page = page;
-  }
-
-  // What `wrote` and `failed` are bound to: the flusher finishes the write (section 2).
-  private afterWrite(n: number): void {
-    this.flusher.afterWrite(this, n);
-  }
-
-  private writeFailed(e: unknown): void {
-    this.flusher.writeFailed(this, e);
   }
 
   /** Queues bytes for this client; they go out at the end of this turn, coalesced (section 2). */
@@ -941,13 +932,12 @@ export class Flusher {
    * would put the client behind (a tiny --sendq) take the queue's way, limits and all.
    */
   sendNow(client: Client, bytes: Uint8Array): void {
-    const busy = client.closed || client.flushing || client.queue.length > 0;
+    const busy = client.closed || client.flushing || client.dirty || client.queue.length > 0;
     if (busy || client.queued + bytes.length > this.paceBytes) return this.enqueue(client, bytes);
     this.delivered++;
+    client.queue.push(bytes);
     client.queued += bytes.length;
-    client.flushing = true;
-    client.inflight = bytes;
-    client.link.write(bytes).then(client.wrote, client.failed);
+    this.startWrite(client);
   }
 
   // Puts a client on the list to flush at the end of this turn (or of the gathering window).
@@ -976,33 +966,35 @@ export class Flusher {
     }
   };
 
-  // Starts one write of everything queued for a client; what is queued meanwhile waits for the
-  // next round. The common case (one line, or a few) is one write op and two callbacks made
-  // once per client: at 150,000 deliveries a second, every promise saved shows.
+  // Starts one write: the rest of a partial write, or everything queued for a client; what is
+  // queued meanwhile waits for the next round. The common case (one line, or a few) is one write
+  // op and two callbacks made once per client: at 150,000 deliveries a second, every promise
+  // saved shows. This is the one place a line is handed to a client's link, so the compiler
+  // builds the write op's code into one function, not three (DESIGN.md, 2026-12-02).
   private startWrite(client: Client): void {
-    const parts = client.queue;
     client.flushing = true;
-    if (parts.length > 1 && client.queued > WRITE_SIZE) {
-      client.queue = [];
-      this.writeBigBatch(client, parts);
-      return;
+    let bytes = client.inflight;
+    if (bytes === null) {
+      const parts = client.queue;
+      if (parts.length > 1 && client.queued > WRITE_SIZE) {
+        client.queue = [];
+        this.writeBigBatch(client, parts);
+        return;
+      }
+      bytes = client.inflight = parts.length === 1 ? parts[0] : this.joins.join(parts, client.queued);
+      parts.length = 0;
     }
-    const bytes = parts.length === 1 ? parts[0] : this.joins.join(parts, client.queued);
-    parts.length = 0;
-    client.inflight = bytes;
     client.link.write(bytes).then(client.wrote, client.failed);
   }
 
-  /** The end of one write op (Client.wrote): finish a partial write, or end this flush. */
+  /**
+   * The end of one write op (Client.wrote): the rest of a partial write waits for the next
+   * round, ahead of what was queued meanwhile.
+   */
   afterWrite(client: Client, n: number): void {
     const bytes = client.inflight!;
     this.noteWritten(client, n);
-    if (n < bytes.length && !client.closed) {
-      client.inflight = bytes.subarray(n);
-      client.link.write(client.inflight).then(client.wrote, client.failed);
-      return;
-    }
-    client.inflight = null;
+    client.inflight = n < bytes.length && !client.closed ? bytes.subarray(n) : null;
     this.endFlush(client);
   }
 
@@ -1016,7 +1008,7 @@ export class Flusher {
   // A flush is over: queue the client for the next round if more came, or wake who waits.
   private endFlush(client: Client): void {
     client.flushing = false;
-    if (client.queue.length > 0 && !client.closed) this.markDirty(client);
+    if ((client.queue.length > 0 || client.inflight !== null) && !client.closed) this.markDirty(client);
     else if (client.drainWaiters) {
       for (const resolve of client.drainWaiters.splice(0)) resolve();
     }
@@ -1038,7 +1030,8 @@ export class Flusher {
 
   /** Resolves when everything queued for a client has been written, or it has gone. */
   drained(client: Client): Promise<void> {
-    if (!client.flushing && (client.queue.length === 0 || client.closed)) return Promise.resolve();
+    const empty = client.queue.length === 0 && client.inflight === null;
+    if (!client.flushing && (empty || client.closed)) return Promise.resolve();
     return new Promise((resolve) => (client.drainWaiters ??= []).push(resolve));
   }
 
