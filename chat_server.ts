@@ -735,7 +735,7 @@ export class Client {
   dirty = false;
   /** Who waits for the queue to empty (a goodbye before closing); usually nobody. */
   drainWaiters: (() => void)[] | null = null;
-  /** The write op's callbacks, made once per client rather than once per write: the flusher's, bound to it. */
+  /** The write op's callbacks, made once per client, not once per write: the flusher's, bound to it. */
   readonly wrote: (n: number) => void;
   readonly failed: (e: unknown) => void;
   // Input.
