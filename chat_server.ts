@@ -510,7 +510,14 @@ class Reader {
 /** A room: a name and the clients in it. */
 export class Room {
   readonly name: string;
+  /** Who is in it: changed only by join() and part(). */
   readonly members = new Set<Client>();
+  /**
+   * The members as an array, made again after someone joins or leaves. A broadcast walks it by
+   * index: walking the Set made an object per member per message, the largest part of the
+   * garbage of a flat-out run (DESIGN.md, 2026-12-02).
+   */
+  private everyone: Client[] | null = null;
 
   /** Web pages among the members, which are told each kept line's position (section 9). */
   pages = 0;
@@ -519,9 +526,22 @@ export class Room {
     this.name = name;
   }
 
+  /** Puts a client in. */
+  join(client: Client): void {
+    this.members.add(client);
+    this.everyone = null;
+  }
+
+  /** Takes a client out; false if it was not in. */
+  part(client: Client): boolean {
+    this.everyone = null;
+    return this.members.delete(client);
+  }
+
   /** The tutorial's broadcast_string(str, omit_sock): queues `message` for all but `sender`. */
   broadcastExcept(sender: Client | null, message: Uint8Array): void {
-    for (const client of this.members) if (client !== sender) client.send(message);
+    const everyone = this.everyone ??= [...this.members];
+    for (let i = 0; i < everyone.length; i++) if (everyone[i] !== sender) everyone[i].send(message);
   }
 
   /**
@@ -533,7 +553,11 @@ export class Room {
     if (this.pages === 0) return this.broadcastExcept(sender, message);
     const mark = encoder.encode(PAGE_MARKS.kept(seq));
     const marked = concatBytes([mark, message], mark.length + message.length);
-    for (const client of this.members) if (client !== sender) client.send(client.page ? marked : message);
+    const everyone = this.everyone ??= [...this.members];
+    for (let i = 0; i < everyone.length; i++) {
+      const client = everyone[i];
+      if (client !== sender) client.send(client.page ? marked : message);
+    }
   }
 }
 
@@ -551,6 +575,13 @@ const enum Telnet {
 
 /** The one empty line buffer every idle framer shares: an empty Uint8Array of its own is not free. */
 const NO_BYTES = new Uint8Array(0);
+/**
+ * The send queue of a client with nothing queued, shared by all of them and never written to: a
+ * queue's first part gets an array of its own size, and a queue taken for writing is dropped, not
+ * emptied. Emptying an array frees its store, and the next push makes room for 17 parts: at 5,000
+ * lines/s into 100 clients that was the largest part of the garbage (DESIGN.md, 2026-12-02).
+ */
+const NO_PARTS: Uint8Array[] = [];
 
 /**
  * Splits a byte stream into lines, whatever the read boundaries.
@@ -721,7 +752,7 @@ export class Client {
   room: Room;
   // The send queue, which the flusher (section 2) writes out.
   readonly flusher: Flusher;
-  queue: Uint8Array[] = [];
+  queue: Uint8Array[] = NO_PARTS;
   /** Bytes queued or being written: the figure the send queue limit applies to. */
   queued = 0;
   /** When a write to this client last completed (ms since the epoch): whether it drains. */
@@ -808,7 +839,7 @@ export class Client {
   close(reason: string | null = null): void {
     if (this.closed) return;
     this.closed = true;
-    this.queue = [];
+    this.queue = NO_PARTS;
     this.flusher.forget(this);
     if (reason) console.error(`Dropped ${this.address}: ${reason}`);
     closeQuietly(this.link);
@@ -920,7 +951,8 @@ export class Flusher {
       return;
     }
     if (bytes.length !== 0) this.delivered++; // not a nudge for a WebSocket's control frame
-    client.queue.push(bytes);
+    if (client.queue.length === 0) client.queue = [bytes]; // never a push onto NO_PARTS
+    else client.queue.push(bytes);
     client.queued += bytes.length;
     if (client.queued > this.paceBytes) this.fallBehind(client);
     if (!client.dirty && !client.flushing) this.markDirty(client);
@@ -935,7 +967,7 @@ export class Flusher {
     const busy = client.closed || client.flushing || client.dirty || client.queue.length > 0;
     if (busy || client.queued + bytes.length > this.paceBytes) return this.enqueue(client, bytes);
     this.delivered++;
-    client.queue.push(bytes);
+    client.queue = [bytes];
     client.queued += bytes.length;
     this.startWrite(client);
   }
@@ -976,13 +1008,12 @@ export class Flusher {
     let bytes = client.inflight;
     if (bytes === null) {
       const parts = client.queue;
+      client.queue = NO_PARTS;
       if (parts.length > 1 && client.queued > WRITE_SIZE) {
-        client.queue = [];
         this.writeBigBatch(client, parts);
         return;
       }
       bytes = client.inflight = parts.length === 1 ? parts[0] : this.joins.join(parts, client.queued);
-      parts.length = 0;
     }
     client.link.write(bytes).then(client.wrote, client.failed);
   }
@@ -1414,14 +1445,14 @@ export class Directory {
   /** Moves a client into a room (out of its old one first, with removeMember()). */
   addMember(client: Client, room: Room): void {
     client.room = room;
-    room.members.add(client);
+    room.join(client);
     if (client.page) room.pages++;
   }
 
   /** Takes a client out of its room, and forgets the room when it empties (the lobby stays). */
   removeMember(client: Client): void {
     const room = client.room;
-    if (room.members.delete(client) && client.page) room.pages--;
+    if (room.part(client) && client.page) room.pages--;
     if (room.members.size === 0 && room !== this.lobby) this.rooms.delete(Directory.key(room.name));
   }
 
