@@ -89,7 +89,7 @@ const ACCEPT_PAUSE_MS = 100;
  * Bytes read per `read()` call: a client starts with the first size and doubles, up to the second,
  * each time a read fills its buffer. 512 takes a burst of lines in one read, so it costs the room
  * one round of writes; starting at 64 cost three or four at the start of each burst, and the p99
- * at 5,000 lines/s into 100 clients was 1.3-1.5 times the batching floor's, where 512 matches it
+ * at 5,000 lines/s into 100 clients was 1.26 times the batching floor's, where 512 matches it
  * (DESIGN.md, 2026-12-02). An idle client holds the 512 bytes.
  */
 const FIRST_READ_SIZE = 512;
