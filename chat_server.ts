@@ -200,7 +200,8 @@ export class ChatServer {
     try {
       if (o.historyFile) {
         const say = (text: string) => this.log.event(text, { event: "history", text });
-        const file = await HistoryFile.open(o.historyFile, say); // section 3
+        const { openHistoryFile } = await loadPart("historyFile"); // section 5
+        const file = await openHistoryFile(o.historyFile, say);
         this.moderation.load(file.rules(), this.maxLine); // section 4
         this.history = new RoomHistory(this.history.limit, file);
         this.history.occupied = this.occupied;
@@ -2210,14 +2211,14 @@ class Ring {
  */
 export class RoomHistory {
   readonly limit: number;
-  /** With --history FILE, where the rings are written, and read back from. */
-  readonly file: HistoryFile | null;
+  /** With --history FILE, where the rings are written, and read back from (section 5). */
+  readonly file: HistoryStore | null;
   private readonly rooms = new Map<string, Ring>();
 
   /** Whether anyone is in a room (by its key), here: such a room keeps its history longer. */
   occupied: (key: string) => boolean = () => false;
 
-  constructor(limit: number, file: HistoryFile | null = null) {
+  constructor(limit: number, file: HistoryStore | null = null) {
     this.limit = limit;
     this.file = file;
   }
@@ -2304,236 +2305,6 @@ export class RoomHistory {
     const ring = this.ring(room);
     const lines = this.last(room, Math.max(0, ring.seq - seq));
     return { lines, missing: ring.seq - seq - lines.length };
-  }
-}
-
-/** How often a server that has a history file says so in it; one silent for 2.5 times that has gone. */
-const OWNER_BEAT_MS = 1000;
-
-/**
- * --history FILE: each room's epoch, its position and its last lines, in node:sqlite, so that a
- * restart keeps them. Rows are written at the end of a turn, all of that turn's in one
- * transaction, after the lines have gone out. A file that fails later (a full or vanished disk)
- * is said once, and the history is kept in memory from then on.
- *
- * The server that has the file says so in it (`meta.owner`, renewed every OWNER_BEAT_MS) and
- * clears it when it stops cleanly. So a second server on the same file is refused, and a server
- * that finds the mark of one that stopped without a word (`kill -9`, the OOM killer, a power cut)
- * knows that lines shown at the end may never have reached the file: it gives every room a new
- * epoch, and a page that saw those positions is told its room's history was reset, never shown
- * other lines at the same positions.
- */
-export class HistoryFile {
-  readonly path: string;
-  private db: import("node:sqlite").DatabaseSync | null;
-  private readonly say: (text: string) => void;
-  private readonly rooms = new Map<string, Ring>(); // rooms whose position changed this turn
-  private lines: [string, KeptLine][] = []; // room key, and a line kept there
-  private readonly gone = new Set<string>(); // rooms that lost their history this turn
-  private timer: ReturnType<typeof setTimeout> | null = null;
-  private readonly owner = crypto.randomUUID();
-  private beat: ReturnType<typeof setInterval> | undefined = undefined;
-
-  private constructor(path: string, db: import("node:sqlite").DatabaseSync, say: (text: string) => void) {
-    this.path = path;
-    this.db = db;
-    this.say = say;
-  }
-
-  /**
-   * Opens (or makes) the file, and takes it; throws HistoryFileError, in node:sqlite's words or
-   * ours, if it cannot, or if another server has it. Waits up to 2.5 s when the file bears a fresh
-   * mark, to tell a live server from one that has just died.
-   */
-  static async open(path: string, say: (text: string) => void): Promise<HistoryFile> {
-    const { DatabaseSync } = nodeBuiltin<typeof import("node:sqlite")>("node:sqlite");
-    let db: import("node:sqlite").DatabaseSync | undefined;
-    let file: HistoryFile;
-    try {
-      db = new DatabaseSync(path);
-      db.exec(`PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
-        CREATE TABLE IF NOT EXISTS rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, seq INTEGER NOT NULL);
-        CREATE TABLE IF NOT EXISTS lines (room TEXT NOT NULL, seq INTEGER NOT NULL, time INTEGER NOT NULL,
-          message BLOB NOT NULL, PRIMARY KEY (room, seq));
-        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS rules (field TEXT PRIMARY KEY, rule TEXT NOT NULL);`);
-      file = new HistoryFile(path, db, say);
-      await file.take();
-    } catch (e) {
-      db?.close();
-      if (e instanceof HistoryFileError) throw e;
-      const why = e instanceof Error ? e.message : String(e);
-      throw new HistoryFileError(path, why.endsWith(`: ${path}`) ? why.slice(0, -path.length - 2) : why);
-    }
-    file.beat = setInterval(() => file.renew(), OWNER_BEAT_MS);
-    return file;
-  }
-
-  // Takes the file: refused if another server renews its mark; new epochs if the last one died.
-  private async take(): Promise<void> {
-    const db = this.db!;
-    const mark = () =>
-      db.prepare("SELECT value FROM meta WHERE key = 'owner'").get()?.value as string | undefined;
-    const seen = mark();
-    if (seen !== undefined) {
-      const last = Number(seen.split(" ")[1]);
-      const fresh = Date.now() - last < 2.5 * OWNER_BEAT_MS;
-      if (fresh) await delay(last + 2.5 * OWNER_BEAT_MS - Date.now());
-      if (fresh && mark() !== seen) throw new HistoryFileError(this.path, "another chat server is using it");
-      // Its last lines may have been shown and never written: their positions must not be reused.
-      db.exec("UPDATE rooms SET epoch = lower(hex(randomblob(4)))");
-      this.say(
-        `History file ${this.path} was not closed cleanly: every room starts a new epoch, and pages are told`,
-      );
-    }
-    db.prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('owner', ?)").run(
-      `${this.owner} ${Date.now()}`,
-    );
-  }
-
-  // Says, again, that this server has the file.
-  private renew(): void {
-    if (this.db === null) return;
-    try {
-      this.db.prepare("UPDATE meta SET value = ? WHERE key = 'owner'").run(`${this.owner} ${Date.now()}`);
-    } catch (e) {
-      this.fail(e);
-    }
-  }
-
-  /** A room's epoch, position and last `limit` lines as the file has them; null if it has none. */
-  load(room: string, limit: number): { epoch: string; seq: number; lines: KeptLine[] } | null {
-    if (this.db === null) return null;
-    this.flush(); // what this turn wrote comes back too
-    try {
-      const saved = this.db.prepare("SELECT epoch, seq FROM rooms WHERE room = ?").get(room);
-      if (!saved) return null;
-      const seq = Number(saved.seq);
-      const rows = this.db.prepare(
-        "SELECT seq, time, message FROM lines WHERE room = ? AND seq > ? ORDER BY seq",
-      )
-        .all(room, seq - limit);
-      const lines = rows.map((r) => ({
-        seq: Number(r.seq),
-        time: Number(r.time),
-        message: r.message as Uint8Array,
-      }));
-      return { epoch: String(saved.epoch), seq, lines };
-    } catch (e) {
-      this.fail(e);
-      return null;
-    }
-  }
-
-  /** The bans and topics the file keeps (section 4), as it has them: the caller checks them. */
-  rules(): unknown[] {
-    try {
-      return this.db?.prepare("SELECT rule FROM rules").all().map((r) => parseJson(String(r.rule))) ?? [];
-    } catch (e) {
-      this.fail(e);
-      return [];
-    }
-  }
-
-  /** Keeps a ban or a topic, or forgets one (an unban, a topic cleared), at once: they are rare. */
-  keepRule(rule: Rule): void {
-    const field = ruleField(rule);
-    if (this.db === null || field === null) return;
-    try {
-      if (lifts(rule)) this.db.prepare("DELETE FROM rules WHERE field = ?").run(field);
-      else {this.db.prepare("INSERT OR REPLACE INTO rules (field, rule) VALUES (?, ?)").run(
-          field,
-          JSON.stringify(rule),
-        );}
-    } catch (e) {
-      this.fail(e);
-    }
-  }
-
-  /** A line kept at its position; the room's ring says which lines it still keeps. */
-  add(key: string, ring: Ring, line: KeptLine): void {
-    if (this.db === null) return;
-    this.rooms.set(key, ring);
-    this.gone.delete(key);
-    if (ring.count > 0) this.lines.push([key, line]);
-    this.soon();
-  }
-
-  /** A room that lost its history to another (HISTORY_ROOMS): the file forgets it too. */
-  forget(key: string): void {
-    if (this.db === null) return;
-    this.rooms.delete(key);
-    this.gone.add(key);
-    this.soon();
-  }
-
-  private soon(): void {
-    if (this.db !== null) this.timer ??= setTimeout(() => this.flush(), 0);
-  }
-
-  /** Writes what this turn kept, in one transaction, and forgets lines the rooms no longer keep. */
-  flush(): void {
-    if (this.timer !== null) clearTimeout(this.timer);
-    this.timer = null;
-    const [rooms, lines, gone] = [[...this.rooms], this.lines, [...this.gone]];
-    this.rooms.clear();
-    this.lines = [];
-    this.gone.clear();
-    if (this.db === null || (rooms.length === 0 && lines.length === 0 && gone.length === 0)) return;
-    try {
-      const db = this.db;
-      db.exec("BEGIN");
-      const insert = db.prepare(
-        "INSERT OR REPLACE INTO lines (room, seq, time, message) VALUES (?, ?, ?, ?)",
-      );
-      for (const [room, { seq, time, message }] of lines) insert.run(room, seq, time, message);
-      const position = db.prepare("INSERT OR REPLACE INTO rooms (room, epoch, seq) VALUES (?, ?, ?)");
-      // The file keeps what the ring keeps (lines and bytes), and drops the same lines, oldest first.
-      const trim = db.prepare("DELETE FROM lines WHERE room = ? AND seq < ?");
-      for (const [room, ring] of rooms) {
-        position.run(room, ring.epoch, ring.seq);
-        trim.run(room, ring.oldest);
-      }
-      const forgetRoom = db.prepare("DELETE FROM rooms WHERE room = ?");
-      const forgetLines = db.prepare("DELETE FROM lines WHERE room = ?");
-      for (const room of gone) forgetRoom.run(room), forgetLines.run(room);
-      db.exec("COMMIT");
-    } catch (e) {
-      this.fail(e);
-    }
-  }
-
-  private fail(e: unknown): void {
-    if (this.db === null) return;
-    clearInterval(this.beat);
-    try {
-      this.db.close();
-    } catch {
-      // already closed, or the disk is gone
-    }
-    this.db = null;
-    const why = e instanceof Error ? e.message : String(e);
-    this.say(`History file ${this.path} failed (${why}): history is kept in memory only from now on`);
-  }
-
-  /** Writes what is left, clears the mark (a clean stop), and closes the file. */
-  close(): void {
-    clearInterval(this.beat);
-    this.flush();
-    try {
-      this.db?.exec("DELETE FROM meta WHERE key = 'owner'");
-      this.db?.close();
-    } catch {
-      // closed already
-    }
-    this.db = null;
-  }
-}
-
-/** A --history file that cannot be opened: its path, and why, in node:sqlite's words. */
-export class HistoryFileError extends Error {
-  constructor(readonly path: string, why: string) {
-    super(`cannot keep history in ${path}: ${why}`);
   }
 }
 
@@ -2885,13 +2656,13 @@ export class Moderation {
 }
 
 /** Where a lasting rule is kept (Redis's hash, the history file): `ban MASK`, `topic ROOM`; else null. */
-function ruleField(rule: Rule): string | null {
+export function ruleField(rule: Rule): string | null {
   if (rule.kind === "ban" || rule.kind === "unban") return `ban ${rule.key}`;
   return rule.kind === "topic" ? `topic ${Directory.key(rule.key)}` : null;
 }
 
 /** True if a lasting rule takes its field's entry away (an unban, a topic cleared). */
-function lifts(rule: Rule): boolean {
+export function lifts(rule: Rule): boolean {
   return rule.kind === "unban" || (rule.kind === "topic" && rule.text === "");
 }
 
@@ -2979,7 +2750,7 @@ function nodeNet(): typeof import("node:net") {
  * --allow and --deny, node:sqlite for --history). Node's `process` itself is reached the same way,
  * through the global, and not imported: importing it costs every server memory at start.
  */
-function nodeBuiltin<T>(name: string): T {
+export function nodeBuiltin<T>(name: string): T {
   const { process } = globalThis as unknown as { process: { getBuiltinModule(name: string): unknown } };
   return process.getBuiltinModule(name) as T;
 }
@@ -2996,7 +2767,73 @@ export function inBlocks(list: BlockList, ip: string): boolean {
 }
 
 // =============================================================================================
-// 5. TLS and the web gate
+// 5. Doors and parts
+//
+// Everything above is the tutorial's chat and what every run uses. What runs only when a flag
+// asks for it is a part, in chat/ beside this file, loaded by loadPart() from the one table
+// below when its flag is given: a copy of this file alone serves the chat, and says in one line
+// which file a flag needs if that file is not there. The core describes what it asks of each part
+// with interfaces of its own (HistoryStore, and those below), and never names a part's types;
+// a part imports only this file, chat/http.ts and its own assets.
+
+/** Something a flag asked for cannot start (a file, a port, a certificate): one line says why. */
+export class StartError extends Error {}
+
+/** Where a room's kept lines stand: its epoch and position, how many lines it keeps, and the oldest. */
+export interface Kept {
+  readonly epoch: string;
+  readonly seq: number;
+  readonly count: number;
+  readonly oldest: number;
+}
+
+/** Where RoomHistory (section 3) also writes what it keeps, and reads it back after a restart. */
+export interface HistoryStore {
+  /** A room's epoch, position and last `limit` lines as the store has them; null if it has none. */
+  load(room: string, limit: number): { epoch: string; seq: number; lines: KeptLine[] } | null;
+  /** A line kept at its position; `kept` says which lines the room still keeps. */
+  add(key: string, kept: Kept, line: KeptLine): void;
+  /** A room that lost its history to another (HISTORY_ROOMS). */
+  forget(key: string): void;
+  /** The bans and topics it keeps, as it has them: the caller checks them (section 4). */
+  rules(): unknown[];
+  /** Keeps an operator's ban or topic, or forgets one that is lifted. */
+  keepRule(rule: Rule): void;
+  close(): void;
+}
+
+/** What the core asks of each part: the one function it calls to start it. */
+interface Parts {
+  historyFile: { openHistoryFile(path: string, say: (text: string) => void): Promise<HistoryStore> };
+}
+
+/**
+ * The parts, each behind the flag that loads it. The specifiers are literal, so that `deno compile`
+ * embeds every part (`deno info chat_server.ts` lists them) and a run from a URL fetches them.
+ */
+const PARTS: { [K in keyof Parts]: { flag: string; file: string; load: () => Promise<Parts[K]> } } = {
+  historyFile: { flag: "--history", file: "history_file.ts", load: () => import("./chat/history_file.ts") },
+};
+
+/** A flag's part is not beside this file (a copy of chat_server.ts alone). */
+export class MissingPart extends StartError {}
+
+/** Loads a part; a part that is not there is one MissingPart line that names it and its flag. */
+async function loadPart<K extends keyof Parts>(name: K): Promise<Parts[K]> {
+  const { flag, file, load } = PARTS[name];
+  try {
+    return await load();
+  } catch (e) {
+    const url = new URL(`./chat/${file}`, import.meta.url).href;
+    const missing = (e as { code?: string }).code === "ERR_MODULE_NOT_FOUND" ||
+      /not found|404/i.test(String((e as Error).message));
+    if (!missing || !String((e as Error).message).includes(url)) throw e;
+    throw new MissingPart(`${flag} needs chat/${file} beside chat_server.ts, and it is not there`);
+  }
+}
+
+// =============================================================================================
+// 5b. TLS and the web gate
 //
 // start() (section 1) listens with listenForClients() and, with `http`, opens the WebGate, and
 // with `admin` the AdminGate; acceptNewConnection() reads a trusted proxy's PROXY header
@@ -5437,7 +5274,7 @@ function parsePresence(value: string): Presence | null {
 }
 
 /** What a JSON text says; undefined if it is not JSON (what Redis brings may be anything). */
-function parseJson(text: string): unknown {
+export function parseJson(text: string): unknown {
   try {
     return JSON.parse(text);
   } catch {
@@ -5588,7 +5425,7 @@ function closeQuietly(conn: { close(): void }): void {
 }
 
 /** Resolves after `ms` milliseconds, without holding the process open. */
-function delay(ms: number): Promise<void> {
+export function delay(ms: number): Promise<void> {
   return new Promise((resolve) => Deno.unrefTimer(setTimeout(resolve, ms)));
 }
 
@@ -6491,7 +6328,7 @@ function missingPermission(args: ChatArgs): string | null {
 /** The one line that says why the server could not start; rethrows what is not an expected failure. */
 function whyNotStarted(e: unknown, options: ChatServerOptions): string {
   const port = options.port;
-  if (e instanceof WebListenError || e instanceof HistoryFileError) return e.message;
+  if (e instanceof WebListenError || e instanceof StartError) return e.message;
   if (e instanceof TlsSetupError) return `cannot serve TLS: ${e.message}`;
   if (e instanceof Deno.errors.AddrInUse) return `port ${port} is already in use`;
   if (e instanceof Deno.errors.PermissionDenied) {
@@ -6538,6 +6375,9 @@ async function main(): Promise<void> {
     Deno.exit(1);
   }
   let server: ChatServer;
+  // Nothing else holds the process while it starts: main() is not awaited at the top level (a part
+  // imports this file, and would wait for it for ever), and a part's waits may be unref'd timers.
+  const starting = setInterval(() => {}, 1000);
   try {
     if (args.tlsFiles) {
       options.tls = {
@@ -6549,6 +6389,8 @@ async function main(): Promise<void> {
   } catch (e) {
     console.error(`chat_server: ${whyNotStarted(e, options)}`);
     Deno.exit(1);
+  } finally {
+    clearInterval(starting);
   }
   const stop = () => server.close();
   // Listen for signals before saying "started": a supervisor may send SIGTERM as soon as it reads it.
@@ -6594,4 +6436,4 @@ async function main(): Promise<void> {
   say("ChatServer shutdown complete", { event: "stopped" });
 }
 
-if (import.meta.main) await main();
+if (import.meta.main) main();

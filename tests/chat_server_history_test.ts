@@ -2,7 +2,8 @@
 // Nothing lost: positions in each room's history, a web page that resumes where it left off,
 // and history kept across restarts with --history FILE.
 import assert from "node:assert/strict";
-import { HistoryFile, RoomHistory } from "../chat_server.ts";
+import { RoomHistory } from "../chat_server.ts";
+import { HistoryFile } from "../chat/history_file.ts";
 import {
   ask,
   Cli,
