@@ -50,8 +50,6 @@
  */
 
 import type { BlockList } from "node:net";
-import type { Duplex } from "node:stream";
-import type { SecureContext, TLSSocket } from "node:tls";
 
 // =============================================================================================
 // 1. The tutorial's chat server
@@ -93,7 +91,7 @@ const ACCEPT_PAUSE_MS = 100;
  * (DESIGN.md, 2026-12-02). An idle client holds the 512 bytes.
  */
 const FIRST_READ_SIZE = 512;
-const READ_SIZE = 16 * 1024;
+export const READ_SIZE = 16 * 1024;
 
 // The seed's own words.
 const GREETING = "You're connected to the Deno chatserver\r\n";
@@ -135,7 +133,7 @@ export class ChatServer {
   history: RoomHistory; // section 3
   readonly limits: Limits; // section 4
   readonly moderation: Moderation; // section 4
-  tls: TlsGate | null = null; // section 5
+  tls: TlsDoor | null = null; // section 5
   web: WebGate | null = null; // section 5
   admin: AdminGate | null = null; // section 5
   /** The addresses of trusted proxies (--proxy-from), whose connections say whose they are. */
@@ -206,7 +204,10 @@ export class ChatServer {
         this.history = new RoomHistory(this.history.limit, file);
         this.history.occupied = this.occupied;
       }
-      if (o.tls) this.tls = await TlsGate.open(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
+      if (o.tls) {
+        const { openTls } = await loadPart("tls");
+        this.tls = await openTls(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
+      }
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
       if (o.redis) this.bus = await startBus(this, o.redis); // section 6
       this.bus?.watch(LOBBY); // always: the lobby's stream is read before anyone arrives
@@ -730,6 +731,8 @@ export function formatPeer(addr: Deno.NetAddr): string {
 export interface Link {
   write(p: Uint8Array): Promise<number>;
   close(): void;
+  /** The door it came in by, where it is not plain TCP (`tls`, `web`): for --admin's metrics. */
+  readonly door?: "tls" | "web";
 }
 
 /** A link that is read as a byte stream (TCP and TLS): `read()` resolves to null at the end. */
@@ -1210,7 +1213,7 @@ export class Gathering {
 const GATHER_LINE = 256;
 
 /** Writes all of `bytes`, however many calls it takes: `write()` may take only part. */
-async function writeAll(w: Writer, bytes: Uint8Array): Promise<void> {
+export async function writeAll(w: Writer, bytes: Uint8Array): Promise<void> {
   let at = 0;
   while (at < bytes.length) at += await w.write(bytes.subarray(at));
 }
@@ -2802,9 +2805,20 @@ export interface HistoryStore {
   close(): void;
 }
 
+/**
+ * TLS on the chat port (chat/tls.ts): completes a connection's handshake, then admits it and reads
+ * it (ChatServer.receive), or tells it why it is refused.
+ */
+export interface TlsDoor {
+  accept(conn: Stream, address: string, ip: string, refused: string | null): Promise<void>;
+}
+
 /** What the core asks of each part: the one function it calls to start it. */
 interface Parts {
   historyFile: { openHistoryFile(path: string, say: (text: string) => void): Promise<HistoryStore> };
+  tls: {
+    openTls(server: ChatServer, pem: { cert: string; key: string }, timeoutSeconds: number): Promise<TlsDoor>;
+  };
 }
 
 /**
@@ -2813,6 +2827,7 @@ interface Parts {
  */
 const PARTS: { [K in keyof Parts]: { flag: string; file: string; load: () => Promise<Parts[K]> } } = {
   historyFile: { flag: "--history", file: "history_file.ts", load: () => import("./chat/history_file.ts") },
+  tls: { flag: "--tls-cert", file: "tls.ts", load: () => import("./chat/tls.ts") },
 };
 
 /** A flag's part is not beside this file (a copy of chat_server.ts alone). */
@@ -2845,10 +2860,6 @@ async function loadPart<K extends keyof Parts>(name: K): Promise<Parts[K]> {
 const TCP_BACKLOG = 4096;
 /** Seconds a TLS client may take to complete its handshake before its connection is closed. */
 export const DEFAULT_HANDSHAKE_TIMEOUT = 10;
-/** TLS refusals under way at once; past this, a refused connection is closed without a word. */
-const MAX_TLS_REFUSALS = 64;
-/** How long a refused TLS client gets to complete its handshake and read why. */
-const TLS_REFUSAL_MS = 1000;
 /** Seconds a browser may take to send its request head. */
 export const DEFAULT_HTTP_TIMEOUT = 5;
 /**
@@ -2874,212 +2885,6 @@ function listenForClients(host: string | undefined, port: number): Deno.TcpListe
   } catch (e) {
     if (e instanceof Deno.errors.AddrInUse || e instanceof Deno.errors.PermissionDenied) throw e;
     return listen("0.0.0.0"); // a host without IPv6
-  }
-}
-
-/**
- * TLS for the chat port. Connections are accepted as plain TCP, and node:tls runs over each one,
- * so the descriptor is ours to free: a peer that never completes its handshake is closed at the
- * timeout. (Deno.listenTls keeps the descriptor of a connection closed before its handshake until
- * the peer leaves: 500 silent peers held 500 descriptors.) Connections still handshaking count
- * against --max-clients and --max-per-ip, and a failed handshake is one line in the log, never a
- * join in the room.
- */
-/** What TLS needs of node's modules, loaded by TlsGate.open() when the server serves TLS. */
-let nodeTls: {
-  TLSSocket: typeof TLSSocket;
-  Duplex: typeof Duplex;
-  Buffer: typeof import("node:buffer").Buffer;
-};
-
-class TlsGate {
-  readonly server: ChatServer;
-  readonly context: SecureContext;
-  readonly timeoutMs: number;
-  private refusing = 0;
-
-  private constructor(server: ChatServer, context: SecureContext, timeoutSeconds: number) {
-    this.server = server;
-    this.context = context;
-    this.timeoutMs = timeoutSeconds * 1000;
-  }
-
-  /**
-   * Loads node:tls (only a TLS server pays for it) and checks that the certificate and key are a
-   * usable pair; throws a TlsSetupError if not.
-   */
-  static async open(
-    server: ChatServer,
-    pem: { cert: string; key: string },
-    timeoutSeconds: number,
-  ): Promise<TlsGate> {
-    const [{ createPrivateKey, X509Certificate }, tls, stream, buffer] = await Promise.all([
-      import("node:crypto"),
-      import("node:tls"),
-      import("node:stream"),
-      import("node:buffer"),
-    ]);
-    nodeTls = { TLSSocket: tls.TLSSocket, Duplex: stream.Duplex, Buffer: buffer.Buffer };
-    let certificate;
-    try {
-      certificate = new X509Certificate(pem.cert);
-    } catch (e) {
-      throw new TlsSetupError(`the certificate is not a PEM certificate (${(e as Error).message})`);
-    }
-    let key;
-    try {
-      key = createPrivateKey(pem.key);
-    } catch (e) {
-      throw new TlsSetupError(`the key is not a PEM private key (${(e as Error).message})`);
-    }
-    if (!certificate.checkPrivateKey(key)) {
-      throw new TlsSetupError("the key does not belong to the certificate");
-    }
-    return new TlsGate(server, tls.createSecureContext({ cert: pem.cert, key: pem.key }), timeoutSeconds);
-  }
-
-  /** Completes the handshake, then admits the client and reads it, or tells it why not. */
-  async accept(conn: Stream, address: string, ip: string, refused: string | null): Promise<void> {
-    if (refused) {
-      console.error(`Refused ${address}: ${refused}`);
-      if (this.refusing >= MAX_TLS_REFUSALS) return closeQuietly(conn);
-      this.refusing++;
-      try {
-        const link = await startTls(conn, this.context, Math.min(this.timeoutMs, TLS_REFUSAL_MS), address);
-        if (link) await refuse(link, refused);
-      } finally {
-        this.refusing--;
-      }
-      return;
-    }
-    const limits = this.server.limits;
-    limits.holdPending(ip);
-    let link: TlsConn | null;
-    try {
-      link = await startTls(conn, this.context, this.timeoutMs, address);
-    } finally {
-      limits.releasePending(ip);
-    }
-    if (link && !this.server.closing) this.server.receive(this.server.admit(link, address, ip), link);
-    else link?.close();
-  }
-}
-
-/**
- * Runs a server-side TLS handshake over `conn`; resolves to the secure connection, or to null
- * (logged, and `conn` closed) if it fails or takes longer than `ms`.
- */
-function startTls(
-  conn: Stream,
-  context: SecureContext,
-  ms: number,
-  address: string,
-): Promise<TlsConn | null> {
-  const socket = new nodeTls.TLSSocket(duplexOver(conn), { isServer: true, secureContext: context });
-  return new Promise((resolve) => {
-    const fail = (why: string) => {
-      clearTimeout(timer);
-      console.error(`TLS handshake with ${address} failed: ${why}`);
-      socket.destroy();
-      closeQuietly(conn);
-      resolve(null);
-    };
-    const timer = setTimeout(() => fail(`no handshake within ${ms / 1000} s`), ms);
-    const onError = (e: Error) => fail(e.message);
-    socket.once("error", onError);
-    socket.once("secure", () => {
-      clearTimeout(timer);
-      socket.removeListener("error", onError);
-      resolve(new TlsConn(socket, conn));
-    });
-  });
-}
-
-/** A Deno.Conn as a node stream, for node:tls to run over. */
-function duplexOver(conn: Stream): Duplex {
-  const buffer = new Uint8Array(READ_SIZE);
-  return new nodeTls.Duplex({
-    read() {
-      conn.read(buffer).then(
-        (n) => this.push(n === null ? null : nodeTls.Buffer.from(buffer.subarray(0, n))),
-        (e) => this.destroy(e),
-      );
-    },
-    write(chunk: Uint8Array, _encoding, done) {
-      writeAll(conn, chunk).then(() => done(), done);
-    },
-    destroy(e, done) {
-      closeQuietly(conn);
-      done(e);
-    },
-  });
-}
-
-/**
- * A secure connection, read and written as the server reads and writes a Deno.Conn. What the peer
- * sends waits here until read() asks for it; meanwhile the socket is paused, so TCP holds the
- * peer back, as it does for a plain connection that is not read.
- */
-class TlsConn implements Stream {
-  private readonly socket: TLSSocket;
-  private readonly conn: Stream;
-  private readonly chunks: Uint8Array[] = [];
-  private ended = false;
-  private failure: Error | null = null;
-  private wake: (() => void) | null = null;
-
-  constructor(socket: TLSSocket, conn: Stream) {
-    this.socket = socket;
-    this.conn = conn;
-    const woken = () => {
-      const wake = this.wake;
-      this.wake = null;
-      wake?.();
-    };
-    socket.on("data", (chunk: Uint8Array) => {
-      this.chunks.push(chunk);
-      socket.pause();
-      woken();
-    });
-    socket.on("end", () => (this.ended = true, woken()));
-    socket.on("close", () => (this.ended = true, woken()));
-    socket.on("error", (e: Error) => (this.failure = new Deno.errors.ConnectionReset(e.message), woken()));
-  }
-
-  async read(p: Uint8Array): Promise<number | null> {
-    while (this.chunks.length === 0) {
-      if (this.failure) throw this.failure;
-      if (this.ended) return null;
-      this.socket.resume();
-      await new Promise<void>((resolve) => this.wake = resolve);
-    }
-    const chunk = this.chunks[0];
-    const n = Math.min(p.length, chunk.length);
-    p.set(chunk.subarray(0, n));
-    if (n === chunk.length) this.chunks.shift();
-    else this.chunks[0] = chunk.subarray(n);
-    return n;
-  }
-
-  write(p: Uint8Array): Promise<number> {
-    return new Promise((resolve, reject) => {
-      if (this.failure || this.socket.destroyed) {
-        return reject(new Deno.errors.BrokenPipe("TLS connection closed"));
-      }
-      this.socket.write(p, (e) => e ? reject(new Deno.errors.BrokenPipe(e.message)) : resolve(p.length));
-    });
-  }
-
-  /** Ends the session with close_notify once what is written is out; gives up after the grace period. */
-  close(): void {
-    if (this.socket.destroyed) return;
-    const destroy = () => {
-      clearTimeout(timer);
-      this.socket.destroy();
-      closeQuietly(this.conn);
-    };
-    const timer = setTimeout(destroy, SHUTDOWN_GRACE_MS);
-    this.socket.end(destroy);
   }
 }
 
@@ -3254,7 +3059,7 @@ export function forwardedFor(headers: Map<string, string>, proxies: BlockList): 
 }
 
 /** Writes a one-line refusal to a connection we will not serve, then closes it. */
-async function refuse(conn: Link, refusal: string): Promise<void> {
+export async function refuse(conn: Link, refusal: string): Promise<void> {
   try {
     await settleWithin(SHUTDOWN_GRACE_MS, [writeAll(conn, encoder.encode(refusal + "\r\n"))]);
   } catch (e) {
@@ -3263,9 +3068,6 @@ async function refuse(conn: Link, refusal: string): Promise<void> {
     conn.close();
   }
 }
-
-/** The TLS certificate or key cannot be used. */
-export class TlsSetupError extends Error {}
 
 /** The web page's port could not be listened on (the chat port itself was fine). */
 export class WebListenError extends Error {
@@ -3509,7 +3311,7 @@ class AdminGate {
     let queued = 0;
     for (const client of server.clients) {
       doors[
-        client.link instanceof WebSocketConn ? "web" : client.link instanceof TlsConn ? "tls" : "telnet"
+        client.link.door ?? "telnet"
       ]++;
       queued += client.queued;
     }
@@ -3709,6 +3511,7 @@ const CONTROL_PER_SECOND = 2;
  * and serializes, so a peer that pings and never reads costs one frame, not a queue of them.
  */
 class WebSocketConn implements Stream {
+  readonly door = "web";
   /** A message is a line: a partial line when the connection ends is an unfinished message. */
   readonly dropsPartialLine = true;
   /** Why the connection was failed, when the peer broke the protocol. */
@@ -5416,7 +5219,7 @@ class TaskSet {
 }
 
 /** Closes a connection that may be closed already. */
-function closeQuietly(conn: { close(): void }): void {
+export function closeQuietly(conn: { close(): void }): void {
   try {
     conn.close();
   } catch (e) {
@@ -6297,7 +6100,7 @@ function readPem(flag: string, path: string): string {
       : e instanceof Deno.errors.PermissionDenied || e instanceof Deno.errors.NotCapable
       ? "not allowed to read it"
       : (e as Error).message;
-    throw new TlsSetupError(`cannot read ${flag} ${path}: ${why}`);
+    throw new StartError(`cannot serve TLS: cannot read ${flag} ${path}: ${why}`);
   }
 }
 
@@ -6329,7 +6132,6 @@ function missingPermission(args: ChatArgs): string | null {
 function whyNotStarted(e: unknown, options: ChatServerOptions): string {
   const port = options.port;
   if (e instanceof WebListenError || e instanceof StartError) return e.message;
-  if (e instanceof TlsSetupError) return `cannot serve TLS: ${e.message}`;
   if (e instanceof Deno.errors.AddrInUse) return `port ${port} is already in use`;
   if (e instanceof Deno.errors.PermissionDenied) {
     return `not allowed to listen on port ${port} (ports below 1024 need privileges)`;

@@ -23,6 +23,7 @@ async function copyAlone(): Promise<string> {
 /** The flags whose part lives in chat/, with the file each one needs. */
 const FLAG_PARTS: [args: string[], file: string][] = [
   [["--history", "chat.db"], "history_file.ts"],
+  [["--tls-cert", "chat_server.ts", "--tls-key", "chat_server.ts"], "tls.ts"],
 ];
 
 Deno.test("a copy of chat_server.ts alone serves the tutorial's chat, commands and all", async () => {
