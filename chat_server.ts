@@ -82,7 +82,7 @@ export const LOBBY = "lobby";
 /** How long a goodbye (or shutdown) waits for the last lines to be written before closing anyway. */
 export const SHUTDOWN_GRACE_MS = 1000;
 /** Longest pause between accepts that fail for want of descriptors or memory. */
-const ACCEPT_PAUSE_MS = 100;
+export const ACCEPT_PAUSE_MS = 100;
 /**
  * Bytes read per `read()` call: a client starts with the first size and doubles, up to the second,
  * each time a read fills its buffer. 512 takes a burst of lines in one read, so it costs the room
@@ -97,7 +97,7 @@ export const READ_SIZE = 16 * 1024;
 const GREETING = "You're connected to the Deno chatserver\r\n";
 const SHUTDOWN_NOTICE = "Server shutting down, goodbye\r\n";
 
-const encoder = new TextEncoder();
+export const encoder = new TextEncoder();
 export const decoder = new TextDecoder();
 const CRLF = encoder.encode("\r\n");
 
@@ -134,8 +134,8 @@ export class ChatServer {
   readonly limits: Limits; // section 4
   readonly moderation: Moderation; // section 4
   tls: TlsDoor | null = null; // section 5
-  web: WebGate | null = null; // section 5
-  admin: AdminGate | null = null; // section 5
+  web: WebDoor | null = null; // section 5
+  admin: AdminDoor | null = null; // section 5
   /** The addresses of trusted proxies (--proxy-from), whose connections say whose they are. */
   readonly proxies: BlockList | null;
   /** Serves a connection from one of them as the client its PROXY header names (section 5). */
@@ -217,8 +217,8 @@ export class ChatServer {
       this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
       if (o.redis) this.bus = await startBus(this, o.redis); // section 6
       this.bus?.watch(LOBBY); // always: the lobby's stream is read before anyone arrives
-      if (o.http) this.web = new WebGate(this, o.http);
-      if (o.admin) this.admin = new AdminGate(this, o.admin);
+      if (o.http) this.web = (await loadPart("web")).openWeb(this, o.http);
+      if (o.admin) this.admin = (await loadPart("admin")).openAdmin(this, o.admin);
       this.limits.startIdleSweep(this);
     } catch (e) {
       await this.#stopParts();
@@ -281,20 +281,25 @@ export class ChatServer {
 
   /**
    * Makes a connection a client: counts it, greets it, puts it in the lobby, and tells the room.
-   * A web page (`page`, section 9) also gets its token, and, if it is coming back, its nick and room.
+   * A door may add steps of its own (`welcome`, section 5): a web page's token, and its way back.
    */
-  admit(link: Link, address: string, ip: string, page: PageState | null = null): Client {
+  admit(
+    link: Link,
+    address: string,
+    ip: string,
+    page: PageState | null = null,
+    welcome?: Welcome | null,
+  ): Client {
     const client = new Client(link, address, ip, this.directory.lobby, this.flusher, page);
     this.clients.add(client);
     this.limits.count(client);
     this.flusher.sendNow(client, this.greeting);
-    const back = page?.resume ?? null; // where a page was before it dropped
-    if (page) greetPage(this, client); // section 9
+    welcome?.before(client);
     enterRoom(this, client, this.directory.lobby); // section 3
     const joined = PAGE_READS.joined(address);
     announce(this, this.directory.lobby, client, joined, { event: "join", room: LOBBY, peer: address });
     showTopic(this, client, this.directory.lobby); // section 3
-    if (back) resumePage(this, client, back);
+    welcome?.after(client);
     return client;
   }
 
@@ -589,7 +594,7 @@ const enum Telnet {
 }
 
 /** The one empty line buffer every idle framer shares: an empty Uint8Array of its own is not free. */
-const NO_BYTES = new Uint8Array(0);
+export const NO_BYTES = new Uint8Array(0);
 /**
  * The send queue of a client with nothing queued, shared by all of them and never written to: a
  * queue's first part gets an array of its own size, and a queue taken for writing is dropped, not
@@ -1766,7 +1771,7 @@ function withOthers(
 }
 
 /** /nick NAME: unique whatever the case, and across instances with --redis. */
-function changeNick(server: ChatServer, client: Client, nick: string): void | Promise<void> {
+export function changeNick(server: ChatServer, client: Client, nick: string): void | Promise<void> {
   const problem = checkName(nick, "nick");
   if (problem) return client.tell(`${problem}; you are still ${client.label}`);
   const holder = server.directory.holder(nick);
@@ -1798,7 +1803,7 @@ function takeNick(server: ChatServer, client: Client, nick: string): void {
 }
 
 /** /join ROOM: leaves this room for ROOM, making it if need be. */
-function joinRoom(server: ChatServer, client: Client, name: string): void | Promise<void> {
+export function joinRoom(server: ChatServer, client: Client, name: string): void | Promise<void> {
   const problem = checkName(name, "room name");
   if (problem) return client.tell(`${problem}; you are still in ${client.room.name}`);
   const room = server.directory.openRoom(name);
@@ -2820,6 +2825,28 @@ export interface TlsDoor {
   accept(conn: Stream, address: string, ip: string, refused: string | null): Promise<void>;
 }
 
+/** The web door (chat/web.ts): the page and its WebSocket, on a port of its own. */
+export interface WebDoor {
+  readonly addr: Deno.NetAddr;
+  /** Settles when its accept loop has stopped. */
+  readonly finished: Promise<void>;
+  /** Stops taking requests; its WebSockets close as clients do. */
+  shutdown(): Promise<void>;
+}
+
+/** A door's own steps when ChatServer.admit() takes a client: before it enters the lobby, and once it is in. */
+export interface Welcome {
+  before(client: Client): void;
+  after(client: Client): void;
+}
+
+/** The admin port (chat/admin.ts): health, readiness and metrics. */
+export interface AdminDoor {
+  readonly addr: Deno.NetAddr;
+  /** Closes the port once the answers under way are out: the last thing a shutdown does. */
+  shutdown(): Promise<void>;
+}
+
 /** What the core asks of each part: the one function it calls to start it. */
 interface Parts {
   historyFile: { openHistoryFile(path: string, say: (text: string) => void): Promise<HistoryStore> };
@@ -2827,6 +2854,8 @@ interface Parts {
     openTls(server: ChatServer, pem: { cert: string; key: string }, timeoutSeconds: number): Promise<TlsDoor>;
   };
   proxy: { acceptProxied(server: ChatServer, conn: Deno.TcpConn): Promise<void> };
+  web: { openWeb(server: ChatServer, options: NonNullable<ChatServerOptions["http"]>): WebDoor };
+  admin: { openAdmin(server: ChatServer, options: NonNullable<ChatServerOptions["admin"]>): AdminDoor };
 }
 
 /**
@@ -2837,6 +2866,8 @@ const PARTS: { [K in keyof Parts]: { flag: string; file: string; load: () => Pro
   historyFile: { flag: "--history", file: "history_file.ts", load: () => import("./chat/history_file.ts") },
   tls: { flag: "--tls-cert", file: "tls.ts", load: () => import("./chat/tls.ts") },
   proxy: { flag: "--proxy-from", file: "proxy.ts", load: () => import("./chat/proxy.ts") },
+  web: { flag: "--http", file: "web.ts", load: () => import("./chat/web.ts") },
+  admin: { flag: "--admin", file: "admin.ts", load: () => import("./chat/admin.ts") },
 };
 
 /** A flag's part is not beside this file (a copy of chat_server.ts alone). */
@@ -2879,14 +2910,9 @@ export const DEFAULT_HTTP_TIMEOUT = 5;
 export const DEFAULT_HTTP_PING = 25;
 /** The interface --admin listens on unless told: the operator's own machine. */
 export const DEFAULT_ADMIN_HOST = "127.0.0.1";
-/** Request heads that may be on their way at once from one address, and from everyone. */
-const HTTP_HEADS_PER_IP = 8;
-const HTTP_HEADS = 256;
-/** The longest request head read; a longer one is answered 431. */
-const HTTP_HEAD_BYTES = 8192;
 
 /** Listens for chat clients on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
-function listenForClients(host: string | undefined, port: number): Deno.TcpListener {
+export function listenForClients(host: string | undefined, port: number): Deno.TcpListener {
   const listen = (hostname: string) => Deno.listen({ hostname, port, tcpBacklog: TCP_BACKLOG });
   if (host !== undefined) return listen(host);
   try {
@@ -2895,25 +2921,6 @@ function listenForClients(host: string | undefined, port: number): Deno.TcpListe
     if (e instanceof Deno.errors.AddrInUse || e instanceof Deno.errors.PermissionDenied) throw e;
     return listen("0.0.0.0"); // a host without IPv6
   }
-}
-
-/**
- * The client a trusted proxy forwards a web request for: the right-most address of X-Forwarded-For
- * (else of Forwarded's `for=`) that is not itself a trusted proxy; null if there is none that parses.
- */
-export function forwardedFor(headers: Map<string, string>, proxies: BlockList): string | null {
-  const xff = headers.get("x-forwarded-for");
-  const chain = xff !== undefined
-    ? xff.split(",").map((s) => s.trim())
-    : [...(headers.get("forwarded") ?? "").matchAll(/(?:^|[;,\s])for=("?)([^";,]+)\1/gi)].map((m) =>
-      m[2].replace(/^\[([^\]]+)\](?::\d+)?$/, "$1").replace(/^(\d+\.\d+\.\d+\.\d+):\d+$/, "$1")
-    );
-  for (let i = chain.length - 1; i >= 0; i--) {
-    const ip = plainHost(chain[i]);
-    if (nodeNet().isIP(ip) === 0) return null; // garbage, or "unknown": nothing past it can be trusted
-    if (!inBlocks(proxies, ip)) return ip;
-  }
-  return null;
 }
 
 /** Writes a one-line refusal to a connection we will not serve, then closes it. */
@@ -2925,720 +2932,6 @@ export async function refuse(conn: Link, refusal: string): Promise<void> {
   } finally {
     conn.close();
   }
-}
-
-/** The web page's port could not be listened on (the chat port itself was fine). */
-export class WebListenError extends Error {
-  constructor(
-    readonly port: number,
-    readonly host: string | undefined,
-    override readonly cause: unknown,
-    what = "the web page",
-  ) {
-    super(
-      `cannot serve ${what} on ${host ?? "all interfaces"}, port ${port}: ${
-        cause instanceof Deno.errors.AddrInUse ? "the port is already in use" : (cause as Error).message
-      }`,
-    );
-  }
-}
-
-/**
- * The web side, on sockets of our own: GET / is the page (section 9), GET /ws a WebSocket client
- * of the chat. The request head is read with a size cap and a deadline, and connections still
- * sending theirs are capped per address and in all, so a trickling client costs a descriptor for
- * `--http-timeout` seconds at most. A WebSocket is then a connection like any other, with
- * RFC 6455 framing in place of telnet's: read() reads it, so it is paced by the same gate, and a
- * message of any size costs what a telnet line does.
- */
-class WebGate {
-  readonly server: ChatServer;
-  readonly origins: string[];
-  readonly listener: Deno.TcpListener;
-  readonly timeoutMs: number;
-  /** Settles when the accept loop has stopped. */
-  readonly finished: Promise<void>;
-  /** Connections still sending their request head, by address, and all of them. */
-  private readonly reading = new Map<string, number>();
-  private readonly heads = new Set<Deno.Conn>();
-  /** Seconds between pings (0: none), and their timer. */
-  readonly pingSeconds: number;
-  private readonly pinging: ReturnType<typeof setInterval> | undefined;
-
-  /** Listens for HTTP; throws WebListenError if the port cannot be had. */
-  constructor(server: ChatServer, options: NonNullable<ChatServerOptions["http"]>) {
-    this.server = server;
-    this.origins = options.origins ?? [];
-    this.timeoutMs = (options.timeout ?? DEFAULT_HTTP_TIMEOUT) * 1000;
-    const host = options.host ?? server.options.host;
-    try {
-      this.listener = listenForClients(host, options.port);
-    } catch (e) {
-      throw new WebListenError(options.port, host, e);
-    }
-    this.finished = server.run(this.listener, (conn) => this.take(conn));
-    this.pingSeconds = options.ping ?? DEFAULT_HTTP_PING;
-    if (this.pingSeconds > 0) this.pinging = setInterval(() => this.pingAll(), this.pingSeconds * 1000);
-  }
-
-  /**
-   * Sends off each WebSocket client that has sent nothing since the last ping, and pings the
-   * others; a page is also told, so that it knows the server is there (section 9).
-   */
-  pingAll(): void {
-    for (const client of this.server.clients) {
-      const link = client.link;
-      if (!(link instanceof WebSocketConn)) continue;
-      if (!link.heard) {
-        if (client.leaving === null) this.server.limits.dropped.ping_timeout++;
-        this.server.sendOff(client, "No answer to pings: closing", "no answer to pings");
-        continue;
-      }
-      link.heard = false;
-      link.ping();
-      if (client.page) client.tell(PAGE_MARKS.alive(this.pingSeconds));
-    }
-  }
-
-  get addr(): Deno.NetAddr {
-    return this.listener.addr;
-  }
-
-  /** Stops taking requests and hangs up on heads still arriving; WebSockets close as clients. */
-  shutdown(): Promise<void> {
-    clearInterval(this.pinging);
-    closeQuietly(this.listener);
-    for (const conn of this.heads) closeQuietly(conn);
-    return this.finished;
-  }
-
-  /** Takes one HTTP connection, unless its address (or everyone) has too many heads on the way. */
-  take(conn: Deno.TcpConn): void {
-    const ip = plainHost(conn.remoteAddr.hostname);
-    const mine = this.reading.get(ip) ?? 0;
-    // A trusted proxy speaks for many people: only the cap on everyone applies to it.
-    const proxy = this.server.proxies !== null && inBlocks(this.server.proxies, ip);
-    if ((mine >= HTTP_HEADS_PER_IP && !proxy) || this.heads.size >= HTTP_HEADS) {
-      this.server.limits.refused.busy++;
-      this.server.tasks.track(respond(conn, 503, "Too many requests under way; try again later\n"));
-      return;
-    }
-    this.reading.set(ip, mine + 1);
-    this.heads.add(conn);
-    const head = readHead(conn, this.timeoutMs).finally(() => {
-      this.heads.delete(conn);
-      countDown(this.reading, ip);
-    });
-    this.server.tasks.track(
-      head.then((request) => request ? this.serve(conn, request, ip) : closeQuietly(conn)),
-    );
-  }
-
-  /** Answers one request: the page, a WebSocket upgrade, or a one-line error. */
-  serve(conn: Deno.TcpConn, request: HttpRequest, ip: string): Promise<void> | void {
-    const { method, path, headers } = request;
-    let address = formatPeer(conn.remoteAddr);
-    const proxies = this.server.proxies;
-    const client = proxies && inBlocks(proxies, ip) ? forwardedFor(headers, proxies) : null;
-    if (client !== null) [ip, address] = [client, formatPeer({ ...conn.remoteAddr, hostname: client })];
-    if (path === "/" && (method === "GET" || method === "HEAD")) {
-      return respond(conn, 200, PAGE, "text/html; charset=utf-8", method !== "HEAD");
-    }
-    if (path !== "/ws") return respond(conn, 404, "Not found\n");
-    if (headers.get("upgrade")?.toLowerCase() !== "websocket") {
-      return respond(conn, 426, "This is the chat's WebSocket: open / in a browser\n");
-    }
-    const key = headers.get("sec-websocket-key");
-    if (method !== "GET" || !key || !/^[A-Za-z0-9+/]{22}==$/.test(key.trim())) {
-      return respond(conn, 400, "A WebSocket upgrade is a GET with a Sec-WebSocket-Key\n");
-    }
-    if (headers.get("sec-websocket-version") !== "13") {
-      return respond(conn, 426, "This server speaks WebSocket version 13 (RFC 6455)\n");
-    }
-    const origin = headers.get("origin");
-    if (origin !== undefined && !this.originAllowed(origin, headers.get("host"))) {
-      console.error(`Refused ${address}: WebSocket from another site (${origin})`);
-      this.server.limits.refused.origin++;
-      return respond(conn, 403, "Cross-origin WebSocket refused\n");
-    }
-    const refused = this.server.limits.refusal(ip, this.server.clients.size);
-    if (refused) {
-      console.error(`Refused ${address}: ${refused}`);
-      return respond(conn, 403, refused + "\n");
-    }
-    const digest = crypto.subtle.digest("SHA-1", encoder.encode(key.trim() + WEBSOCKET_GUID));
-    return digest.then((sha1) => {
-      const accept = btoa(String.fromCharCode(...new Uint8Array(sha1)));
-      const switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-        `Sec-WebSocket-Accept: ${accept}\r\n\r\n`;
-      return writeAll(conn, encoder.encode(switching));
-    }).then(() => {
-      const link = new WebSocketConn(conn, request.rest, this.server.maxLine);
-      if (this.server.closing) return link.close();
-      const page = request.query.has("page") ? pageRequest(request.query) : null; // section 9
-      const client = this.server.admit(link, address, ip, page);
-      link.wantWrite = () => client.send(NO_BYTES); // a pong or a ping waits for a write
-      this.server.receive(client, link);
-    }, () => closeQuietly(conn));
-  }
-
-  /** Same-origin pages may always connect; others only if --http-origin names them. */
-  originAllowed(origin: string, host: string | undefined): boolean {
-    if (this.origins.includes("*") || this.origins.includes(origin)) return true;
-    try {
-      return new URL(origin).host === host;
-    } catch {
-      return false; // "null" or garbage
-    }
-  }
-}
-
-/**
- * --admin PORT: what an operator's tools ask a running instance, on a port of its own (by default on
- * 127.0.0.1 only: metrics are not for the public). GET /healthz is 200 while the process serves;
- * GET /readyz is 200 while it accepts clients and, with --redis, Redis answers, and 503 from the
- * moment shutdown begins, so that a load balancer stops sending people to an instance on its way
- * out; GET /metrics is the Prometheus text format. Requests are read with the web side's bounds.
- */
-class AdminGate {
-  readonly server: ChatServer;
-  readonly listener: Deno.TcpListener;
-  readonly finished: Promise<void>;
-  private readonly started = Date.now();
-  private readonly answering = new Set<Promise<void>>();
-
-  /** Listens; throws WebListenError (named for --admin) if the port cannot be had. */
-  constructor(server: ChatServer, options: NonNullable<ChatServerOptions["admin"]>) {
-    this.server = server;
-    const host = options.host ?? DEFAULT_ADMIN_HOST;
-    try {
-      this.listener = listenForClients(host, options.port);
-    } catch (e) {
-      throw new WebListenError(options.port, host, e, "the admin port");
-    }
-    this.finished = this.acceptAll();
-  }
-
-  get addr(): Deno.NetAddr {
-    return this.listener.addr;
-  }
-
-  // Serves until shutdown() closes the listener: it outlives the chat's own loop, saying 503.
-  private async acceptAll(): Promise<void> {
-    for (;;) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.listener.accept();
-      } catch (e) {
-        if (e instanceof Deno.errors.BadResource || e instanceof Deno.errors.Interrupted) return;
-        await delay(ACCEPT_PAUSE_MS); // out of descriptors: the chat comes first
-        continue;
-      }
-      const answering = this.answer(conn).catch(ignore).finally(() => this.answering.delete(answering));
-      this.answering.add(answering);
-    }
-  }
-
-  private async answer(conn: Deno.TcpConn): Promise<void> {
-    const request = await readHead(conn, DEFAULT_HTTP_TIMEOUT * 1000);
-    if (!request) return closeQuietly(conn);
-    const { method, path } = request;
-    if (method !== "GET" && method !== "HEAD") return respond(conn, 405, "GET only\n");
-    const head = method === "GET";
-    if (path === "/healthz") return respond(conn, 200, "ok\n", undefined, head);
-    if (path === "/readyz") {
-      const why = this.unready();
-      return respond(conn, why ? 503 : 200, (why ?? "ready") + "\n", undefined, head);
-    }
-    if (path === "/metrics") return respond(conn, 200, this.metrics(), PROMETHEUS_TYPE, head);
-    return respond(conn, 404, "Not found: /healthz, /readyz and /metrics are here\n");
-  }
-
-  /** Why the instance should not be sent clients now, or null if it should. */
-  unready(): string | null {
-    const { server } = this;
-    if (server.closing) return "shutting down";
-    if (server.bus && !server.bus.link.up) return "Redis does not answer";
-    return null;
-  }
-
-  /** The metrics, in the Prometheus text format (version 0.0.4). */
-  metrics(): string {
-    const { server } = this;
-    const doors = { telnet: 0, tls: 0, web: 0 };
-    let queued = 0;
-    for (const client of server.clients) {
-      doors[
-        client.link.door ?? "telnet"
-      ]++;
-      queued += client.queued;
-    }
-    let rooms = 0;
-    for (const room of server.directory.allRooms()) if (room.members.size > 0) rooms++;
-    const out: string[] = [];
-    const metric = (name: string, type: string, help: string, samples: [string, number][]) => {
-      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-      for (const [labels, value] of samples) out.push(`${name}${labels} ${value}`);
-    };
-    const by = (label: string, counts: Record<string, number>): [string, number][] =>
-      Object.entries(counts).map(([key, n]) => [`{${label}="${key}"}`, n]);
-    metric("chat_clients", "gauge", "Clients connected, by the door they came in by.", by("door", doors));
-    metric("chat_rooms", "gauge", "Rooms with members on this instance.", [["", rooms]]);
-    metric("chat_lines_total", "counter", "Lines received from clients.", [["", server.linesIn]]);
-    metric("chat_deliveries_total", "counter", "Lines and notices queued for clients.", [[
-      "",
-      server.flusher.delivered,
-    ]]);
-    const dropped = { ...server.limits.dropped, sendq: server.flusher.cutOff };
-    metric("chat_dropped_total", "counter", "Clients sent off, by reason.", by("reason", dropped));
-    metric(
-      "chat_refused_total",
-      "counter",
-      "Connections turned away, by reason.",
-      by("reason", server.limits.refused),
-    );
-    metric("chat_send_queue_bytes", "gauge", "Bytes waiting to be written to clients.", [["", queued]]);
-    metric("chat_behind_clients", "gauge", "Clients more than a quarter of --sendq behind.", [[
-      "",
-      server.flusher.congested.size,
-    ]]);
-    if (server.bus) {
-      metric("chat_redis_up", "gauge", "1 while Redis answers.", [["", server.bus.link.up ? 1 : 0]]);
-      metric("chat_redis_backlog_bytes", "gauge", "Bytes of lines waiting for Redis.", [[
-        "",
-        server.bus.waitingBytes,
-      ]]);
-    }
-    const cpu = nodeBuiltin<typeof import("node:process")>("node:process").cpuUsage(); // loaded only here
-    metric("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.", [[
-      "",
-      (cpu.user + cpu.system) / 1e6,
-    ]]);
-    metric("process_resident_memory_bytes", "gauge", "Resident memory size, in bytes.", [[
-      "",
-      Deno.memoryUsage().rss,
-    ]]);
-    metric("process_start_time_seconds", "gauge", "Start time of the process since the epoch, in seconds.", [[
-      "",
-      Math.floor(this.started / 1000),
-    ]]);
-    const fds = openDescriptors();
-    if (fds !== null) metric("process_open_fds", "gauge", "Open file descriptors.", [["", fds]]);
-    return out.join("\n") + "\n";
-  }
-
-  /** Closes the port, once the answers under way are out: the last thing a shutdown does. */
-  async shutdown(): Promise<void> {
-    closeQuietly(this.listener);
-    await this.finished;
-    await Promise.all(this.answering);
-  }
-}
-
-/** The Prometheus text format's content type. */
-const PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8";
-
-/** How many descriptors this process has open (Linux's /proc), or null where that cannot be read. */
-function openDescriptors(): number | null {
-  try {
-    let n = 0;
-    for (const _ of Deno.readDirSync("/proc/self/fd")) n++;
-    return n;
-  } catch {
-    return null;
-  }
-}
-
-/** One HTTP request head, and what came after it on the connection. */
-interface HttpRequest {
-  method: string;
-  path: string;
-  query: URLSearchParams;
-  headers: Map<string, string>;
-  rest: Uint8Array;
-}
-
-/**
- * Reads a request head (up to the blank line) within `ms` and HTTP_HEAD_BYTES; null if it is
- * late, too big, malformed, or the peer leaves (then the connection is closed, or answered).
- */
-async function readHead(conn: Deno.Conn, ms: number): Promise<HttpRequest | null> {
-  const buffer = new Uint8Array(HTTP_HEAD_BYTES);
-  let filled = 0;
-  const timer = setTimeout(() => closeQuietly(conn), ms); // a pending read then fails
-  try {
-    for (;;) {
-      const end = findHeadEnd(buffer, filled);
-      if (end >= 0) return parseHead(buffer.subarray(0, end), buffer.slice(end + 4, filled));
-      if (filled === buffer.length) {
-        await respond(conn, 431, "Request head too large\n");
-        return null;
-      }
-      const n = await conn.read(buffer.subarray(filled));
-      if (n === null) return null;
-      filled += n;
-    }
-  } catch (e) {
-    if (!isDisconnect(e)) throw e;
-    return null;
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Where the blank line that ends a head starts (the CRLFCRLF), or -1. */
-function findHeadEnd(bytes: Uint8Array, length: number): number {
-  for (let i = 3; i < length; i++) {
-    if (bytes[i] === NL && bytes[i - 1] === CR && bytes[i - 2] === NL && bytes[i - 3] === CR) return i - 3;
-  }
-  return -1;
-}
-
-function parseHead(head: Uint8Array, rest: Uint8Array): HttpRequest | null {
-  const [requestLine, ...lines] = decoder.decode(head).split("\r\n");
-  const m = /^([A-Z]+) (\S+) HTTP\/1\.[01]$/.exec(requestLine);
-  if (!m) return null;
-  const headers = new Map<string, string>();
-  for (const line of lines) {
-    const colon = line.indexOf(":");
-    if (colon > 0) headers.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
-  }
-  const [path, query = ""] = m[2].split("?", 2);
-  return { method: m[1], path, query: new URLSearchParams(query), headers, rest };
-}
-
-const STATUS_TEXT: Record<number, string> = {
-  200: "OK",
-  405: "Method Not Allowed",
-  400: "Bad Request",
-  403: "Forbidden",
-  404: "Not Found",
-  426: "Upgrade Required",
-  431: "Request Header Fields Too Large",
-  503: "Service Unavailable",
-};
-
-/**
- * Writes a whole response (within the grace period) and closes the connection: one request each.
- * A HEAD is answered with the same head and no body.
- */
-async function respond(
-  conn: Deno.Conn,
-  status: number,
-  body: string,
-  type = "text/plain; charset=utf-8",
-  withBody = true,
-) {
-  const full = encoder.encode(body);
-  const bytes = withBody ? full : full.subarray(0, 0);
-  const head = `HTTP/1.1 ${status} ${STATUS_TEXT[status]}\r\ncontent-type: ${type}\r\n` +
-    `content-length: ${full.length}\r\ncache-control: no-store\r\nconnection: close\r\n` +
-    (status === 426 ? "upgrade: websocket\r\nsec-websocket-version: 13\r\n" : "") + "\r\n";
-  try {
-    await settleWithin(SHUTDOWN_GRACE_MS, [
-      writeAll(conn, concatBytes([encoder.encode(head), bytes], head.length + bytes.length)),
-    ]);
-  } finally {
-    closeQuietly(conn);
-  }
-}
-
-const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-const OP_CONTINUATION = 0, OP_TEXT = 1, OP_BINARY = 2, OP_CLOSE = 8, OP_PING = 9, OP_PONG = 10;
-/**
- * Control frames (pings, pongs) a peer may send in a burst, and per second after it. A browser
- * sends none; a library pings every few seconds. Each one read costs a write, so a flood of them is
- * a flood of output: past this, the connection is closed (1008).
- */
-const CONTROL_BURST = 20;
-const CONTROL_PER_SECOND = 2;
-
-/**
- * A WebSocket (RFC 6455) over a TCP connection, read and written as the server reads and writes
- * a telnet client. read() gives the payload of text messages as it arrives, with a newline at the
- * end of each message, so the line framer sees what a telnet user types (a message of any size
- * costs no more than a line of any size). write() sends each line as one text frame.
- *
- * What the peer sends is checked as it comes, and the first fault closes the connection with its
- * code (§7.4.1): a malformed frame (1002), a text message that cannot become UTF-8 (1007, at the
- * first byte that shows it, across fragments), a binary message (1003: this chat is text), a flood
- * of control frames (1008). A message cut short by the end of the connection is dropped.
- *
- * Control frames are output like any other: a pong (to the latest ping only, §5.5.3) or our own
- * ping waits in one slot here and goes out with the client's next write, which the flusher paces
- * and serializes, so a peer that pings and never reads costs one frame, not a queue of them.
- */
-class WebSocketConn implements Stream {
-  readonly door = "web";
-  /** A message is a line: a partial line when the connection ends is an unfinished message. */
-  readonly dropsPartialLine = true;
-  /** Why the connection was failed, when the peer broke the protocol. */
-  problem: string | null = null;
-  /** Something came from the peer since the last ping (WebGate's keepalive reads and clears it). */
-  heard = true;
-  /** Asks the flusher for a write, so that a waiting control frame goes out (set by the gate). */
-  wantWrite: () => void = ignore;
-  private readonly conn: Deno.Conn;
-  private raw: Uint8Array;
-  private start = 0;
-  private end = 0;
-  /** Payload bytes still to come in the current data frame, its mask, and where in the mask we are. */
-  private remaining = 0;
-  private readonly mask = new Uint8Array(4);
-  private maskAt = 0;
-  private finalFrame = false;
-  private inMessage = false;
-  private newlineDue = false;
-  private closed = false;
-  private readonly text = new Utf8Check();
-  private readonly controls = new TokenBucket(CONTROL_PER_SECOND / 1000, CONTROL_BURST, Date.now());
-  private pong: Uint8Array | null = null;
-  private pingDue = false;
-  private writing: Promise<unknown> = Promise.resolve();
-
-  constructor(conn: Deno.Conn, already: Uint8Array, maxLine: number) {
-    this.conn = conn;
-    this.raw = new Uint8Array(Math.max(256, Math.min(READ_SIZE, maxLine + 14)));
-    this.raw.set(already.subarray(0, this.raw.length));
-    this.end = Math.min(already.length, this.raw.length);
-  }
-
-  async read(p: Uint8Array): Promise<number | null> {
-    for (;;) {
-      if (this.newlineDue) {
-        this.newlineDue = false;
-        p[0] = NL; // a message is a line, whether or not it ends in one
-        return 1;
-      }
-      if (this.remaining > 0) {
-        if (this.start === this.end && !await this.fill()) return null;
-        const n = Math.min(this.remaining, this.end - this.start, p.length);
-        for (let i = 0; i < n; i++) p[i] = this.raw[this.start + i] ^ this.mask[(this.maskAt + i) & 3];
-        this.start += n;
-        this.maskAt = (this.maskAt + n) & 3;
-        this.remaining -= n;
-        if (!this.text.push(p.subarray(0, n))) return this.fail(1007, "a text message that is not UTF-8");
-        if (this.remaining === 0 && this.finalFrame && !this.endMessage()) return null;
-        return n;
-      }
-      if (await this.nextFrame() === null) return null;
-    }
-  }
-
-  // The last frame of a message is in: it must end on a whole character.
-  private endMessage(): boolean {
-    if (!this.text.complete) {
-      this.fail(1007, "a text message that is not UTF-8");
-      return false;
-    }
-    this.inMessage = false;
-    this.newlineDue = true;
-    return true;
-  }
-
-  // Reads and handles one frame header (and a control frame's payload); null at the end.
-  private async nextFrame(): Promise<true | null> {
-    if (!await this.need(2)) return null;
-    const b0 = this.raw[this.start], b1 = this.raw[this.start + 1];
-    const opcode = b0 & 0x0f, fin = (b0 & 0x80) !== 0, control = opcode >= OP_CLOSE;
-    // Judged on the first two bytes, before waiting for a length or a mask that may never come.
-    if ((b1 & 0x80) === 0) return this.fail(1002, "an unmasked frame");
-    if ((b0 & 0x70) !== 0) return this.fail(1002, "a frame with reserved bits set");
-    if (opcode > OP_PONG || (opcode > OP_BINARY && !control)) {
-      return this.fail(1002, `reserved opcode ${opcode}`);
-    }
-    if (control && (!fin || (b1 & 0x7f) > 125)) return this.fail(1002, "a fragmented or long control frame");
-    if (opcode === OP_CONTINUATION ? !this.inMessage : !control && this.inMessage) {
-      return this.fail(1002, "a fragment out of place");
-    }
-    if (opcode === OP_BINARY) return this.fail(1003, "a binary message (this chat takes text)");
-    const lengthBytes = (b1 & 0x7f) === 126 ? 2 : (b1 & 0x7f) === 127 ? 8 : 0;
-    if (!await this.need(2 + lengthBytes + 4)) return null;
-    let length = lengthBytes === 0 ? b1 & 0x7f : 0, at = this.start + 2;
-    for (let i = 0; i < lengthBytes; i++) length = length * 256 + this.raw[at++];
-    if (length > Number.MAX_SAFE_INTEGER) return this.fail(1002, "a frame longer than can be");
-    this.mask.set(this.raw.subarray(at, at + 4));
-    this.start = at + 4;
-    if (control) return this.control(opcode, length);
-    if (opcode === OP_TEXT) this.text.reset();
-    this.remaining = length;
-    this.maskAt = 0;
-    this.finalFrame = fin;
-    this.inMessage = true;
-    if (length === 0 && fin && !this.endMessage()) return null;
-    return true;
-  }
-
-  // Ping: a pong, in the slot. Pong: nothing. Close: checked, answered with its code, and the end.
-  private async control(opcode: number, length: number): Promise<true | null> {
-    if (!await this.need(length)) return null;
-    const payload = this.raw.slice(this.start, this.start + length);
-    for (let i = 0; i < length; i++) payload[i] ^= this.mask[i & 3];
-    this.start += length;
-    if (opcode === OP_CLOSE) return this.closeFrom(payload);
-    if (!this.controls.take(Date.now())) {
-      return this.fail(
-        1008,
-        `over ${CONTROL_BURST} control frames at once, or ${CONTROL_PER_SECOND} a second`,
-      );
-    }
-    if (opcode === OP_PING) {
-      this.pong = frame(OP_PONG, payload);
-      this.wantWrite();
-    }
-    return true;
-  }
-
-  // The peer closes: a valid close is answered with its own code (or none, if it gave none).
-  private closeFrom(payload: Uint8Array): null {
-    if (payload.length === 1) return this.fail(1002, "a close frame with a 1-byte body");
-    if (payload.length >= 2) {
-      const code = (payload[0] << 8) | payload[1];
-      if (!isValidCloseCode(code)) return this.fail(1002, `close code ${code}, which no peer may send`);
-      const reason = new Utf8Check();
-      if (!reason.push(payload.subarray(2)) || !reason.complete) {
-        return this.fail(1007, "a close reason that is not UTF-8");
-      }
-    }
-    this.close(payload.subarray(0, 2));
-    return null;
-  }
-
-  /** Fails the connection (§7.1.7): says why in `problem`, closes with `code`, and ends reading. */
-  private fail(code: number, why: string): null {
-    this.problem ??= `WebSocket closed with ${code}: ${why}`;
-    this.close(new Uint8Array([code >> 8, code & 0xff]));
-    return null;
-  }
-
-  // Makes `count` bytes available at `start` (count is at most a header or a control payload).
-  private async need(count: number): Promise<boolean> {
-    while (this.end - this.start < count) if (!await this.fill()) return false;
-    return true;
-  }
-
-  // Reads more bytes, after moving what is left to the front; false at the end.
-  private async fill(): Promise<boolean> {
-    if (this.closed) return false;
-    if (this.start > 0) {
-      this.raw.copyWithin(0, this.start, this.end);
-      this.end -= this.start;
-      this.start = 0;
-    }
-    const n = await this.conn.read(this.raw.subarray(this.end));
-    if (n === null) return false;
-    this.heard = true;
-    this.end += n;
-    return true;
-  }
-
-  /** Queues a ping, which goes out with the next write; the peer's answer sets `heard`. */
-  ping(): void {
-    this.pingDue = true;
-    this.wantWrite();
-  }
-
-  /** Sends each CRLF-ended line of `p` as one text frame, after the waiting control frames. */
-  write(p: Uint8Array): Promise<number> {
-    const frames: Uint8Array[] = [];
-    let total = 0, from = 0;
-    if (this.pong) total += frames[frames.push(this.pong) - 1].length;
-    if (this.pingDue) total += frames[frames.push(frame(OP_PING, NO_BYTES)) - 1].length;
-    this.pong = null;
-    this.pingDue = false;
-    for (let i = 1; i < p.length; i++) {
-      if (p[i] !== NL || p[i - 1] !== CR) continue;
-      if (i - 1 > from) total += frames[frames.push(frame(OP_TEXT, p.subarray(from, i - 1))) - 1].length;
-      from = i + 1;
-    }
-    return this.send(concatBytes(frames, total)).then(() => p.length);
-  }
-
-  private send(bytes: Uint8Array): Promise<void> {
-    const sent = this.writing.then(() => writeAll(this.conn, bytes));
-    this.writing = sent.catch(() => {});
-    return sent;
-  }
-
-  /** Sends a close frame (with `code`, if given), once; the connection closes once it is out. */
-  close(code: Uint8Array = new Uint8Array([0x03, 0xe8])): void {
-    if (this.closed) return;
-    this.closed = true;
-    const goodbye = this.send(frame(OP_CLOSE, code));
-    settleWithin(SHUTDOWN_GRACE_MS, [goodbye]).finally(() => closeQuietly(this.conn));
-  }
-}
-
-/** Close codes a peer may send (§7.4): those RFC 6455 and IANA define, and 3000-4999 for others. */
-function isValidCloseCode(code: number): boolean {
-  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
-}
-
-/**
- * Checks UTF-8 as it arrives in pieces, and says so at the first byte that no continuation could
- * make valid (§8.1 asks to fail fast): overlong forms, surrogates and code points past U+10FFFF
- * are caught at their second byte.
- */
-export class Utf8Check {
-  /** Continuation bytes still due, and the range the next one must be in. */
-  private due = 0;
-  private low = 0x80;
-  private high = 0xbf;
-
-  /** Starts a new text. */
-  reset(): void {
-    this.due = 0;
-  }
-
-  /** True at a character boundary: a text that ends here is whole. */
-  get complete(): boolean {
-    return this.due === 0;
-  }
-
-  /** Takes the next bytes; false if they cannot be part of valid UTF-8. */
-  push(bytes: Uint8Array): boolean {
-    let { due, low, high } = this;
-    for (let i = 0; i < bytes.length; i++) {
-      const b = bytes[i];
-      if (due > 0) {
-        if (b < low || b > high) return false;
-        due--;
-        low = 0x80;
-        high = 0xbf;
-      } else if (b < 0x80) continue;
-      else if (b >= 0xc2 && b <= 0xdf) due = 1;
-      else if (b >= 0xe0 && b <= 0xef) {
-        due = 2;
-        low = b === 0xe0 ? 0xa0 : 0x80; // 0xe0 0x80-0x9f would be overlong
-        high = b === 0xed ? 0x9f : 0xbf; // 0xed 0xa0-0xbf would be a surrogate
-      } else if (b >= 0xf0 && b <= 0xf4) {
-        due = 3;
-        low = b === 0xf0 ? 0x90 : 0x80; // overlong
-        high = b === 0xf4 ? 0x8f : 0xbf; // past U+10FFFF
-      } else return false; // a stray continuation, 0xc0, 0xc1, 0xf5-0xff
-    }
-    [this.due, this.low, this.high] = [due, low, high];
-    return true;
-  }
-}
-
-/** One unmasked frame, as a server sends it. */
-function frame(opcode: number, payload: Uint8Array): Uint8Array {
-  const n = payload.length;
-  const header = n < 126 ? 2 : n < 65536 ? 4 : 10;
-  const out = new Uint8Array(header + n);
-  out[0] = 0x80 | opcode;
-  if (n < 126) out[1] = n;
-  else if (n < 65536) {
-    out[1] = 126;
-    out[2] = n >> 8;
-    out[3] = n & 0xff;
-  } else {
-    out[1] = 127;
-    for (let i = 0, rest = n; i < 8; i++, rest = Math.floor(rest / 256)) out[9 - i] = rest & 0xff;
-  }
-  out.set(payload, header);
-  return out;
 }
 
 // =============================================================================================
@@ -3916,6 +3209,10 @@ class RedisBus implements Bus {
   readonly ready: Promise<void>;
   readonly link: RedisLink;
   readonly handlers: BusHandlers;
+  /** True while Redis answers. */
+  get up(): boolean {
+    return this.link.up;
+  }
   /** KeptLine lines each room's stream holds. */
   readonly keep: number;
   /** The longest text said from the bus, in bytes: --max-line and room for a prefix. */
@@ -4944,7 +4241,7 @@ export function parseJson(text: string): unknown {
 }
 
 /** For promises whose failure is already handled elsewhere (Redis being away). */
-function ignore(): void {}
+export function ignore(): void {}
 
 // =============================================================================================
 // 7. Options
@@ -5013,7 +4310,7 @@ export interface ChatServerOptions {
 // 8. Small helpers
 
 /** Joins byte arrays into one new array of `total` bytes. */
-function concatBytes(parts: Uint8Array[], total: number): Uint8Array {
+export function concatBytes(parts: Uint8Array[], total: number): Uint8Array {
   const out = new Uint8Array(total);
   let at = 0;
   for (const part of parts) {
@@ -5091,7 +4388,7 @@ export function delay(ms: number): Promise<void> {
 }
 
 /** Waits for the promises, or for `ms` milliseconds, whichever is first. */
-async function settleWithin(ms: number, promises: Promise<unknown>[]): Promise<void> {
+export async function settleWithin(ms: number, promises: Promise<unknown>[]): Promise<void> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
   try {
@@ -5138,7 +4435,7 @@ function jsonEvent(fields: Record<string, unknown>): string {
 }
 
 /** Counts one down for `key`, deleting the key at zero, so that a map of counts holds no zeros. */
-function countDown(counts: Map<string, number>, key: string): void {
+export function countDown(counts: Map<string, number>, key: string): void {
   const left = (counts.get(key) ?? 1) - 1;
   if (left > 0) counts.set(key, left);
   else counts.delete(key);
@@ -5205,63 +4502,12 @@ export interface PageState {
   resume: { room: string; epoch: string; seq: number; token: string; nick: string } | null;
 }
 
-/** What `/ws?page=1&room=R&epoch=E&seq=N&token=T&nick=N` asks for; anything malformed is ignored. */
-function pageRequest(query: URLSearchParams): PageState {
-  const page: PageState = { token: crypto.randomUUID(), resume: null };
-  const [room, epoch, seq] = [query.get("room") ?? "", query.get("epoch") ?? "", query.get("seq") ?? ""];
-  if (checkName(room, "room name") === null && /^[0-9a-f]{8}$/.test(epoch) && /^\d{1,15}$/.test(seq)) {
-    page.resume = {
-      room,
-      epoch,
-      seq: Number(seq),
-      token: query.get("token") ?? "",
-      nick: query.get("nick") ?? "",
-    };
-  }
-  return page;
-}
-
-/**
- * A page has connected (admit, section 1): it is given its token, and if its old connection is
- * still here (the server has not yet noticed the drop), the new one takes its place.
- */
-function greetPage(server: ChatServer, client: Client): void {
-  const page = client.page!;
-  client.tell(PAGE_MARKS.token(page.token));
-  if (server.web!.pingSeconds > 0) client.tell(PAGE_MARKS.alive(server.web!.pingSeconds));
-  const old = page.resume && server.directory.pages.get(page.resume.token);
-  if (old) {
-    server.sendOff(old, "You connected again: this connection is closed", "reconnected");
-    server.leave(old); // at once: its nick is free for the new connection
-  }
-  server.directory.pages.set(page.token, client);
-}
-
-/** A page coming back gets its nick and room again; its room then shows it what it missed. */
-function resumePage(server: ChatServer, client: Client, back: { nick: string; room: string }): void {
-  const { nick, room } = back;
-  const named = nick !== "" && nick !== client.label ? changeNick(server, client, nick) : undefined;
-  const move = () => {
-    const moved = Directory.same(room, client.room.name) ? undefined : joinRoom(server, client, room);
-    return moved ? moved.then(fallBack) : fallBack();
-  };
-  // If it could not go back to its room, it is shown the room it is in.
-  const fallBack = () => {
-    if (client.page!.resume) showRoom(server, client, client.room);
-  };
-  if (named) client.waitBehind(named.then(move));
-  else {
-    const moving = move();
-    if (moving) client.waitBehind(moving);
-  }
-}
-
 /**
  * Tells a page where its room stands, and what it has not seen: everything after the position
  * it had, if the room's history still reaches back that far, or else the recent lines with one
  * line saying what was lost. No gap is silent.
  */
-function showRoom(server: ChatServer, client: Client, room: Room): void {
+export function showRoom(server: ChatServer, client: Client, room: Room): void {
   const page = client.page!;
   const was = page.resume;
   if (was && !Directory.same(was.room, room.name)) return; // on its way back to its own room
@@ -5291,396 +4537,6 @@ function showRoom(server: ChatServer, client: Client, room: Room): void {
   client.tell(PAGE_MARKS.at(room.name, { epoch: now.epoch, seq: seen }));
   for (const line of lines) client.tell(PAGE_MARKS.history(line));
 }
-
-export const PAGE = `<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Deno chat</title>
-<style>
-  :root { color-scheme: light dark; --bg: #fdfdfc; --fg: #1b1b1b; --muted: #6b6b6b; --line: #8883; --me: #0b6e4f;
-          --warn: #a34a00; }
-  @media (prefers-color-scheme: dark) {
-    :root { --bg: #151515; --fg: #e8e8e8; --muted: #9a9a9a; --me: #5fd3a5; --warn: #ffb066; }
-  }
-  * { box-sizing: border-box; }
-  body { margin: 0; height: 100dvh; display: flex; flex-direction: column; background: var(--bg); color: var(--fg);
-         font: 16px/1.4 system-ui, sans-serif; }
-  header { display: flex; gap: .25rem 1rem; align-items: center; padding: .5rem 1rem; border-bottom: 1px solid var(--line);
-           flex-wrap: wrap; }
-  header h1 { font-size: 1rem; margin: 0; }
-  #where { min-width: 0; flex: 1; display: flex; gap: .75rem; align-items: baseline; }
-  #topic { color: var(--muted); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; min-width: 0; }
-  #status { color: var(--muted); font-size: .85rem; }
-  #status.down { color: var(--bg); background: var(--warn); padding: .1rem .5rem; border-radius: .25rem; }
-  button { font: inherit; color: inherit; background: transparent; border: 1px solid var(--line); border-radius: .3rem;
-           padding: .3rem .6rem; cursor: pointer; }
-  button:focus-visible, a:focus-visible { outline: 2px solid var(--me); outline-offset: 1px; }
-  #people { display: none; }
-  main { flex: 1; display: flex; min-height: 0; position: relative; }
-  #log { flex: 1; overflow-y: auto; margin: 0; padding: .5rem 1rem; list-style: none; overflow-wrap: anywhere; }
-  #log li { margin: .1rem 0; }
-  #log a { color: inherit; }
-  #members { width: 14rem; overflow-y: auto; border-left: 1px solid var(--line); padding: .5rem 1rem; background: var(--bg); }
-  #members h2 { font-size: .9rem; margin: .5rem 0 .25rem; }
-  #members ul { list-style: none; padding: 0; margin: 0 0 .5rem; }
-  #roomlist button { border: 0; padding: .15rem 0; text-decoration: underline; }
-  #roomlist .here { font-weight: 600; }
-  @media (max-width: 640px) {
-    #people { display: inline-block; }
-    #members { display: none; position: absolute; inset: 0 0 0 auto; width: min(18rem, 85vw); box-shadow: -4px 0 12px #0003; }
-    #members.open { display: block; }
-    #where { flex-basis: 100%; order: 3; }
-  }
-  time { color: var(--muted); font-size: .8rem; margin-right: .5rem; font-variant-numeric: tabular-nums; }
-  .from { font-weight: 600; margin-right: .4rem; }
-  .mine .from { color: var(--me); }
-  .notice { color: var(--muted); font-style: italic; }
-  .block { font-style: normal; }
-  .block ul { list-style: none; margin: .1rem 0 .3rem 1rem; padding: 0; }
-  .block .title { font-weight: 600; }
-  .block .usage { display: inline-block; min-width: 15rem; padding-right: .5rem; color: var(--fg); }
-  @media (max-width: 640px) { .block .usage { display: block; min-width: 0; } }
-  .private { background: #fc03; }
-  .history { opacity: .8; }
-  .sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
-  form { display: flex; border-top: 1px solid var(--line); }
-  input { flex: 1; font: inherit; padding: .8rem 1rem; border: 0; background: transparent; color: inherit; }
-  input:focus { outline: 2px solid var(--me); outline-offset: -2px; }
-</style>
-</head>
-<body>
-<header>
-  <h1>Deno chat</h1>
-  <div id="where"><span>room <strong id="room">lobby</strong></span><span id="topic"></span></div>
-  <button id="people" type="button" aria-controls="members" aria-expanded="false">Members <span id="count"></span></button>
-  <span id="status" role="status">connecting&hellip;</span>
-</header>
-<main>
-  <ul id="log" role="log" aria-live="polite" aria-label="Messages"></ul>
-  <aside id="members" aria-label="Members and rooms">
-    <h2>In this room</h2><ul id="memberlist"></ul>
-    <h2>Rooms</h2><ul id="roomlist"></ul>
-  </aside>
-</main>
-<form id="form"><label for="input" class="sr">Message</label><input id="input" autocomplete="off" enterkeyhint="send"
-  placeholder="Say something, or /help" autofocus></form>
-<script>
-// @ts-check
-/// <reference lib="dom" />
-// deno-lint-ignore-file no-control-regex -- the page's marks start with U+001E on purpose
-// This script is checked as the project's own code is: a test runs deno fmt, lint and check on it.
-"use strict";
-/** @param {string} id */
-const byId = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
-const log = byId("log"), input = /** @type {HTMLInputElement} */ (byId("input"));
-const roomEl = byId("room"),
-  topicEl = byId("topic"),
-  statusEl = byId("status"),
-  memberList = byId("memberlist"),
-  roomList = byId("roomlist"),
-  countEl = byId("count"),
-  people = byId("people"),
-  aside = byId("members");
-/** @type {WebSocket | null} */
-let ws = null;
-let backoff = 500;
-// The page asks /who and /rooms for itself, and reads their answers into the side panel instead of
-// the log: what it asked (in order), and the answer it is reading, its lines and how many are left.
-/** @type {string[]} */
-let asked = [];
-let reading = "", left = 0;
-/** @type {string[]} */
-let answer = [];
-// The block the log is adding to: the answer to a /help, /who, /rooms or /history typed by the user,
-// and whether its lines are a command and what it does (/help's).
-/** @type {HTMLElement | null} */
-let block = null;
-let columns = false;
-// The server says how often it makes itself heard (PAGE_MARKS.alive); past twice that in silence
-// it is gone (a dead server or a dead network closes nothing), and the page reconnects.
-let aliveMs = 0, heardAt = 0;
-// Where the page stands, so that it can say so when it reconnects: its token, its nick, and its
-// room's epoch and the position of the last line it has seen there (PAGE_MARKS).
-let token = "", nick = "", room = "", epoch = "", seq = 0;
-// Lines said while the tab is in the background, counted in its title.
-const title = document.title;
-let unread = 0;
-
-/**
- * Adds text to an element, with http and https links made clickable: always as text nodes and
- * links whose href is a parsed URL, never as HTML.
- * @param {HTMLElement} parent
- * @param {string} text
- */
-function addText(parent, text) {
-  let at = 0;
-  for (const m of text.matchAll(/\\bhttps?:\\/\\/[^\\s<>"]+/g)) {
-    const url = m[0].replace(/[.,;:!?'")\\]]+$/, "");
-    let href = null;
-    try {
-      href = new URL(url);
-    } catch {
-      continue;
-    }
-    if (href.protocol !== "http:" && href.protocol !== "https:") continue;
-    parent.append(document.createTextNode(text.slice(at, m.index)));
-    const a = /** @type {HTMLAnchorElement} */ (document.createElement("a"));
-    a.href = href.href;
-    a.textContent = url;
-    a.target = "_blank";
-    a.rel = "noopener noreferrer nofollow";
-    parent.append(a);
-    at = (m.index ?? 0) + url.length;
-  }
-  parent.append(document.createTextNode(text.slice(at)));
-}
-
-/**
- * @param {string} kind
- * @param {string | null} from
- * @param {string} text
- */
-function show(kind, from, text, when = Date.now()) {
-  const li = document.createElement("li");
-  li.className = kind;
-  const time = document.createElement("time");
-  time.textContent = new Date(when).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  li.append(time);
-  if (from !== null) {
-    const who = document.createElement("span");
-    who.className = "from";
-    who.textContent = from;
-    li.append(who);
-  }
-  addText(li, text);
-  append(li);
-  if (document.hidden && kind.startsWith("line") && !kind.includes("history")) {
-    document.title = "(" + ++unread + ") " + title;
-  }
-  return li;
-}
-
-/** @param {HTMLElement} li */
-function append(li) {
-  const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
-  log.append(li);
-  if (atEnd) log.scrollTop = log.scrollHeight;
-}
-
-/**
- * A line of an answer that comes as a title and indented lines (/help, /who, /rooms, /history,
- * /bans): one item of the log for all of it. False if the line is not one.
- * @param {string} line
- */
-function inBlock(line) {
-  const titled = /^(Commands|Operator commands|In \\S+ \\(\\d+\\)|Rooms \\(\\d+\\)|Bans \\(\\d+\\)|History of .*):$/
-    .test(line);
-  if (titled && !(block && line === "Operator commands:")) {
-    const li = show("notice block", null, "");
-    const head = document.createElement("span");
-    head.className = "title";
-    head.textContent = line;
-    block = document.createElement("ul");
-    columns = line === "Commands:";
-    li.append(head, block);
-    return true;
-  }
-  if (!block || !(line.startsWith("  ") || titled)) return (block = null), false;
-  const item = document.createElement("li");
-  const [, usage, what] = (columns && /^ +(\\S.*?) {2,}(\\S.*)$/.exec(line)) || [];
-  if (what) {
-    const cell = document.createElement("span");
-    cell.className = "usage";
-    cell.textContent = usage;
-    item.append(cell);
-  }
-  addText(item, what ?? line.trim());
-  if (titled) item.className = "title";
-  block.append(item);
-  return true;
-}
-
-/** @param {string} what */
-function ask(what) {
-  if (ws && ws.readyState === WebSocket.OPEN) {
-    asked.push(what);
-    ws.send("/" + what);
-  }
-}
-
-/**
- * The answer to a /who or /rooms the page asked: the side panel shows it.
- * @param {string} what
- * @param {string[]} lines
- */
-function took(what, lines) {
-  if (what === "who") {
-    const members = lines.map((l) => l.trim());
-    countEl.textContent = "(" + members.length + ")";
-    memberList.replaceChildren(...members.map((m) => {
-      const li = document.createElement("li");
-      li.textContent = m;
-      return li;
-    }));
-    return;
-  }
-  roomList.replaceChildren(...lines.map((l) => {
-    const [, name, count, here] = /^ +(\\S+) (\\d+)( \\(you are here\\))?$/.exec(l) ?? ["", l.trim(), "", ""];
-    const li = document.createElement("li");
-    const join = document.createElement("button");
-    join.setAttribute("type", "button");
-    join.textContent = name;
-    join.title = here ? "You are here" : "Join " + name;
-    if (here) li.className = "here";
-    join.addEventListener("click", () => {
-      if (!here && ws && ws.readyState === WebSocket.OPEN) ws.send("/join " + name);
-      aside.classList.remove("open"); // on a phone, back to the room
-      people.setAttribute("aria-expanded", "false");
-    });
-    li.append(join, document.createTextNode(" " + count));
-    return li;
-  }));
-}
-
-/**
- * The lines of an answer the page asked for: false once the line is not one.
- * @param {string} line
- */
-function quiet(line) {
-  let m;
-  if (left > 0) {
-    answer.push(line);
-    if (--left === 0) took(reading, answer);
-    return true;
-  }
-  const header = asked[0] === "who" ? /^In (\\S+) \\((\\d+)\\):$/ : /^Rooms \\((\\d+)\\):$/;
-  if (asked.length === 0 || !(m = header.exec(line))) return false;
-  reading = /** @type {string} */ (asked.shift());
-  if (reading === "who") roomEl.textContent = m[1];
-  left = Number(m.at(-1));
-  answer = [];
-  if (left === 0) took(reading, answer);
-  return true;
-}
-
-/**
- * A line that starts with U+001E is for the page alone: where it stands, never shown as such.
- * @param {string} line
- */
-function mark(line) {
-  let m;
-  if ((m = /^\\x1e! (\\S+)$/.exec(line))) token = m[1];
-  else if ((m = /^\\x1e@ (\\S+) (\\S+) (\\d+)$/.exec(line))) {
-    room = m[1];
-    epoch = m[2];
-    seq = Number(m[3]);
-  } else if ((m = /^\\x1e= (\\d+)$/.exec(line))) seq = Number(m[1]);
-  else if ((m = /^\\x1e~ (\\d+)$/.exec(line))) aliveMs = 1000 * Number(m[1]);
-  else if ((m = /^\\x1e# (\\d+) (.*)$/.exec(line))) {
-    seq = Number(m[1]);
-    receive(m[2]);
-  } else if ((m = /^\\x1eh (\\d+) (\\d+) (.*)$/.exec(line))) {
-    seq = Number(m[1]);
-    block = null;
-    const said = /^\\[([^\\]]+)\\] (.*)$/.exec(m[3]);
-    show("line history", said ? said[1] : null, said ? said[2] : m[3], Number(m[2]));
-  }
-}
-
-/** @param {string} line */
-function receive(line) {
-  let m;
-  if (line.charCodeAt(0) === 0x1e) return mark(line);
-  if (quiet(line)) return;
-  if ((m = /^You are now known as (\\S+)$/.exec(line))) nick = m[1];
-  if ((m = /^You are now in (\\S+) /.exec(line))) {
-    roomEl.textContent = m[1];
-    topicEl.textContent = ""; // the server says the new room's topic next, if it has one
-    ask("rooms");
-  }
-  if ((m = /^Topic of \\S+: (.*)$/.exec(line) ?? /^\\S+ set the topic: (.*)$/.exec(line))) {
-    topicEl.textContent = m[1];
-    topicEl.title = m[1];
-  } else if (/^\\S+ cleared the topic$/.test(line)) topicEl.textContent = "";
-  if (/^(Client joined|Client left|You are now)|( has joined | has left | is now known as )/.test(line)) {
-    ask("who");
-  }
-  if (/ has (joined|left) /.test(line)) ask("rooms");
-  if (inBlock(line)) return;
-  if ((m = /^\\[([^\\]]+)\\] (.*)$/.exec(line))) return void show("line", m[1], m[2]);
-  if ((m = /^\\(private\\) \\[([^\\]]+)\\] (.*)$/.exec(line))) {
-    return void show("line private", m[1] + " (private)", m[2]);
-  }
-  show(/^\\* /.test(line) ? "line action" : "notice", null, line);
-}
-
-function connect() {
-  const where = new URLSearchParams({ page: "1" });
-  if (room) {
-    for (const [k, v] of Object.entries({ token, nick, room, epoch, seq })) {
-      where.set(k, String(v));
-    }
-  }
-  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws?" + where;
-  ws = new WebSocket(url);
-  ws.onopen = () => {
-    statusEl.textContent = "connected";
-    statusEl.className = "";
-    backoff = 500;
-    asked = [];
-    left = 0;
-    ask("who");
-    ask("rooms");
-  };
-  ws.onmessage = (event) => {
-    heardAt = Date.now();
-    receive(String(event.data));
-  };
-  ws.onclose = reconnect;
-}
-
-function reconnect() {
-  statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s\\u2026";
-  statusEl.className = "down";
-  setTimeout(connect, backoff);
-  backoff = Math.min(backoff * 2, 10000);
-}
-
-setInterval(() => {
-  if (!ws || ws.readyState !== WebSocket.OPEN || aliveMs === 0 || Date.now() - heardAt < 2 * aliveMs + 2000) {
-    return;
-  }
-  ws.onclose = null; // a close handshake with a silent server would wait for nothing
-  ws.close();
-  reconnect();
-}, 1000);
-
-byId("form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const text = input.value;
-  if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN) return;
-  ws.send(text);
-  block = null;
-  if (!text.startsWith("/") || text.startsWith("//")) show("line mine", "you", text.replace(/^\\//, ""));
-  input.value = "";
-});
-// On a phone the members are one tap away: the button opens and closes the side panel.
-people.addEventListener("click", () => {
-  const open = aside.classList.toggle("open");
-  people.setAttribute("aria-expanded", String(open));
-});
-document.addEventListener("visibilitychange", () => {
-  if (document.hidden) return;
-  unread = 0;
-  document.title = title;
-});
-connect();
-</script>
-</body>
-</html>
-`;
 
 // =============================================================================================
 // 10. The command line
@@ -5989,7 +4845,7 @@ function missingPermission(args: ChatArgs): string | null {
 /** The one line that says why the server could not start; rethrows what is not an expected failure. */
 function whyNotStarted(e: unknown, options: ChatServerOptions): string {
   const port = options.port;
-  if (e instanceof WebListenError || e instanceof StartError) return e.message;
+  if (e instanceof StartError) return e.message;
   if (e instanceof Deno.errors.AddrInUse) return `port ${port} is already in use`;
   if (e instanceof Deno.errors.PermissionDenied) {
     return `not allowed to listen on port ${port} (ports below 1024 need privileges)`;

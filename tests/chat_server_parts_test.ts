@@ -25,6 +25,8 @@ const FLAG_PARTS: [args: string[], file: string][] = [
   [["--history", "chat.db"], "history_file.ts"],
   [["--tls-cert", "chat_server.ts", "--tls-key", "chat_server.ts"], "tls.ts"],
   [["--proxy-from", "10.0.0.0/8"], "proxy.ts"],
+  [["--http", "0"], "web.ts"],
+  [["--admin", "0"], "admin.ts"],
 ];
 
 Deno.test("a copy of chat_server.ts alone serves the tutorial's chat, commands and all", async () => {

@@ -1,13 +1,8 @@
 // chat_server.ts --http: the web page and its WebSocket, beside telnet-style TCP clients.
 import assert from "node:assert/strict";
-import {
-  DEFAULT_HTTP_PING,
-  PAGE,
-  PAGE_MARKS,
-  PAGE_READS,
-  startChatServer,
-  WebListenError,
-} from "../chat_server.ts";
+import { DEFAULT_HTTP_PING, PAGE_MARKS, PAGE_READS, startChatServer } from "../chat_server.ts";
+import { WebListenError } from "../chat/http.ts";
+import { PAGE } from "../chat/web.ts";
 import {
   ask,
   Cli,
@@ -108,6 +103,10 @@ Deno.test("startChatServer({ http }) serves one self-contained page at /", async
     assert.doesNotMatch(html, /<script src=|<link /); // nothing to fetch: CSS and JS are inline
     assert.match(html, /prefers-color-scheme: dark/);
     assert.ok(!html.includes("innerHTML"), "the page must insert text, never HTML");
+    assert.equal(html, PAGE); // chat/page.html, with chat/page.css and chat/page.js put in place
+    const asset = (name: string) => Deno.readTextFileSync(new URL(`../chat/${name}`, import.meta.url));
+    assert.ok(html.includes(`<script>\n${asset("page.js")}</script>`), "page.js, whole and as it is");
+    assert.ok(html.includes(`<style>\n${asset("page.css")}</style>`), "page.css, whole and as it is");
     const missing = await fetch(`http://127.0.0.1:${httpPort}/nope`);
     await missing.body?.cancel();
     assert.equal(missing.status, 404);
@@ -281,8 +280,13 @@ Deno.test("the page understands every line it reads, as the server writes them (
 });
 
 Deno.test("the server writes the lines the page reads only through PAGE_READS, never with literals of its own", () => {
-  const source = Deno.readTextFileSync(new URL("../chat_server.ts", import.meta.url));
-  const server = source.slice(0, source.indexOf("export const PAGE = `")); // the page's own script aside
+  // The core and every part but the page's own script, which reads them.
+  const server = [
+    "../chat_server.ts",
+    ...[...Deno.readDirSync(new URL("../chat", import.meta.url))]
+      .filter((f) => f.name.endsWith(".ts")).map((f) => `../chat/${f.name}`),
+  ]
+    .map((file) => Deno.readTextFileSync(new URL(file, import.meta.url))).join("\n");
   for (
     const phrase of [
       "Client joined ",
@@ -347,23 +351,6 @@ Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and 
   );
 });
 
-Deno.test("the page's script passes deno fmt, lint and check, as the scripts do (JavaScript, with the DOM's types)", async () => {
-  const script = /<script>\n([\s\S]*)<\/script>/.exec(PAGE)![1];
-  const dir = await Deno.makeTempDir();
-  try {
-    Deno.writeTextFileSync(`${dir}/deno.json`, JSON.stringify({ fmt: { lineWidth: 110 } }));
-    Deno.writeTextFileSync(`${dir}/page.js`, script);
-    for (const args of [["fmt", "--check", "page.js"], ["lint", "page.js"], ["check", "page.js"]]) {
-      const out = await new Deno.Command(Deno.execPath(), { args, cwd: dir, env: { NO_COLOR: "1" } })
-        .output();
-      const said = new TextDecoder().decode(out.stderr) + new TextDecoder().decode(out.stdout);
-      assert.equal(out.code, 0, `deno ${args.join(" ")}: ${said}`);
-    }
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});
-
 /** Runs the page's script against a stand-in DOM and WebSocket, and lets a test feed it lines. */
 function runPageScript() {
   type Node = { kind?: string; from?: string; text?: string; time?: string };
@@ -406,7 +393,7 @@ function runPageScript() {
   class FakeDate extends Date {
     static override now = () => clock.now;
   }
-  const script = /<script>([\s\S]*)<\/script>/.exec(PAGE)![1];
+  const script = Deno.readTextFileSync(new URL("../chat/page.js", import.meta.url));
   new Function("document", "WebSocket", "location", "setTimeout", "setInterval", "Date", script)(
     document,
     FakeWebSocket,
