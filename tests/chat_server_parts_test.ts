@@ -27,6 +27,7 @@ const FLAG_PARTS: [args: string[], file: string][] = [
   [["--proxy-from", "10.0.0.0/8"], "proxy.ts"],
   [["--http", "0"], "web.ts"],
   [["--admin", "0"], "admin.ts"],
+  [["--redis", "redis://127.0.0.1:1"], "redis_bus.ts"],
 ];
 
 Deno.test("a copy of chat_server.ts alone serves the tutorial's chat, commands and all", async () => {

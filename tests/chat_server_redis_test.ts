@@ -1,7 +1,8 @@
 // deno-lint-ignore-file no-control-regex -- the page's marks start with U+001E on purpose
 // chat_server.ts --redis: several instances share rooms through a real redis-server.
 import assert from "node:assert/strict";
-import { BUS_QUEUE_BYTES, type ChatServer, type ChatServerOptions, startChatServer } from "../chat_server.ts";
+import { type ChatServer, type ChatServerOptions, startChatServer } from "../chat_server.ts";
+import { BUS_QUEUE_BYTES } from "../chat/redis_bus.ts";
 import {
   ask,
   Capture,
