@@ -10,9 +10,8 @@
  * Beyond the tutorial, a plain telnet user gets what chat users expect: `/nick`, `/who`, `/me`,
  * `/msg`, rooms (`/join`, `/rooms`, `/topic`), `/quit` and `/help`; operators (`/oper`) can kick,
  * ban, mute and set topics; and whoever runs it gets limits (clients, clients per address, idle
- * time, flood rate, allow/deny lists), TLS and a JSON event log.
- * `--http PORT` puts browser users in the same rooms (a page and a WebSocket, both in this file),
- * and `--redis URL` lets several instances share their rooms.
+ * time, flood rate, allow/deny lists), in-memory history and a JSON event log. This file alone is
+ * all of that: copy it anywhere and run it.
  *
  * How to read it. Section 1 is the tutorial's whole program: accept, greet, read, frame,
  * broadcast, leave. Each later section adds one thing and can be read alone; its banner says
@@ -21,14 +20,24 @@
  *   1. The tutorial's chat server: ChatServer (run, acceptNewConnection, handleLine, relay, leave,
  *      close), Room (broadcastExcept), Client, LineFramer
  *   2. Writing without blocking: the send queue's flusher, sender pacing, the event log
- *   3. Rooms, names and commands: the directory, one small handler per command, operators' commands
+ *   3. Rooms, names and commands: the directory, one small handler per command, operators'
+ *      commands, and each room's history
  *   4. Limits and operators: allow/deny, bans, client counts, the idle sweep, flood control's token
  *      bucket, and what operators decide (bans, topics)
- *   5. TLS and the web gate: the listener, handshakes, refusals, the page's WebSocket clients,
- *      PROXY headers from a load balancer, and the admin port (health, readiness, metrics)
- *   6. Sharing rooms through Redis (--redis): the bus, its outbox, stream reader, epochs, presence,
- *      and the operators' decisions
- *   7. Options   8. Small helpers   9. The web page   10. The command line
+ *   5. Doors and parts: listening and refusing, what the core asks of each part, and the one table
+ *      that loads them
+ *   6. Options   7. Small helpers   8. The command line
+ *
+ * What a flag adds lives in chat/ beside this file, one part a file, loaded only when its flag is
+ * given (section 5):
+ *
+ *   chat/tls.ts          --tls-cert, --tls-key: TLS on the chat port
+ *   chat/proxy.ts        --proxy-from: PROXY headers from a trusted load balancer
+ *   chat/web.ts          --http: the web page (chat/page.html, .css, .js) and its WebSocket
+ *   chat/admin.ts        --admin: /healthz, /readyz and Prometheus /metrics
+ *   chat/http.ts         the little HTTP the web door and the admin port share
+ *   chat/history_file.ts --history: each room's history in a node:sqlite file, across restarts
+ *   chat/redis_bus.ts    --redis: several instances sharing their rooms through Redis Streams
  *
  * Design notes, in the spirit of the tutorial's `ChatServer` class:
  * - The accept loop only dispatches; `acceptNewConnection()` admits one connection and `receive()`
@@ -316,7 +325,7 @@ export class ChatServer {
   async paced(room: Room): Promise<void> {
     await this.flusher.waitForRoom(room);
     await this.log.caughtUp();
-    await this.bus?.caughtUp(); // section 6
+    await this.bus?.caughtUp(); // section 5
   }
 
   /** Takes a line from a client, in order: behind a command still waiting on Redis, if any. */
@@ -538,7 +547,7 @@ export class Room {
    */
   private everyone: Client[] | null = null;
 
-  /** Web pages among the members, which are told each kept line's position (section 9). */
+  /** Web pages among the members, which are told each kept line's position (section 5). */
   pages = 0;
 
   constructor(name: string) {
@@ -806,7 +815,7 @@ export class Client {
   /** Set when the client is sent off: why (`/quit` text, "idle", "flooding"). */
   leaving: string | null = null;
   closed = false;
-  /** For a web page that follows positions (`/ws?page=1`, section 9): its token; else null. */
+  /** For a web page that follows positions (`/ws?page=1`, section 5): its token; else null. */
   readonly page: PageState | null;
 
   constructor(
@@ -1414,6 +1423,31 @@ class EventLog {
 // knows every room and nick, and is the one place where case is folded: "Dev" and "dev" are the
 // same room, "Ann" and "ann" the same nick.
 
+/**
+ * The lines the page's script reads to follow the room, its members and the names: the server
+ * writes every one of them with these (nowhere with a literal of its own), and the page matches
+ * them (`receive()` below). Change one, and change the page with it: tests/chat_server_web_test.ts
+ * feeds each to the page's script.
+ */
+export const PAGE_READS = {
+  /** The seed's join line: the page asks /who again. */
+  joined: (address: string) => `Client joined ${address}`,
+  /** The seed's leave line, with ` (reason)` when there is one. */
+  left: (label: string, why = "") => `Client left ${label}${why}`,
+  renamed: (old: string, nick: string) => `${old} is now known as ${nick}`,
+  nowKnownAs: (nick: string) => `You are now known as ${nick}`,
+  /** The first line of /who's answer: the page takes the room's name and the count from it. */
+  whoHeader: (room: string, count: number) => `In ${room} (${count}):`,
+  nowIn: (room: string, count: number) => `You are now in ${room} (${count}); /who lists who is here`,
+  hasJoined: (label: string, room: string) => `${label} has joined ${room}`,
+  leftFor: (label: string, from: string, to: string) => `${label} has left ${from} for ${to}`,
+  /** A chat line, as Client.framed() builds it in bytes. */
+  said: (label: string, text: string) => `[${label}] ${text}`,
+  privately: (label: string, text: string) => `(private) [${label}] ${text}`,
+  /** A room's topic: on entering it, and for /topic. The page shows it in its header. */
+  topic: (room: string, text: string) => `Topic of ${room}: ${text}`,
+};
+
 /** Longest nick or room name, in characters. */
 const MAX_NAME = 32;
 
@@ -1424,7 +1458,7 @@ export class Directory {
   readonly lobby: Room = new Room(LOBBY);
   private readonly rooms = new Map<string, Room>([[Directory.key(LOBBY), this.lobby]]);
   private readonly nicks = new Map<string, Client>();
-  /** Web pages by their token (section 9). */
+  /** Web pages by their token (section 5). */
   readonly pages = new Map<string, Client>();
 
   /**
@@ -1508,7 +1542,7 @@ function enterRoom(server: ChatServer, client: Client, room: Room): void {
     if (room.members.size === 1) server.bus.watch(room.name);
     server.bus.present(presenceOf(client));
   }
-  if (client.page) showRoom(server, client, room); // section 9; with a bus, once it has read the room
+  if (client.page) showRoom(server, client, room); // section 5; with a bus, once it has read the room
   const limit = server.limits.announceLimit;
   if (room.members.size === limit + 1) {
     server.log.event(
@@ -1552,7 +1586,7 @@ function announce(
 /**
  * Says `message` (with its CRLF) to a room, from `sender` (who is not sent it). Chat (`kept`) goes
  * into the room's history at its position. With --redis the bus carries it to every instance's
- * members, these included, in the one order of the room's stream (section 6); while Redis is away
+ * members, these included, in the one order of the room's stream (section 5); while Redis is away
  * it is said here at once, and the bus sends it on when Redis returns.
  */
 function toRoom(
@@ -2281,7 +2315,7 @@ export class RoomHistory {
   }
 
   /**
-   * Keeps a line whose position the bus gave it (section 6). A line from another epoch starts the
+   * Keeps a line whose position the bus gave it (section 5). A line from another epoch starts the
    * ring again: true then, for the room to be told that its history was reset.
    */
   put(room: string, at: Position, message: Uint8Array, now = Date.now()): boolean {
@@ -2586,7 +2620,7 @@ interface Ban {
 /**
  * The operators' decisions that last: bans, checked at the door (Limits.refusal), and topics; and the
  * operator password and its wrong tries. Does no I/O: the commands (section 3) tell people and the
- * log, the bus (section 6) shares the decisions, and a --history file keeps them.
+ * log, the bus (section 5) shares the decisions, and a --history file keeps them.
  */
 export class Moderation {
   /** CHAT_OPER_PASSWORD, as bytes; null: there are no operators. */
@@ -2784,15 +2818,48 @@ export function inBlocks(list: BlockList, ip: string): boolean {
 // =============================================================================================
 // 5. Doors and parts
 //
-// Everything above is the tutorial's chat and what every run uses. What runs only when a flag
-// asks for it is a part, in chat/ beside this file, loaded by loadPart() from the one table
-// below when its flag is given: a copy of this file alone serves the chat, and says in one line
-// which file a flag needs if that file is not there. The core describes what it asks of each part
-// with interfaces of its own (HistoryStore, and those below), and never names a part's types;
-// a part imports only this file, chat/http.ts and its own assets.
+// Everything above is the tutorial's chat, and what every run uses. What runs only when a flag
+// asks for it is a part, a file in chat/ beside this one that loadPart() loads from the one table
+// at the end of this section, when its flag is given: a copy of this file alone serves the chat,
+// and says in one line which file a flag needs if it is not there. The core describes what it asks
+// of each part with interfaces of its own, below, and never names a part's types; a part imports
+// only this file, chat/http.ts and its own assets (DESIGN.md, "The core and its parts").
+//
+// start() (section 1) listens with listenForClients() and loads the parts its options ask for;
+// acceptNewConnection() hands a trusted proxy's connection to the proxy part, a TLS connection to
+// the TLS door, and turns a connection away with refuse(). The web door admits each WebSocket as a
+// client like any other: the same refusals, the same framer, the same pacing gate, the same leave.
 
 /** Something a flag asked for cannot start (a file, a port, a certificate): one line says why. */
 export class StartError extends Error {}
+
+/** Pending connections the kernel may queue for us: a join storm should not meet SYN drops. */
+const TCP_BACKLOG = 4096;
+
+/** Listens for chat clients on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
+export function listenForClients(host: string | undefined, port: number): Deno.TcpListener {
+  const listen = (hostname: string) => Deno.listen({ hostname, port, tcpBacklog: TCP_BACKLOG });
+  if (host !== undefined) return listen(host);
+  try {
+    return listen("::");
+  } catch (e) {
+    if (e instanceof Deno.errors.AddrInUse || e instanceof Deno.errors.PermissionDenied) throw e;
+    return listen("0.0.0.0"); // a host without IPv6
+  }
+}
+
+/** Writes a one-line refusal to a connection we will not serve, then closes it. */
+export async function refuse(conn: Link, refusal: string): Promise<void> {
+  try {
+    await settleWithin(SHUTDOWN_GRACE_MS, [writeAll(conn, encoder.encode(refusal + "\r\n"))]);
+  } catch (e) {
+    if (!isDisconnect(e)) throw e;
+  } finally {
+    conn.close();
+  }
+}
+
+// ---- What a door or part is asked for ----
 
 /** Where a room's kept lines stand: its epoch and position, how many lines it keeps, and the oldest. */
 export interface Kept {
@@ -2847,114 +2914,70 @@ export interface AdminDoor {
   shutdown(): Promise<void>;
 }
 
-/** What the core asks of each part: the one function it calls to start it. */
-interface Parts {
-  historyFile: { openHistoryFile(path: string, say: (text: string) => void): Promise<HistoryStore> };
-  tls: {
-    openTls(server: ChatServer, pem: { cert: string; key: string }, timeoutSeconds: number): Promise<TlsDoor>;
-  };
-  proxy: { acceptProxied(server: ChatServer, conn: Deno.TcpConn): Promise<void> };
-  redis: { startBus(server: ChatServer, redis: RedisOptions): Bus };
-  web: { openWeb(server: ChatServer, options: NonNullable<ChatServerOptions["http"]>): WebDoor };
-  admin: { openAdmin(server: ChatServer, options: NonNullable<ChatServerOptions["admin"]>): AdminDoor };
-}
-
 /**
- * The parts, each behind the flag that loads it. The specifiers are literal, so that `deno compile`
- * embeds every part (`deno info chat_server.ts` lists them) and a run from a URL fetches them.
+ * The lines for a web page alone (`/ws?page=1`), which tell it where it stands in its room.
+ * Each starts with U+001E (record separator), a control character, so no one can forge one: the
+ * framer takes controls out of every client's line, and the bus out of every line it carries.
  */
-const PARTS: { [K in keyof Parts]: { flag: string; file: string; load: () => Promise<Parts[K]> } } = {
-  historyFile: { flag: "--history", file: "history_file.ts", load: () => import("./chat/history_file.ts") },
-  tls: { flag: "--tls-cert", file: "tls.ts", load: () => import("./chat/tls.ts") },
-  proxy: { flag: "--proxy-from", file: "proxy.ts", load: () => import("./chat/proxy.ts") },
-  redis: { flag: "--redis", file: "redis_bus.ts", load: () => import("./chat/redis_bus.ts") },
-  web: { flag: "--http", file: "web.ts", load: () => import("./chat/web.ts") },
-  admin: { flag: "--admin", file: "admin.ts", load: () => import("./chat/admin.ts") },
+export const PAGE_MARKS = {
+  /** The page's token: it gives it back when it reconnects, to take its old connection's place. */
+  token: (token: string) => `\x1e! ${token}`,
+  /** Where the page's room stands: the room, its epoch, and the position the page has seen up to. */
+  at: (room: string, p: Position) => `\x1e@ ${room} ${p.epoch} ${p.seq}`,
+  /** The prefix of a line at position `seq`, as it is said. */
+  kept: (seq: number) => `\x1e# ${seq} `,
+  /** The position of the page's own line, which it is not sent. */
+  mine: (seq: number) => `\x1e= ${seq}`,
+  /** The server is there, and says so every `seconds`: a page that hears nothing for long reconnects. */
+  alive: (seconds: number) => `\x1e~ ${seconds}`,
+  /** A line from the room's history: its position, when it was said (ms since 1970), the line. */
+  history: (k: KeptLine) => `\x1eh ${k.seq} ${k.time} ${lineText(k.message)}`,
 };
 
-/** A flag's part is not beside this file (a copy of chat_server.ts alone). */
-export class MissingPart extends StartError {}
-
-/** Loads a part; a part that is not there is one MissingPart line that names it and its flag. */
-async function loadPart<K extends keyof Parts>(name: K): Promise<Parts[K]> {
-  const { flag, file, load } = PARTS[name];
-  try {
-    return await load();
-  } catch (e) {
-    const url = new URL(`./chat/${file}`, import.meta.url).href;
-    const missing = (e as { code?: string }).code === "ERR_MODULE_NOT_FOUND" ||
-      /not found|404/i.test(String((e as Error).message));
-    if (!missing || !String((e as Error).message).includes(url)) throw e;
-    throw new MissingPart(`${flag} needs chat/${file} beside chat_server.ts, and it is not there`);
-  }
+/** A web page that follows positions: its token, and where it was if it is reconnecting. */
+export interface PageState {
+  readonly token: string;
+  /** Its room, epoch and position before it dropped, and its old token and nick; null once shown. */
+  resume: { room: string; epoch: string; seq: number; token: string; nick: string } | null;
 }
 
-// =============================================================================================
-// 5b. TLS and the web gate
-//
-// start() (section 1) listens with listenForClients() and, with `http`, opens the WebGate, and
-// with `admin` the AdminGate; acceptNewConnection() reads a trusted proxy's PROXY header
-// (acceptProxied), completes a TLS handshake with startTls() and turns a connection away with
-// refuse(). The web gate admits each WebSocket as a client like any other: the same refusals, the
-// same framer, the same pacing gate, the same leave.
-
-/** Pending connections the kernel may queue for us: a join storm should not meet SYN drops. */
-const TCP_BACKLOG = 4096;
-/** Seconds a TLS client may take to complete its handshake before its connection is closed. */
-export const DEFAULT_HANDSHAKE_TIMEOUT = 10;
-/** Seconds a browser may take to send its request head. */
-export const DEFAULT_HTTP_TIMEOUT = 5;
 /**
- * Seconds between the pings a WebSocket client is sent; one that has sent nothing by the next ping
- * has gone (a closed lid, a lost network) and is sent off, so it leaves its room within two of
- * them. Centrifugo pings every 25 s; a page hears of each ping and reconnects when they stop.
+ * Tells a page where its room stands, and what it has not seen: everything after the position
+ * it had, if the room's history still reaches back that far, or else the recent lines with one
+ * line saying what was lost. No gap is silent.
  */
-export const DEFAULT_HTTP_PING = 25;
-/** The interface --admin listens on unless told: the operator's own machine. */
-export const DEFAULT_ADMIN_HOST = "127.0.0.1";
-
-/** Listens for chat clients on `host`, or by default on all interfaces: IPv6 and IPv4, or IPv4 alone. */
-export function listenForClients(host: string | undefined, port: number): Deno.TcpListener {
-  const listen = (hostname: string) => Deno.listen({ hostname, port, tcpBacklog: TCP_BACKLOG });
-  if (host !== undefined) return listen(host);
-  try {
-    return listen("::");
-  } catch (e) {
-    if (e instanceof Deno.errors.AddrInUse || e instanceof Deno.errors.PermissionDenied) throw e;
-    return listen("0.0.0.0"); // a host without IPv6
+export function showRoom(server: ChatServer, client: Client, room: Room): void {
+  const page = client.page!;
+  const was = page.resume;
+  if (was && !Directory.same(was.room, room.name)) return; // on its way back to its own room
+  if (server.bus && !server.bus.knows(room.name)) return; // the bus shows it once it reads the room
+  page.resume = null;
+  const history = server.history, now = history.position(room.name);
+  let lines: KeptLine[];
+  // A page that had seen nothing has lost nothing, whatever the epoch now.
+  if (was && (was.epoch === now.epoch || was.seq === 0) && was.seq <= now.seq) {
+    const after = history.after(room.name, was.seq);
+    if (after.missing > 0) {
+      const verb = after.missing === 1 ? "is" : "are";
+      client.tell(
+        `${plural(after.missing, "line")} said in ${room.name} while you were away ${verb} no longer kept`,
+      );
+    }
+    lines = after.lines;
+  } else {
+    if (was) {
+      client.tell(
+        `The history of ${room.name} was reset while you were away: what was said meanwhile is lost`,
+      );
+    }
+    lines = history.last(room.name, HISTORY_SHOWN);
   }
+  const seen = lines.length > 0 ? lines[0].seq - 1 : now.seq;
+  client.tell(PAGE_MARKS.at(room.name, { epoch: now.epoch, seq: seen }));
+  for (const line of lines) client.tell(PAGE_MARKS.history(line));
 }
 
-/** Writes a one-line refusal to a connection we will not serve, then closes it. */
-export async function refuse(conn: Link, refusal: string): Promise<void> {
-  try {
-    await settleWithin(SHUTDOWN_GRACE_MS, [writeAll(conn, encoder.encode(refusal + "\r\n"))]);
-  } catch (e) {
-    if (!isDisconnect(e)) throw e;
-  } finally {
-    conn.close();
-  }
-}
-
-// =============================================================================================
-// 6. Sharing rooms through Redis (--redis)
-//
-// start() (section 1) starts the bus when `redis` is set; from then on the server calls it
-// through its possibly-null `bus` field: toRoom() (section 3) sends a room's lines through it, the
-// commands ask it, and it hands the rooms' lines to busHandlersFor()'s callbacks.
-//
-// Several chat_server.ts instances behind one TCP load balancer share their rooms through Redis.
-// Each room is a Redis stream, which every instance with members in it reads from its own
-// position, so that nothing is lost when an instance is cut off for a moment, and every instance
-// shows a room in one order (Socket.IO's Redis Streams adapter exists for the same reason). Who is
-// where lives in Redis too: a hash per instance, and a key per nick, all with an expiry that a
-// heartbeat renews, so that the members of a crashed instance vanish by themselves. If Redis goes
-// away, local chat goes on, and what was said meanwhile goes out when it returns.
-//
-// RedisBus is the facade the server calls. Its parts: RedisLink (the connections, and whether
-// Redis answers), Outbox (this instance's lines on their way in), StreamReader (the rooms' lines on
-// their way out), Epochs (whether a room's history is still the one this instance read) and
-// BusPresence (who is where, nicks, private lines).
+// ---- Sharing rooms (--redis): the bus, as the core speaks to it ----
 
 /** How long a command waits for Redis before it goes on without it. */
 export const REDIS_ANSWER_MS = 2000;
@@ -3074,22 +3097,6 @@ export function busHandlersFor(server: ChatServer): BusHandlers {
   };
 }
 
-/** Options for the bus. */
-export interface RedisOptions {
-  /** `redis://HOST:PORT[/DB]`. */
-  url: string;
-  /** Prefix of every key and channel. Default `chat`. */
-  prefix?: string;
-  /** Seconds after which a crashed instance's members leave the directory. Default 30. */
-  expiry?: number;
-  /** KeptLine lines each room's stream holds (at least STREAM_LINES, 10,000): its shared history. */
-  historyLines?: number;
-  /** The server's --max-line: what the bus brings is cut to it, with room for a prefix. */
-  maxLine?: number;
-  /** Bytes one read of the streams may bring: the room left in a client's queue once it is behind. */
-  readBytes?: number;
-}
-
 /** The longest text a bus message may carry: a line of the longest --max-line, and its prefix. */
 export const MAX_BUS_TEXT = 1 << 21;
 
@@ -3105,20 +3112,65 @@ export function safeBusText(text: string, maxBytes = MAX_BUS_TEXT): string {
   return decoder.decode(bytes.subarray(0, end));
 }
 
-/** What a JSON text says; undefined if it is not JSON (what Redis brings may be anything). */
-export function parseJson(text: string): unknown {
+// ---- The parts, by the flag that loads each ----
+
+/** What the core asks of each part: the one function it calls to start it. */
+interface Parts {
+  historyFile: { openHistoryFile(path: string, say: (text: string) => void): Promise<HistoryStore> };
+  tls: {
+    openTls(server: ChatServer, pem: { cert: string; key: string }, timeoutSeconds: number): Promise<TlsDoor>;
+  };
+  proxy: { acceptProxied(server: ChatServer, conn: Deno.TcpConn): Promise<void> };
+  redis: { startBus(server: ChatServer, redis: RedisOptions): Bus };
+  web: { openWeb(server: ChatServer, options: NonNullable<ChatServerOptions["http"]>): WebDoor };
+  admin: { openAdmin(server: ChatServer, options: NonNullable<ChatServerOptions["admin"]>): AdminDoor };
+}
+
+/**
+ * The parts, each behind the flag that loads it. The specifiers are literal, so that `deno compile`
+ * embeds every part (`deno info chat_server.ts` lists them) and a run from a URL fetches them.
+ */
+const PARTS: { [K in keyof Parts]: { flag: string; file: string; load: () => Promise<Parts[K]> } } = {
+  historyFile: { flag: "--history", file: "history_file.ts", load: () => import("./chat/history_file.ts") },
+  tls: { flag: "--tls-cert", file: "tls.ts", load: () => import("./chat/tls.ts") },
+  proxy: { flag: "--proxy-from", file: "proxy.ts", load: () => import("./chat/proxy.ts") },
+  redis: { flag: "--redis", file: "redis_bus.ts", load: () => import("./chat/redis_bus.ts") },
+  web: { flag: "--http", file: "web.ts", load: () => import("./chat/web.ts") },
+  admin: { flag: "--admin", file: "admin.ts", load: () => import("./chat/admin.ts") },
+};
+
+/** A flag's part is not beside this file (a copy of chat_server.ts alone). */
+export class MissingPart extends StartError {}
+
+/** Loads a part; a part that is not there is one MissingPart line that names it and its flag. */
+async function loadPart<K extends keyof Parts>(name: K): Promise<Parts[K]> {
+  const { flag, file, load } = PARTS[name];
   try {
-    return JSON.parse(text);
-  } catch {
-    return undefined;
+    return await load();
+  } catch (e) {
+    const url = new URL(`./chat/${file}`, import.meta.url).href;
+    const missing = (e as { code?: string }).code === "ERR_MODULE_NOT_FOUND" ||
+      /not found|404/i.test(String((e as Error).message));
+    if (!missing || !String((e as Error).message).includes(url)) throw e;
+    throw new MissingPart(`${flag} needs chat/${file} beside chat_server.ts, and it is not there`);
   }
 }
 
-/** For promises whose failure is already handled elsewhere (Redis being away). */
-export function ignore(): void {}
-
 // =============================================================================================
-// 7. Options
+// 6. Options
+
+/** Seconds a TLS client may take to complete its handshake before its connection is closed. */
+export const DEFAULT_HANDSHAKE_TIMEOUT = 10;
+/** Seconds a browser may take to send its request head. */
+export const DEFAULT_HTTP_TIMEOUT = 5;
+/**
+ * Seconds between the pings a WebSocket client is sent; one that has sent nothing by the next ping
+ * has gone (a closed lid, a lost network) and is sent off, so it leaves its room within two of
+ * them. Centrifugo pings every 25 s; a page hears of each ping and reconnects when they stop.
+ */
+export const DEFAULT_HTTP_PING = 25;
+/** The interface --admin listens on unless told: the operator's own machine. */
+export const DEFAULT_ADMIN_HOST = "127.0.0.1";
 
 /** Something bytes can be written to, such as `Deno.stdout`. */
 export interface Writer {
@@ -3180,8 +3232,24 @@ export interface ChatServerOptions {
   logFormat?: "text" | "json";
 }
 
+/** Options for the bus. */
+export interface RedisOptions {
+  /** `redis://HOST:PORT[/DB]`. */
+  url: string;
+  /** Prefix of every key and channel. Default `chat`. */
+  prefix?: string;
+  /** Seconds after which a crashed instance's members leave the directory. Default 30. */
+  expiry?: number;
+  /** KeptLine lines each room's stream holds (at least STREAM_LINES, 10,000): its shared history. */
+  historyLines?: number;
+  /** The server's --max-line: what the bus brings is cut to it, with room for a prefix. */
+  maxLine?: number;
+  /** Bytes one read of the streams may bring: the room left in a client's queue once it is behind. */
+  readBytes?: number;
+}
+
 // =============================================================================================
-// 8. Small helpers
+// 7. Small helpers
 
 /** Joins byte arrays into one new array of `total` bytes. */
 export function concatBytes(parts: Uint8Array[], total: number): Uint8Array {
@@ -3315,105 +3383,20 @@ export function countDown(counts: Map<string, number>, key: string): void {
   else counts.delete(key);
 }
 
-// =============================================================================================
-// 9. The web page (--http): one self-contained HTML file, its CSS and JS inline. It speaks the
-// same lines as telnet over a WebSocket; it asks /who quietly to keep its member list, and it
-// puts everything that came from other people into the page as text, never as HTML.
-//
-// The page connects to /ws?page=1, and is then also told where it stands in its room (admit()
-// and enterRoom() call greetPage() and showRoom() below; Room.broadcastKept() marks each line).
-// When it reconnects it says where it was, and gets its nick, its room and what it missed.
-
-/**
- * The lines the page's script reads to follow the room, its members and the names: the server
- * writes every one of them with these (nowhere with a literal of its own), and the page matches
- * them (`receive()` below). Change one, and change the page with it: tests/chat_server_web_test.ts
- * feeds each to the page's script.
- */
-export const PAGE_READS = {
-  /** The seed's join line: the page asks /who again. */
-  joined: (address: string) => `Client joined ${address}`,
-  /** The seed's leave line, with ` (reason)` when there is one. */
-  left: (label: string, why = "") => `Client left ${label}${why}`,
-  renamed: (old: string, nick: string) => `${old} is now known as ${nick}`,
-  nowKnownAs: (nick: string) => `You are now known as ${nick}`,
-  /** The first line of /who's answer: the page takes the room's name and the count from it. */
-  whoHeader: (room: string, count: number) => `In ${room} (${count}):`,
-  nowIn: (room: string, count: number) => `You are now in ${room} (${count}); /who lists who is here`,
-  hasJoined: (label: string, room: string) => `${label} has joined ${room}`,
-  leftFor: (label: string, from: string, to: string) => `${label} has left ${from} for ${to}`,
-  /** A chat line, as Client.framed() builds it in bytes. */
-  said: (label: string, text: string) => `[${label}] ${text}`,
-  privately: (label: string, text: string) => `(private) [${label}] ${text}`,
-  /** A room's topic: on entering it, and for /topic. The page shows it in its header. */
-  topic: (room: string, text: string) => `Topic of ${room}: ${text}`,
-};
-
-/**
- * The lines for a web page alone (`/ws?page=1`), which tell it where it stands in its room.
- * Each starts with U+001E (record separator), a control character, so no one can forge one: the
- * framer takes controls out of every client's line, and the bus out of every line it carries.
- */
-export const PAGE_MARKS = {
-  /** The page's token: it gives it back when it reconnects, to take its old connection's place. */
-  token: (token: string) => `\x1e! ${token}`,
-  /** Where the page's room stands: the room, its epoch, and the position the page has seen up to. */
-  at: (room: string, p: Position) => `\x1e@ ${room} ${p.epoch} ${p.seq}`,
-  /** The prefix of a line at position `seq`, as it is said. */
-  kept: (seq: number) => `\x1e# ${seq} `,
-  /** The position of the page's own line, which it is not sent. */
-  mine: (seq: number) => `\x1e= ${seq}`,
-  /** The server is there, and says so every `seconds`: a page that hears nothing for long reconnects. */
-  alive: (seconds: number) => `\x1e~ ${seconds}`,
-  /** A line from the room's history: its position, when it was said (ms since 1970), the line. */
-  history: (k: KeptLine) => `\x1eh ${k.seq} ${k.time} ${lineText(k.message)}`,
-};
-
-/** A web page that follows positions: its token, and where it was if it is reconnecting. */
-export interface PageState {
-  readonly token: string;
-  /** Its room, epoch and position before it dropped, and its old token and nick; null once shown. */
-  resume: { room: string; epoch: string; seq: number; token: string; nick: string } | null;
-}
-
-/**
- * Tells a page where its room stands, and what it has not seen: everything after the position
- * it had, if the room's history still reaches back that far, or else the recent lines with one
- * line saying what was lost. No gap is silent.
- */
-export function showRoom(server: ChatServer, client: Client, room: Room): void {
-  const page = client.page!;
-  const was = page.resume;
-  if (was && !Directory.same(was.room, room.name)) return; // on its way back to its own room
-  if (server.bus && !server.bus.knows(room.name)) return; // the bus shows it once it reads the room
-  page.resume = null;
-  const history = server.history, now = history.position(room.name);
-  let lines: KeptLine[];
-  // A page that had seen nothing has lost nothing, whatever the epoch now.
-  if (was && (was.epoch === now.epoch || was.seq === 0) && was.seq <= now.seq) {
-    const after = history.after(room.name, was.seq);
-    if (after.missing > 0) {
-      const verb = after.missing === 1 ? "is" : "are";
-      client.tell(
-        `${plural(after.missing, "line")} said in ${room.name} while you were away ${verb} no longer kept`,
-      );
-    }
-    lines = after.lines;
-  } else {
-    if (was) {
-      client.tell(
-        `The history of ${room.name} was reset while you were away: what was said meanwhile is lost`,
-      );
-    }
-    lines = history.last(room.name, HISTORY_SHOWN);
+/** What a JSON text says; undefined if it is not JSON (what Redis brings may be anything). */
+export function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
   }
-  const seen = lines.length > 0 ? lines[0].seq - 1 : now.seq;
-  client.tell(PAGE_MARKS.at(room.name, { epoch: now.epoch, seq: seen }));
-  for (const line of lines) client.tell(PAGE_MARKS.history(line));
 }
 
+/** For promises whose failure is already handled elsewhere (Redis being away). */
+export function ignore(): void {}
+
 // =============================================================================================
-// 10. The command line
+// 8. The command line
 
 const USAGE = "usage: chat_server.ts [PORT | --port PORT] [--host HOST] [--max-line BYTES] [--sendq BYTES] " +
   "[--max-clients N] [--max-per-ip N] [--idle S] [--rate N] [--announce-limit N] [--history-lines N] " +
