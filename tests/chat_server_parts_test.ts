@@ -3,6 +3,7 @@
 // once, with a literal specifier, so `deno info` (what `deno compile` embeds) lists them all.
 import assert from "node:assert/strict";
 import { decoder, freePort, joinChat } from "./_helpers.ts";
+import { PAGE } from "../chat/web.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
@@ -80,6 +81,119 @@ Deno.test("a copy of chat_server.ts alone names, in one line, the file each flag
       assert.equal(stdout, "");
     }
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** The local files a module imports, statically or not, from `deno info --json`, relative to the project. */
+async function localImports(): Promise<Map<string, { file: string; dynamic: boolean }[]>> {
+  const { code, stdout, stderr } = await deno(["info", "--json", "chat_server.ts"], ROOT);
+  assert.equal(code, 0, stderr);
+  const root = new URL("..", import.meta.url).href;
+  const graph = JSON.parse(stdout) as {
+    modules: { specifier: string; dependencies?: { code?: { specifier: string }; isDynamic?: boolean }[] }[];
+  };
+  const local = new Map<string, { file: string; dynamic: boolean }[]>();
+  for (const module of graph.modules) {
+    if (!module.specifier.startsWith(root)) continue;
+    local.set(
+      module.specifier.slice(root.length),
+      (module.dependencies ?? []).filter((d) => d.code?.specifier.startsWith(root)).map((d) => ({
+        file: d.code!.specifier.slice(root.length),
+        dynamic: d.isDynamic === true,
+      })),
+    );
+  }
+  return local;
+}
+
+Deno.test("deno info chat_server.ts (what deno compile embeds) holds every part; the core imports each only by import()", async () => {
+  const graph = await localImports();
+  const parts = [...Deno.readDirSync(`${ROOT}/chat`)].map((f) => `chat/${f.name}`).sort();
+  assert.deepEqual([...graph.keys()].filter((f) => f.startsWith("chat/")).sort(), parts);
+  const core = graph.get("chat_server.ts")!;
+  assert.deepEqual(core.filter((d) => !d.dynamic), [], "the core imports no local file statically");
+  assert.deepEqual(
+    core.map((d) => d.file).sort(),
+    parts.filter((f) => f.endsWith(".ts") && f !== "chat/http.ts"),
+  );
+  // A part imports the core, chat/http.ts and its own assets, never another part.
+  for (const [file, imports] of graph) {
+    if (file === "chat_server.ts") continue;
+    const allowed = ["chat_server.ts", ...(file === "chat/http.ts" ? [] : ["chat/http.ts"])];
+    const others = imports.map((d) => d.file).filter((f) => !allowed.includes(f) && !/^chat\/page\./.test(f));
+    assert.deepEqual(others, [], `${file} imports another part`);
+  }
+});
+
+Deno.test("the four small scripts stay one file each, and their parseFlags() is one and the same copy", () => {
+  const copies = ["echo_tcp.ts", "echo_udp.ts", "multiplex.ts", "sockopts.ts"].map((script) => {
+    const source = Deno.readTextFileSync(`${ROOT}/${script}`);
+    assert.doesNotMatch(source, /^import .* from "\.{1,2}\//m, `${script} imports a local file`);
+    const copy = /\/\*\*(?:(?!\*\/)[\s\S])*\*\/\nfunction parseFlags<[\s\S]*?\n}\n/.exec(source);
+    assert.ok(copy, `${script} has no parseFlags()`);
+    return [script, copy[0]];
+  });
+  for (const [script, copy] of copies.slice(1)) assert.equal(copy, copies[0][1], `${script}'s parseFlags()`);
+});
+
+Deno.test("chat_server.ts run from a URL fetches its parts, the bus's npm package too: the web page is served, with no deno.json beside it", async () => {
+  const types: Record<string, string> = {
+    ts: "application/typescript",
+    js: "text/javascript",
+    html: "text/html",
+    css: "text/css",
+  };
+  const files = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (request) => {
+    const path = new URL(request.url).pathname;
+    if (!/^\/(chat\/)?[a-z_]+\.(ts|js|html|css)$/.test(path)) return new Response("no", { status: 404 });
+    try {
+      const body = Deno.readFileSync(`${ROOT}${path}`);
+      return new Response(body, { headers: { "content-type": types[path.split(".").pop()!] } });
+    } catch {
+      return new Response("no", { status: 404 });
+    }
+  });
+  const dir = await Deno.makeTempDir(); // no deno.json, and a cache of its own: everything is fetched
+  const [port, httpPort] = [freePort(), freePort()];
+  const url = `http://127.0.0.1:${files.addr.port}/chat_server.ts`;
+  // Nobody answers there; the bus's part and its npm package are loaded all the same.
+  const redis = ["--redis", `redis://127.0.0.1:${freePort()}`];
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", url, String(port), "--host", "127.0.0.1", "--http", String(httpPort), ...redis],
+    cwd: dir,
+    env: { NO_COLOR: "1", DENO_DIR: `${dir}/cache` },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const errors = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let said = "", stderr = "";
+  try {
+    while (!said.includes("Web page at")) {
+      const { value, done } = await lines.read();
+      if (done) break;
+      said += value;
+    }
+    assert.match(said, /^ChatServer started on port \d+\nWeb page at http:\/\/127\.0\.0\.1:\d+\/\n/);
+    const page = await fetch(`http://127.0.0.1:${httpPort}/`).then((r) => r.text());
+    assert.equal(page, PAGE);
+    const client = await joinChat(port);
+    client.close();
+    while (!stderr.includes("is unreachable")) { // said after a second of trying
+      const { value, done } = await errors.read();
+      if (done) break;
+      stderr += value;
+    }
+    assert.doesNotMatch(stderr, /error|Error/, stderr);
+    assert.match(stderr, /Redis at redis:\/\/127\.0\.0\.1:\d+ is unreachable: serving local clients only/);
+  } finally {
+    child.kill("SIGTERM");
+    await child.status;
+    await lines.cancel();
+    await errors.cancel();
+    await files.shutdown();
     await Deno.remove(dir, { recursive: true });
   }
 });
