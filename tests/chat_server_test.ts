@@ -828,12 +828,17 @@ Deno.test("SharedJoin.join() gives clients with the same lines queued one buffer
   assert.equal(decoder.decode(first), "[x] one\r\n[x] two\r\n", "a shared buffer is never written again");
 });
 
-// V8 keeps a module's source as one byte per character only while every character is Latin-1;
-// one character above U+00FF doubles the half megabyte that the running script's text takes.
-Deno.test("chat_server.ts has no character above U+00FF, so its source costs one byte a character", () => {
-  const source = Deno.readTextFileSync(new URL("../chat_server.ts", import.meta.url)).split("\n");
-  const wide = source.flatMap((line, i) =>
-    [...line].some((c) => c.codePointAt(0)! > 0xff) ? [`line ${i + 1}: ${line.trim()}`] : []
+// V8 keeps a module's source (and the page, a string) as one byte per character only while every
+// character is Latin-1; one character above U+00FF doubles what the running script's text takes.
+Deno.test("chat_server.ts and chat/ have no character above U+00FF, so their text costs one byte a character", () => {
+  const files = [
+    "chat_server.ts",
+    ...[...Deno.readDirSync(new URL("../chat", import.meta.url))].map((f) => `chat/${f.name}`),
+  ];
+  const wide = files.flatMap((file) =>
+    Deno.readTextFileSync(new URL(`../${file}`, import.meta.url)).split("\n").flatMap((line, i) =>
+      [...line].some((c) => c.codePointAt(0)! > 0xff) ? [`${file}:${i + 1}: ${line.trim()}`] : []
+    )
   );
   assert.deepEqual(wide, [], "write such characters as \\u escapes, HTML entities or their code points");
 });
