@@ -3748,9 +3748,6 @@ async function main(): Promise<void> {
     Deno.exit(1);
   }
   let server: ChatServer;
-  // Nothing else holds the process while it starts: main() is not awaited at the top level (a part
-  // imports this file, and would wait for it for ever), and a part's waits may be unref'd timers.
-  const starting = setInterval(() => {}, 1000);
   try {
     if (args.tlsFiles) {
       options.tls = {
@@ -3762,8 +3759,6 @@ async function main(): Promise<void> {
   } catch (e) {
     console.error(`chat_server: ${whyNotStarted(e, options)}`);
     Deno.exit(1);
-  } finally {
-    clearInterval(starting);
   }
   const stop = () => server.close();
   // Listen for signals before saying "started": a supervisor may send SIGTERM as soon as it reads it.

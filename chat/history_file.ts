@@ -7,7 +7,6 @@
  */
 
 import {
-  delay,
   type HistoryStore,
   type Kept,
   type KeptLine,
@@ -95,7 +94,9 @@ export class HistoryFile implements HistoryStore {
     if (seen !== undefined) {
       const last = Number(seen.split(" ")[1]);
       const fresh = Date.now() - last < 2.5 * OWNER_BEAT_MS;
-      if (fresh) await delay(last + 2.5 * OWNER_BEAT_MS - Date.now());
+      // A timer that holds the process: while the server starts, nothing else does (main() is not
+      // awaited at the top level, since a part imports the core), and an unref'd one would let it exit.
+      if (fresh) await new Promise((resolve) => setTimeout(resolve, last + 2.5 * OWNER_BEAT_MS - Date.now()));
       if (fresh && mark() !== seen) throw new HistoryFileError(this.path, "another chat server is using it");
       // Its last lines may have been shown and never written: their positions must not be reused.
       db.exec("UPDATE rooms SET epoch = lower(hex(randomblob(4)))");
