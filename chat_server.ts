@@ -128,8 +128,8 @@ export async function startChatServer(options: ChatServerOptions = {}): Promise<
 }
 
 /**
- * The tutorial's ChatServer: it owns the listening socket, the clients, and the parts the
- * later sections add (the flusher, the directory, the limits, the log, the web gate, the bus).
+ * The tutorial's ChatServer: it owns the listening socket, the clients, and what the later
+ * sections add (the flusher, the log, the directory, the limits, and the parts the options ask for).
  */
 export class ChatServer {
   readonly options: ChatServerOptions;
@@ -139,17 +139,17 @@ export class ChatServer {
   readonly gathering = new Gathering(); // section 2
   readonly log: EventLog; // section 2
   readonly directory = new Directory(); // section 3
-  history: RoomHistory; // section 3
+  readonly history: RoomHistory; // section 3
   readonly limits: Limits; // section 4
   readonly moderation: Moderation; // section 4
-  tls: TlsDoor | null = null; // section 5
-  web: WebDoor | null = null; // section 5
-  admin: AdminDoor | null = null; // section 5
-  /** The addresses of trusted proxies (--proxy-from), whose connections say whose they are. */
+  // The parts the options ask for (section 5): each is null without its flag.
+  tls: TlsDoor | null = null;
+  web: WebDoor | null = null;
+  admin: AdminDoor | null = null;
+  bus: Bus | null = null;
+  /** Trusted proxies (--proxy-from), and how a connection of theirs is served as the client it names. */
   readonly proxies: BlockList | null;
-  /** Serves a connection from one of them as the client its PROXY header names (section 5). */
   proxied: ((conn: Deno.TcpConn) => Promise<void>) | null = null;
-  bus: Bus | null = null; // section 5
   /** Refusals, handshakes, goodbyes and readers still under way: close() waits for them. */
   readonly tasks = new TaskSet();
   closing = false;
@@ -170,7 +170,8 @@ export class ChatServer {
     this.limits = new Limits(options, this.moderation);
     this.proxies = options.proxyFrom?.length ? parseBlocks(options.proxyFrom) : null;
     this.history = new RoomHistory(options.historyLines ?? DEFAULT_HISTORY_LINES);
-    this.history.occupied = this.occupied;
+    // A room with members here keeps its history longer.
+    this.history.occupied = (key) => (this.directory.room(key)?.members.size ?? 0) > 0;
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
     this.tooLong = encoder.encode(
       `Your line was over ${this.maxLine} bytes; the rest of it was discarded\r\n`,
@@ -179,9 +180,6 @@ export class ChatServer {
     this.finished = promise;
     this.#stopped = resolve;
   }
-
-  /** Whether a room (by its directory key) has members here: its history is kept longer. */
-  private readonly occupied = (key: string): boolean => (this.directory.room(key)?.members.size ?? 0) > 0;
 
   /** The address actually bound. */
   get addr(): Deno.NetAddr {
@@ -203,34 +201,19 @@ export class ChatServer {
     return this.bus?.ready ?? null;
   }
 
-  /** Starts the parts in order; if one fails, stops those already started, and throws. */
+  /**
+   * The tutorial's __init__: listens, then starts what the options add to the tutorial's chat
+   * (section 5). If anything fails, stops what had started, and throws.
+   */
   async start(): Promise<void> {
-    const o = this.options;
     try {
-      if (o.historyFile) {
-        const say = (text: string) => this.log.event(text, { event: "history", text });
-        const { openHistoryFile } = await loadPart("historyFile"); // section 5
-        const file = await openHistoryFile(o.historyFile, say);
-        this.moderation.load(file.rules(), this.maxLine); // section 4
-        this.history = new RoomHistory(this.history.limit, file);
-        this.history.occupied = this.occupied;
-      }
-      if (this.proxies) {
-        const { acceptProxied } = await loadPart("proxy");
-        this.proxied = (conn) => acceptProxied(this, conn);
-      }
-      if (o.tls) {
-        const { openTls } = await loadPart("tls");
-        this.tls = await openTls(this, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
-      }
-      this.listener = listenForClients(o.host, o.port ?? DEFAULT_PORT);
-      if (o.redis) this.bus = (await loadPart("redis")).startBus(this, o.redis); // section 5
-      this.bus?.watch(LOBBY); // always: the lobby's stream is read before anyone arrives
-      if (o.http) this.web = (await loadPart("web")).openWeb(this, o.http);
-      if (o.admin) this.admin = (await loadPart("admin")).openAdmin(this, o.admin);
+      this.listener = listenForClients(this.options.host, this.options.port ?? DEFAULT_PORT);
+      await startParts(this); // section 5
       this.limits.startIdleSweep(this);
     } catch (e) {
-      await this.#stopParts();
+      this.closing = true;
+      this.listener?.close();
+      await stopParts(this); // section 5
       throw e;
     }
     this.run().then(async () => {
@@ -431,17 +414,6 @@ export class ChatServer {
       this.history.file?.close();
     }
     await this.finished;
-  }
-
-  /** Undoes whatever start() got to, when a later part fails. */
-  async #stopParts(): Promise<void> {
-    this.closing = true;
-    this.limits.stopIdleSweep();
-    this.listener?.close();
-    await this.web?.shutdown();
-    await this.admin?.shutdown();
-    await this.bus?.close();
-    this.history.file?.close();
   }
 }
 
@@ -2260,8 +2232,8 @@ class Ring {
  */
 export class RoomHistory {
   readonly limit: number;
-  /** With --history FILE, where the rings are written, and read back from (section 5). */
-  readonly file: HistoryStore | null;
+  /** With --history FILE, where the rings are written, and read back from: set at start, before any room keeps a line (section 5). */
+  file: HistoryStore | null;
   private readonly rooms = new Map<string, Ring>();
 
   /** Whether anyone is in a room (by its key), here: such a room keeps its history longer. */
@@ -3113,6 +3085,43 @@ export function safeBusText(text: string, maxBytes = MAX_BUS_TEXT): string {
 }
 
 // ---- The parts, by the flag that loads each ----
+
+/**
+ * Starts the parts the options ask for (ChatServer.start), in order: the history file first, whose
+ * bans hold from the first connection; PROXY headers and TLS, which the chat port's connections go
+ * through; the bus, which reads the lobby's stream before anyone arrives; the web door; and last the
+ * admin port, which says ready only once all the rest is.
+ */
+async function startParts(server: ChatServer): Promise<void> {
+  const o = server.options;
+  if (o.historyFile) {
+    const say = (text: string) => server.log.event(text, { event: "history", text });
+    const file = await (await loadPart("historyFile")).openHistoryFile(o.historyFile, say);
+    server.history.file = file;
+    server.moderation.load(file.rules(), server.maxLine); // section 4
+  }
+  if (server.proxies) {
+    const { acceptProxied } = await loadPart("proxy");
+    server.proxied = (conn) => acceptProxied(server, conn);
+  }
+  if (o.tls) {
+    const { openTls } = await loadPart("tls");
+    server.tls = await openTls(server, o.tls, o.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT);
+  }
+  if (o.redis) server.bus = (await loadPart("redis")).startBus(server, o.redis);
+  server.bus?.watch(LOBBY);
+  if (o.http) server.web = (await loadPart("web")).openWeb(server, o.http);
+  if (o.admin) server.admin = (await loadPart("admin")).openAdmin(server, o.admin);
+}
+
+/** Stops whatever startParts() got to, when start() fails after it began. */
+async function stopParts(server: ChatServer): Promise<void> {
+  server.limits.stopIdleSweep();
+  await server.web?.shutdown();
+  await server.admin?.shutdown();
+  await server.bus?.close();
+  server.history.file?.close();
+}
 
 /** What the core asks of each part: the one function it calls to start it. */
 interface Parts {
