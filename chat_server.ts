@@ -224,7 +224,7 @@ export class ChatServer {
     }).then(this.#stopped);
   }
 
-  /** The tutorial's run(): accepts connections until the listener closes (the web gate's too). */
+  /** The tutorial's run(): accepts connections until the listener closes (the web door's too). */
   async run(
     listener: Deno.TcpListener = this.listener!,
     take: (conn: Deno.TcpConn) => void = (conn) => this.acceptNewConnection(conn),

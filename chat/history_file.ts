@@ -143,7 +143,7 @@ export class HistoryFile implements HistoryStore {
     }
   }
 
-  /** The bans and topics the file keeps (section 4), as it has them: the caller checks them. */
+  /** The bans and topics the file keeps (chat_server.ts, section 4), as it has them: the caller checks. */
   rules(): unknown[] {
     try {
       return this.db?.prepare("SELECT rule FROM rules").all().map((r) => parseJson(String(r.rule))) ?? [];

@@ -122,7 +122,7 @@ const STREAM_LINES = 10_000;
 
 /**
  * Entries one read of the streams takes at most. A read also brings no more than `readBytes` of
- * the longest lines (RedisOptions), and the reader waits for a room's slow readers (section 2)
+ * the longest lines (RedisOptions), and the reader waits for a room's slow readers (the core, section 2)
  * before it reads again: a client behind is then never sent more than its queue holds at once.
  */
 const READ_COUNT = 1000;
@@ -1081,7 +1081,7 @@ class BusPresence {
  * Operators' decisions across instances. Each is published on one channel that every instance
  * reads; bans and topics are also kept in a hash, read whenever Redis (re)connects, so that an
  * instance started later, or cut off meanwhile, holds them too. Anything with access to Redis can
- * write there, so what comes is checked as an operator's command is (checkRule, section 4).
+ * write there, so what comes is checked as an operator's command is (checkRule, in the core).
  */
 class BusRules {
   private readonly link: RedisLink;
