@@ -563,8 +563,10 @@ export class Room {
 
 /** The telnet protocol bytes that matter when removing negotiation (RFC 854). */
 const IAC = 255, SB = 250, SE = 240, WILL = 251, DONT = 254;
-export const CR = 13, NL = 10;
-const NUL = 0, TAB = 9, DEL = 127, SLASH = 47;
+// Not exported: an exported binding is a module cell, and the framer's loop, which compares every
+// byte with CR and NL, took 28% more instructions reading them from cells (DESIGN.md, 2026-12-07).
+// A part that needs them keeps copies of its own.
+const CR = 13, NL = 10, NUL = 0, TAB = 9, DEL = 127, SLASH = 47;
 
 const enum Telnet {
   Data,

@@ -9,16 +9,17 @@
 import {
   closeQuietly,
   concatBytes,
-  CR,
   decoder,
   encoder,
   isDisconnect,
-  NL,
   settleWithin,
   SHUTDOWN_GRACE_MS,
   StartError,
   writeAll,
 } from "../chat_server.ts";
+
+/** Carriage return and line feed, as bytes. */
+const CR = 13, NL = 10;
 
 /** The longest request head read; a longer one is answered 431. */
 const HTTP_HEAD_BYTES = 8192;

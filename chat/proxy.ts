@@ -10,16 +10,17 @@
 import {
   type ChatServer,
   closeQuietly,
-  CR,
   decoder,
   DEFAULT_HANDSHAKE_TIMEOUT,
   formatPeer,
   isDisconnect,
-  NL,
   nodeNet,
   plainHost,
   type Stream,
 } from "../chat_server.ts";
+
+/** Carriage return and line feed, as bytes. */
+const CR = 13, NL = 10;
 
 /**
  * The PROXY protocol (HAProxy's, versions 1 and 2), as a load balancer's `send-proxy` or

@@ -16,7 +16,6 @@ import {
   closeQuietly,
   concatBytes,
   countDown,
-  CR,
   DEFAULT_HTTP_PING,
   DEFAULT_HTTP_TIMEOUT,
   Directory,
@@ -26,7 +25,6 @@ import {
   inBlocks,
   joinRoom,
   listenForClients,
-  NL,
   NO_BYTES,
   nodeNet,
   PAGE_MARKS,
@@ -46,6 +44,9 @@ import { type HttpRequest, readHead, respond, WebListenError } from "./http.ts";
 import html from "./page.html" with { type: "text" };
 import css from "./page.css" with { type: "text" };
 import script from "./page.js" with { type: "text" };
+
+/** Carriage return and line feed, as bytes. */
+const CR = 13, NL = 10;
 
 /**
  * The page, as one self-contained file: page.html with its stylesheet and script put in place, so
