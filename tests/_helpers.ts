@@ -233,6 +233,27 @@ export class Cli {
     return r.value;
   }
 
+  /**
+   * Reads the first line, which must be `ChatServer started on port N` (a script told port 0 says
+   * which it bound), and returns N: no port is picked before the server binds it, so no other
+   * process can take it in between.
+   */
+  async started(): Promise<number> {
+    const line = await this.readLine();
+    const m = /^ChatServer started on port (\d+)( \(TLS\))?$/.exec(line ?? "");
+    if (!m) throw new Error(`the server did not start: ${JSON.stringify(line)}`);
+    return Number(m[1]);
+  }
+
+  /** Reads lines until one matches `pattern` (a URL with its port, say); returns its first group. */
+  async lineWith(pattern: RegExp): Promise<string> {
+    for (let line = await this.readLine(); line !== null; line = await this.readLine()) {
+      const m = pattern.exec(line);
+      if (m) return m[1];
+    }
+    throw new Error(`the program ended before a line matched ${pattern}`);
+  }
+
   /** Waits for exit; returns the code with the rest of stdout and all of stderr. */
   async finish(ms = WAIT_MS): Promise<{ code: number; stdout: string[]; stderr: string }> {
     const rest: string[] = [];
@@ -317,7 +338,18 @@ export function rssKiB(pid: number): number {
   return Number(/VmRSS:\s+(\d+)/.exec(status)![1]);
 }
 
-/** A port nobody listens on: bound, noted and released. */
+/** The port in a server's `ChatServer started on port N` line, wherever it is in `text`. */
+export function portIn(text: string): number {
+  const m = /ChatServer started on port (\d+)/.exec(text);
+  if (!m) throw new Error(`no "ChatServer started" in ${JSON.stringify(text.slice(0, 200))}`);
+  return Number(m[1]);
+}
+
+/**
+ * A port nobody listens on: bound, noted and released. Only for a port that must stay dead (a
+ * Redis nobody runs); a server is told port 0 and says which it bound, since another process may
+ * take this one before a server could.
+ */
 export function freePort(): number {
   using l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   return l.addr.port;

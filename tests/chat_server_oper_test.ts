@@ -6,7 +6,6 @@ import {
   ask,
   Cli,
   clocked,
-  freePort,
   From,
   joinChat,
   readUntil,
@@ -259,12 +258,11 @@ Deno.test("with --history FILE, bans and topics survive a restart; mutes and ope
 });
 
 Deno.test("chat_server.ts reads CHAT_OPER_PASSWORD from the environment, never from its arguments", async () => {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1"], {
+  const cli = new Cli("chat_server.ts", ["0", "--host", "127.0.0.1"], {
     CHAT_OPER_PASSWORD: PASSWORD,
   });
   try {
-    assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+    const port = await cli.started();
     const op = await operator(port);
     await op.close();
   } finally {

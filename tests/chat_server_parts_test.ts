@@ -2,7 +2,7 @@
 // core by itself serves the tutorial's chat and names the file a flag needs; every part is named
 // once, with a literal specifier, so `deno info` (what `deno compile` embeds) lists them all.
 import assert from "node:assert/strict";
-import { decoder, freePort, joinChat } from "./_helpers.ts";
+import { decoder, freePort, joinChat, portIn } from "./_helpers.ts";
 import { PAGE } from "../chat/web.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
@@ -33,22 +33,24 @@ const FLAG_PARTS: [args: string[], file: string][] = [
 
 Deno.test("a copy of chat_server.ts alone serves the tutorial's chat, commands and all", async () => {
   const dir = await copyAlone();
-  const port = freePort();
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "chat_server.ts", String(port), "--host", "127.0.0.1"],
+    args: ["run", "-A", "chat_server.ts", "0", "--host", "127.0.0.1"],
     cwd: dir,
     env: { NO_COLOR: "1" },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
   }).spawn();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let stdout = "";
   try {
-    let ann = null;
-    for (let i = 0; i < 100 && !ann; i++) {
-      ann = await joinChat(port).catch(() => null);
-      if (!ann) await new Promise((r) => setTimeout(r, 50));
+    while (!/started on port \d+\n/.test(stdout)) {
+      const { value, done } = await lines.read();
+      if (done) break;
+      stdout += value;
     }
-    assert.ok(ann, "the copy never listened");
+    const port = portIn(stdout);
+    const ann = await joinChat(port);
     const bob = await joinChat(port);
     assert.equal(await ann.readLine(), `Client joined ${bob.name}\r\n`);
     await bob.write("hello\r\n");
@@ -60,7 +62,7 @@ Deno.test("a copy of chat_server.ts alone serves the tutorial's chat, commands a
   } finally {
     child.kill("SIGTERM");
     const status = await child.status;
-    const stdout = decoder.decode(await new Response(child.stdout).arrayBuffer());
+    await lines.cancel();
     await child.stderr.cancel();
     await Deno.remove(dir, { recursive: true });
     assert.equal(status.code, 0);
@@ -155,12 +157,11 @@ Deno.test("chat_server.ts run from a URL fetches its parts, the bus's npm packag
     }
   });
   const dir = await Deno.makeTempDir(); // no deno.json, and a cache of its own: everything is fetched
-  const [port, httpPort] = [freePort(), freePort()];
   const url = `http://127.0.0.1:${files.addr.port}/chat_server.ts`;
   // Nobody answers there; the bus's part and its npm package are loaded all the same.
   const redis = ["--redis", `redis://127.0.0.1:${freePort()}`];
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", url, String(port), "--host", "127.0.0.1", "--http", String(httpPort), ...redis],
+    args: ["run", "-A", url, "0", "--host", "127.0.0.1", "--http", "0", ...redis],
     cwd: dir,
     env: { NO_COLOR: "1", DENO_DIR: `${dir}/cache` },
     stdin: "null",
@@ -177,6 +178,7 @@ Deno.test("chat_server.ts run from a URL fetches its parts, the bus's npm packag
       said += value;
     }
     assert.match(said, /^ChatServer started on port \d+\nWeb page at http:\/\/127\.0\.0\.1:\d+\/\n/);
+    const port = portIn(said), httpPort = Number(/Web page at http:\/\/[^/]+:(\d+)\//.exec(said)![1]);
     const page = await fetch(`http://127.0.0.1:${httpPort}/`).then((r) => r.text());
     assert.equal(page, PAGE);
     const client = await joinChat(port);

@@ -14,7 +14,6 @@ import {
   Cli,
   decoder,
   encoder,
-  freePort,
   GREETING,
   joinChat,
   needs,
@@ -51,9 +50,8 @@ Deno.test("startChatServer() plays the tutorial's transcript byte for byte", asy
 });
 
 Deno.test("chat_server.ts prints the tutorial's server log on stdout", async () => {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port)]);
-  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  const cli = new Cli("chat_server.ts", ["0"]);
+  const port = await cli.started();
   const a = await joinChat(port);
   const b = await joinChat(port);
   assert.equal(await cli.readLine(), `Client joined ${a.name}`);
@@ -75,9 +73,8 @@ Deno.test("chat_server.ts prints the tutorial's server log on stdout", async () 
 });
 
 Deno.test("chat_server.ts logs chat lines and events in the order they happen, in one batch or not", async () => {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port)]);
-  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  const cli = new Cli("chat_server.ts", ["0"]);
+  const port = await cli.started();
   const a = await joinChat(port);
   assert.equal(await cli.readLine(), `Client joined ${a.name}`);
   await a.write("one\r\n/nick ann\r\ntwo\r\n/join dev\r\nthree\r\n"); // one read, one batch of the log
@@ -222,9 +219,8 @@ Deno.test("startChatServer() truncates an over-long line and tells the sender", 
 
 /** Runs chat_server.ts with no flood limit, reading its log as a terminal would; stop() ends it. */
 async function startFloodableServer() {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--rate", "0"]);
-  await cli.readLine();
+  const cli = new Cli("chat_server.ts", ["0", "--host", "127.0.0.1", "--rate", "0"]);
+  const port = await cli.started();
   const logRead = (async () => {
     while (await cli.readLine() !== null); // keep the log flowing
   })();
@@ -324,9 +320,8 @@ Deno.test("chat_server.ts cuts off a client that never reads, and no one else mi
 });
 
 Deno.test("chat_server.ts keeps its memory when a client streams megabytes with no newline", async () => {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1"]);
-  await cli.readLine();
+  const cli = new Cli("chat_server.ts", ["0", "--host", "127.0.0.1"]);
+  const port = await cli.started();
   using a = await joinChat(port);
   using b = await joinChat(port);
   await a.readLine();
@@ -448,9 +443,8 @@ Deno.test("startChatServer() listens again at once on the port it just left", as
 // --- The command line ---------------------------------------------------------------------------
 
 Deno.test("chat_server.ts says goodbye to every client on SIGTERM and exits 0", async () => {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", ["--port", String(port)]);
-  assert.equal(await cli.readLine(), `ChatServer started on port ${port}`);
+  const cli = new Cli("chat_server.ts", ["--port", "0"]);
+  const port = await cli.started();
   using a = await joinChat(port);
   using b = await joinChat(port);
   await a.readLine();
@@ -465,9 +459,8 @@ Deno.test("chat_server.ts says goodbye to every client on SIGTERM and exits 0", 
 });
 
 Deno.test("chat_server.ts shuts down on SIGINT even when a client never reads", async () => {
-  const port = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--rate", "0"]);
-  await cli.readLine();
+  const cli = new Cli("chat_server.ts", ["0", "--rate", "0"]);
+  const port = await cli.started();
   using sleeper = await TestClient.connect(port);
   using sender = await joinChat(port);
   await sendNumberedLines(sender, 5000, 1000); // fills the sleeper's socket buffers
@@ -654,11 +647,11 @@ Deno.test({
         stderr: "piped",
       }).output();
       assert.equal(compile.code, 0, decoder.decode(compile.stderr));
-      const port = freePort();
-      const bin = new Deno.Command(out, { args: [String(port)], stdout: "piped", stderr: "piped" }).spawn();
+      const bin = new Deno.Command(out, { args: ["0"], stdout: "piped", stderr: "piped" }).spawn();
       const reader = bin.stdout.getReader();
       const seen = { text: "" };
       await readOutputUntil(reader, seen, /ChatServer started on port \d+\n/);
+      const port = Number(/port (\d+)/.exec(seen.text)![1]);
       using c = await TestClient.connect(port);
       assert.equal(await c.readLine(), GREETING);
       bin.kill("SIGTERM");
@@ -844,23 +837,22 @@ Deno.test("chat_server.ts and chat/ have no character above U+00FF, so their tex
 });
 
 Deno.test("chat_server.ts logs every line of a 30,000-line burst to a file that keeps up", async () => {
-  const port = freePort();
   const file = await Deno.makeTempFile();
   try {
-    const script =
-      `exec "${Deno.execPath()}" run -A chat_server.ts ${port} --host 127.0.0.1 --rate 0 > "${file}"`;
+    const script = `exec "${Deno.execPath()}" run -A chat_server.ts 0 --host 127.0.0.1 --rate 0 > "${file}"`;
     const child = new Deno.Command("sh", {
       args: ["-c", script],
       cwd: new URL("..", import.meta.url).pathname,
       stderr: "piped",
       env: { NO_COLOR: "1" },
     }).spawn();
-    let sender: TestClient | null = null;
-    for (let i = 0; i < 100 && !sender; i++) { // until it listens: its stdout is the file
-      sender = await joinChat(port).catch(() => null);
-      if (!sender) await new Promise((r) => setTimeout(r, 50));
+    let port = 0;
+    for (let i = 0; i < 200 && !port; i++) { // until it says where it listens: its stdout is the file
+      port = Number(/^ChatServer started on port (\d+)/.exec(Deno.readTextFileSync(file))?.[1] ?? 0);
+      if (!port) await new Promise((r) => setTimeout(r, 50));
     }
-    assert.ok(sender, "the server never listened");
+    assert.ok(port, "the server never listened");
+    const sender = await joinChat(port);
     try {
       await sendNumberedLines(sender, 30_000, 1000);
       await sender.write("/who\r\n"); // answered once every line before it has been handled (and logged)
@@ -873,7 +865,7 @@ Deno.test("chat_server.ts logs every line of a 30,000-line burst to a file that 
     await child.stderr.cancel();
     const log = Deno.readTextFileSync(file);
     assert.doesNotMatch(log, /log lines dropped/);
-    assert.equal(log.split("\n").filter((l) => l.startsWith(`[${sender!.name}] `)).length, 30_000);
+    assert.equal(log.split("\n").filter((l) => l.startsWith(`[${sender.name}] `)).length, 30_000);
   } finally {
     await Deno.remove(file);
   }

@@ -12,6 +12,7 @@ import {
   Hiccup,
   joinChat,
   needs,
+  portIn,
   readSlowly,
   readUntil,
   rssKiB,
@@ -488,10 +489,9 @@ Deno.test("startChatServer({ http, proxyFrom }) caps a trusted proxy's request h
 });
 
 Deno.test("chat_server.ts --http: a 20 MB WebSocket message costs what a long line costs", async () => {
-  const port = freePort(), httpPort = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--http", String(httpPort)]);
-  await cli.readLine();
-  await cli.readLine();
+  const cli = new Cli("chat_server.ts", ["0", "--host", "127.0.0.1", "--http", "0"]);
+  const port = await cli.started();
+  const httpPort = Number(await cli.lineWith(/^Web page at http:\/\/[^/]+:(\d+)\/$/));
   using tcp = await joinChat(port);
   const web = new WsClient(`ws://127.0.0.1:${httpPort}/ws`);
   await web.opened();
@@ -513,10 +513,8 @@ Deno.test("chat_server.ts --http: a 20 MB WebSocket message costs what a long li
 Deno.test({
   ...needs("chat_server.ts --http keeps serving when it runs out of descriptors", ["sh"]),
   async fn() {
-    const port = freePort(), httpPort = freePort();
     const script =
-      `ulimit -n 80 && exec "${Deno.execPath()}" run -A chat_server.ts ${port} --host 127.0.0.1 ` +
-      `--http ${httpPort}`;
+      `ulimit -n 80 && exec "${Deno.execPath()}" run -A chat_server.ts 0 --host 127.0.0.1 --http 0`;
     const child = new Deno.Command("sh", {
       args: ["-c", script],
       cwd: new URL("..", import.meta.url).pathname,
@@ -529,6 +527,8 @@ Deno.test({
     while (!seen.includes("Web page at")) {
       seen += (await within(WAIT_MS, stdout.read(), "the start")).value ?? "";
     }
+    const httpPort = Number(/Web page at http:\/\/[^/]+:(\d+)\//.exec(seen)![1]);
+    const port = portIn(seen);
     const drained = (async () => {
       while (!(await stdout.read()).done);
     })();
@@ -865,10 +865,9 @@ Deno.test("startChatServer({ http }) answers a WebSocket version other than 13 w
 });
 
 Deno.test("chat_server.ts --http closes a WebSocket that floods pings and never reads, and serves on", async () => {
-  const port = freePort(), httpPort = freePort();
-  const cli = new Cli("chat_server.ts", [String(port), "--host", "127.0.0.1", "--http", String(httpPort)]);
-  await cli.readLine();
-  await cli.readLine();
+  const cli = new Cli("chat_server.ts", ["0", "--host", "127.0.0.1", "--http", "0"]);
+  const port = await cli.started();
+  const httpPort = Number(await cli.lineWith(/^Web page at http:\/\/[^/]+:(\d+)\/$/));
   using tcp = await joinChat(port);
   const before = rssKiB(cli.child.pid);
   using ws = await RawWebSocket.open(httpPort);
