@@ -238,16 +238,21 @@ async function echoesWithin(port: number, count: number, size: number, ms: numbe
     let got = 0;
     const deadline = Date.now() + ms;
     let receiving = sock.receive();
-    for (;;) {
-      const left = deadline - Date.now();
-      if (left <= 0) break;
-      const r = await Promise.race([
-        receiving,
-        new Promise<null>((res) => setTimeout(() => res(null), left)),
-      ]);
-      if (r === null) break;
-      got++;
-      receiving = sock.receive();
+    // One timer for the whole wait, cleared at the end: a timer per echo, left running, failed the
+    // test's sanitizer on a loaded machine ("2 timers were started in this test, but never completed").
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<null>((res) =>
+      timer = setTimeout(() => res(null), Math.max(0, deadline - Date.now()))
+    );
+    try {
+      for (;;) {
+        const r = await Promise.race([receiving, late]);
+        if (r === null) break;
+        got++;
+        receiving = sock.receive();
+      }
+    } finally {
+      clearTimeout(timer);
     }
     sock.close();
     await receiving.catch(() => {});
