@@ -95,8 +95,17 @@ function show(kind, from, text, when = Date.now()) {
 
 /** @param {HTMLElement} li */
 function append(li) {
+  follow(() => log.append(li));
+}
+
+/**
+ * Grows the log, and keeps it at its end if it was there: the rule for every line of a block too,
+ * which grows an item already in the log (a /help taller than the screen left the log behind).
+ * @param {() => void} grow
+ */
+function follow(grow) {
   const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
-  log.append(li);
+  grow();
   if (atEnd) log.scrollTop = log.scrollHeight;
 }
 
@@ -129,7 +138,8 @@ function inBlock(line) {
   }
   addText(item, what ?? line.trim());
   if (titled) item.className = "title";
-  block.append(item);
+  const list = block;
+  follow(() => list.append(item));
   return true;
 }
 

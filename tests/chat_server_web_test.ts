@@ -1084,3 +1084,46 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name: haveChromium
+    ? "the page's log keeps following after a block answer: lines said after /help, /who and /rooms show at the bottom, on a phone and a desktop"
+    : "the page's log keeps following after a block answer (ignored: chromium not installed)",
+  ignore: !haveChromium,
+  sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed below
+  sanitizeResources: false,
+  async fn() {
+    await withWebServer({}, async (tcpPort, httpPort) => {
+      await withChromium(async (browser) => {
+        using tcp = await joinChat(tcpPort);
+        for (const viewport of [{ width: 375, height: 600 }, { width: 1280, height: 500 }]) {
+          const page = await browser.newPage({ viewport });
+          await page.goto(`http://127.0.0.1:${httpPort}/`);
+          await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+          const atBottom = () =>
+            page.evaluate(
+              `(() => { const log = document.getElementById("log");
+                return log.scrollHeight - log.clientHeight - log.scrollTop <= 8; })()`,
+            );
+          for (let i = 0; i < 3; i++) { // each answer is taller than the log: a screenful and more
+            for (const command of ["/help", "/who", "/rooms"]) {
+              await page.fill("#input", command);
+              await page.press("#input", "Enter");
+            }
+          }
+          await page.locator("#log li.block").nth(5).waitFor({ timeout: WAIT_MS });
+          await page.fill("#input", "my own line");
+          await page.press("#input", "Enter");
+          await tcp.write(`someone else's line ${viewport.width}\r\n`);
+          await page.locator("#log li", { hasText: `someone else's line ${viewport.width}` })
+            .waitFor({ timeout: WAIT_MS });
+          assert.ok(
+            await atBottom(),
+            `at ${viewport.width} px the log stopped following: the last line is below`,
+          );
+          await page.close();
+        }
+      });
+    });
+  },
+});
