@@ -282,10 +282,13 @@ function connect() {
   ws.onclose = reconnect;
 }
 
+// Each wait is the backoff give or take half of it, at random: pages that a restart dropped all at
+// once would otherwise come back all at once, in waves at 0.5, 1.5, 3.5 and 7.5 s.
 function reconnect() {
-  statusEl.textContent = "reconnecting in " + Math.round(backoff / 1000) + " s\u2026";
+  const wait = backoff * (0.5 + Math.random());
+  statusEl.textContent = "reconnecting in " + Math.max(1, Math.round(wait / 1000)) + " s\u2026";
   statusEl.className = "down";
-  setTimeout(connect, backoff);
+  setTimeout(connect, wait);
   backoff = Math.min(backoff * 2, 10000);
 }
 

@@ -352,8 +352,11 @@ Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and 
   );
 });
 
-/** Runs the page's script against a stand-in DOM and WebSocket, and lets a test feed it lines. */
-function runPageScript() {
+/**
+ * Runs the page's script against a stand-in DOM and WebSocket, and lets a test feed it lines;
+ * `random` stands in for Math.random.
+ */
+function runPageScript(random = Math.random) {
   type Node = { kind?: string; from?: string; text?: string; time?: string };
   const elements = new Map<string, Record<string, unknown>>();
   const lines: Node[] = [];
@@ -395,13 +398,16 @@ function runPageScript() {
     static override now = () => clock.now;
   }
   const script = Deno.readTextFileSync(new URL("../chat/page.js", import.meta.url));
-  new Function("document", "WebSocket", "location", "setTimeout", "setInterval", "Date", script)(
+  const delays: number[] = [];
+  const math = Object.assign(Object.create(Math), { random });
+  new Function("document", "WebSocket", "location", "setTimeout", "setInterval", "Date", "Math", script)(
     document,
     FakeWebSocket,
     { protocol: "http:", host: "localhost" },
-    (f: () => void) => timers.push(f),
+    (f: () => void, ms = 0) => (timers.push(f), delays.push(ms)),
     (f: () => void) => intervals.push(f),
     FakeDate,
+    math,
   );
   const log = document.getElementById("log")!;
   // Each item of the log as its kind, sender, text and time; the text is read when asked, since a
@@ -430,6 +436,7 @@ function runPageScript() {
       onmessage(e: { data: string }): void;
     },
     timers,
+    delays,
     intervals,
     clock,
     lines,
@@ -972,6 +979,10 @@ Deno.test({
           await page.fill("#input", "/nick ann");
           await page.press("#input", "Enter");
           await readUntil(tcp, (l) => l.endsWith("is now known as ann\r\n"));
+          // The page too must have heard it before the freeze, or it comes back without its nick.
+          await page.locator("#log li", { hasText: "You are now known as ann" }).waitFor({
+            timeout: WAIT_MS,
+          });
           hiccup.freeze(); // the server seems to vanish: nothing arrives, nothing is closed
           await page.locator("#status", { hasText: "reconnecting" }).waitFor({ timeout: WAIT_MS });
           await page.locator("#status", { hasText: /^connected$/ }).waitFor({ timeout: WAIT_MS });
@@ -1126,4 +1137,25 @@ Deno.test({
       });
     });
   },
+});
+
+Deno.test("pages dropped together come back spread out: each wait is the backoff give or take half", () => {
+  const waits = [0, 0.5, 0.999].map((r) => {
+    const page = runPageScript(() => r);
+    page.socket.onopen();
+    const mine: number[] = [];
+    for (let i = 0; i < 6; i++) {
+      page.socket.onclose();
+      mine.push(page.delays.at(-1)!);
+      page.timers.shift()!(); // it reconnects, and is dropped again
+    }
+    return mine;
+  });
+  assert.deepEqual(waits[1], [500, 1000, 2000, 4000, 8000, 10000], "the backoff doubles, up to 10 s");
+  for (let i = 0; i < 6; i++) {
+    assert.ok(
+      waits[0][i] === waits[1][i] / 2 && waits[2][i] > 1.49 * waits[1][i],
+      `wait ${i}: ${waits.map((w) => w[i])}`,
+    );
+  }
 });
