@@ -35,6 +35,25 @@ let aliveMs = 0, heardAt = 0;
 // Where the page stands, so that it can say so when it reconnects: its token, its nick, and its
 // room's epoch and the position of the last line it has seen there (PAGE_MARKS).
 let token = "", nick = "", room = "", epoch = "", seq = 0;
+// The nick outlives a reload of the tab: kept in sessionStorage, and taken again on connecting.
+const kept = {
+  get: () => {
+    try {
+      return sessionStorage.getItem("nick") ?? "";
+    } catch {
+      return ""; // storage refused (a private window, a file:// page): the nick lasts as long as the page
+    }
+  },
+  /** @param {string} value */
+  set: (value) => {
+    try {
+      sessionStorage.setItem("nick", value);
+    } catch {
+      // as above
+    }
+  },
+};
+nick = kept.get();
 // Lines said while the tab is in the background, counted in its title.
 const title = document.title;
 let unread = 0;
@@ -235,7 +254,7 @@ function receive(line) {
   let m;
   if (line.charCodeAt(0) === 0x1e) return mark(line);
   if (quiet(line)) return;
-  if ((m = /^You are now known as (\S+)$/.exec(line))) nick = m[1];
+  if ((m = /^You are now known as (\S+)$/.exec(line))) kept.set(nick = m[1]);
   if ((m = /^You are now in (\S+) /.exec(line))) {
     roomEl.textContent = m[1];
     topicEl.textContent = ""; // the server says the new room's topic next, if it has one
@@ -272,6 +291,8 @@ function connect() {
     backoff = 500;
     asked = [];
     left = 0;
+    // A page coming back says its nick in the URL; one just loaded takes its kept nick itself.
+    if (!room && nick && ws) ws.send("/nick " + nick);
     ask("who");
     ask("rooms");
   };

@@ -356,7 +356,7 @@ Deno.test("the page follows where it stands (PAGE_MARKS), never shows them, and 
  * Runs the page's script against a stand-in DOM and WebSocket, and lets a test feed it lines;
  * `random` stands in for Math.random.
  */
-function runPageScript(random = Math.random) {
+function runPageScript(random = Math.random, storage = new Map<string, string>()) {
   type Node = { kind?: string; from?: string; text?: string; time?: string };
   const elements = new Map<string, Record<string, unknown>>();
   const lines: Node[] = [];
@@ -400,7 +400,21 @@ function runPageScript(random = Math.random) {
   const script = Deno.readTextFileSync(new URL("../chat/page.js", import.meta.url));
   const delays: number[] = [];
   const math = Object.assign(Object.create(Math), { random });
-  new Function("document", "WebSocket", "location", "setTimeout", "setInterval", "Date", "Math", script)(
+  const sessionStorage = {
+    getItem: (key: string) => storage.get(key) ?? null,
+    setItem: (key: string, value: string) => storage.set(key, value),
+  };
+  const names = [
+    "document",
+    "WebSocket",
+    "location",
+    "setTimeout",
+    "setInterval",
+    "Date",
+    "Math",
+    "sessionStorage",
+  ];
+  new Function(...names, script)(
     document,
     FakeWebSocket,
     { protocol: "http:", host: "localhost" },
@@ -408,6 +422,7 @@ function runPageScript(random = Math.random) {
     (f: () => void) => intervals.push(f),
     FakeDate,
     math,
+    sessionStorage,
   );
   const log = document.getElementById("log")!;
   // Each item of the log as its kind, sender, text and time; the text is read when asked, since a
@@ -1158,4 +1173,53 @@ Deno.test("pages dropped together come back spread out: each wait is the backoff
       `wait ${i}: ${waits.map((w) => w[i])}`,
     );
   }
+});
+
+Deno.test("a reloaded page takes its nick again: kept in the tab's sessionStorage, said once it connects", () => {
+  const storage = new Map<string, string>();
+  const first = runPageScript(Math.random, storage);
+  first.socket.onopen();
+  assert.deepEqual(first.socket.sent, ["/who", "/rooms"]); // nothing kept yet: nothing to say
+  first.receive(PAGE_READS.nowKnownAs("ann"));
+  assert.equal(storage.get("nick"), "ann");
+  const reloaded = runPageScript(Math.random, storage);
+  reloaded.socket.onopen();
+  assert.deepEqual(reloaded.socket.sent, ["/nick ann", "/who", "/rooms"]);
+  // Coming back after a drop, it says its nick in the URL and the server gives it back: no /nick.
+  reloaded.receive(PAGE_MARKS.at("lobby", { epoch: "0a1b2c3d", seq: 0 }));
+  reloaded.socket.onclose();
+  reloaded.timers.shift()!();
+  reloaded.socket.onopen();
+  assert.deepEqual(reloaded.socket.sent.slice(3), ["/who", "/rooms"]);
+  assert.match(reloaded.socket.urls.at(-1)!, /[?&]nick=ann(&|$)/);
+});
+
+Deno.test({
+  name: haveChromium
+    ? "the page in Chromium keeps its nick across a reload"
+    : "the page keeps its nick across a reload (ignored: chromium not installed)",
+  ignore: !haveChromium,
+  sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed below
+  sanitizeResources: false,
+  async fn() {
+    await withWebServer({}, async (tcpPort, httpPort) => {
+      await withChromium(async (browser) => {
+        using tcp = await joinChat(tcpPort);
+        const page = await browser.newPage();
+        await page.goto(`http://127.0.0.1:${httpPort}/`);
+        await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+        await page.fill("#input", "/nick zed");
+        await page.press("#input", "Enter");
+        await page.locator("#log li", { hasText: "You are now known as zed" }).waitFor({ timeout: WAIT_MS });
+        await readUntil(tcp, (l) => l.endsWith(" is now known as zed\r\n"));
+        await page.reload();
+        await readUntil(tcp, (l) => l.endsWith(" is now known as zed\r\n")); // the new page, as zed again
+        await page.locator("#log li", { hasText: "You are now known as zed" }).waitFor({ timeout: WAIT_MS });
+        await page.fill("#input", "still me");
+        await page.press("#input", "Enter");
+        assert.equal(await readUntil(tcp, (l) => l.includes("still me")), "[zed] still me\r\n");
+        await page.close();
+      });
+    });
+  },
 });
