@@ -3453,7 +3453,8 @@ The tutorial's chat server: every line a client sends goes to everyone else in i
   --redis-expiry S     seconds before a crashed instance's members leave the directory (default 30)
   -h, --help           show this help
 
-Clients type /help for the commands: /nick, /who, /me, /msg, /join, /rooms, /history, /quit.
+Clients type /help for the commands: /nick, /who, /me, /msg, /join, /rooms, /topic, /history, /quit;
+and operators /oper, then /kick, /ban, /unban, /bans, /mute, /unmute.
 Try it: deno run -A chat_server.ts 2626, then telnet localhost 2626 in two other terminals.`;
 
 /** A bad command line: main() prints the message and the usage line and exits 2. */
