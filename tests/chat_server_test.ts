@@ -221,19 +221,25 @@ Deno.test("startChatServer() truncates an over-long line and tells the sender", 
 async function startFloodableServer() {
   const cli = new Cli("chat_server.ts", ["0", "--host", "127.0.0.1", "--rate", "0"]);
   const port = await cli.started();
+  // Keeps the log flowing, however long the test takes: a quiet log is no failure of the server's.
   const logRead = (async () => {
-    while (await cli.readLine() !== null); // keep the log flowing
+    while (await cli.readLine(3_600_000) !== null);
   })();
-  const stop = async () => {
-    cli.kill();
-    await logRead;
-    return await cli.finish();
-  };
+  let stopped: ReturnType<Cli["finish"]> | null = null;
+  // Idempotent, and called in a finally too: a test that fails must not leave its server running
+  // into the next test (or its log reader, which would throw from no test at all).
+  const stop = () =>
+    stopped ??= (async () => {
+      cli.kill();
+      await logRead.catch(() => {});
+      return await cli.finish();
+    })();
   return { port, cli, stop };
 }
 
 Deno.test("chat_server.ts paces a fast sender for a slow but live reader, which loses nothing", async () => {
   const { port, stop } = await startFloodableServer();
+  await using _stopping = { [Symbol.asyncDispose]: async () => void await stop() };
   using reader = await joinChat(port);
   using sleeper = await TestClient.connect(port); // never reads a byte: it must still be cut off
   using other = await joinChat(port);
@@ -290,6 +296,7 @@ Deno.test("startChatServer(): a client that stops reading in one room holds back
 
 Deno.test("chat_server.ts cuts off a client that never reads, and no one else misses a line", async () => {
   const { port, cli, stop } = await startFloodableServer();
+  await using _stopping = { [Symbol.asyncDispose]: async () => void await stop() };
   using reader = await joinChat(port);
   using sleeper = await TestClient.connect(port); // never reads a byte
   using sender = await joinChat(port);
