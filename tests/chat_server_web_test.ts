@@ -1111,48 +1111,38 @@ Deno.test({
   },
 });
 
-Deno.test({
-  name: haveChromium
-    ? "the page's log keeps following after a block answer: lines said after /help, /who and /rooms show at the bottom, on a phone and a desktop"
-    : "the page's log keeps following after a block answer (ignored: chromium not installed)",
-  ignore: !haveChromium,
-  sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed below
-  sanitizeResources: false,
-  async fn() {
-    await withWebServer({}, async (tcpPort, httpPort) => {
-      await withChromium(async (browser) => {
-        using tcp = await joinChat(tcpPort);
-        for (const viewport of [{ width: 375, height: 600 }, { width: 1280, height: 500 }]) {
-          const page = await browser.newPage({ viewport });
-          await page.goto(`http://127.0.0.1:${httpPort}/`);
-          await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
-          const atBottom = () =>
-            page.evaluate(
-              `(() => { const log = document.getElementById("log");
-                return log.scrollHeight - log.clientHeight - log.scrollTop <= 8; })()`,
-            );
-          for (let i = 0; i < 3; i++) { // each answer is taller than the log: a screenful and more
-            for (const command of ["/help", "/who", "/rooms"]) {
-              await page.fill("#input", command);
-              await page.press("#input", "Enter");
-            }
-          }
-          await page.locator("#log li.block").nth(5).waitFor({ timeout: WAIT_MS });
-          await page.fill("#input", "my own line");
+chromiumTest(
+  "the page's log keeps following after a block answer: lines said after /help, /who and /rooms show at the bottom, on a phone and a desktop",
+  async ({ browser, tcp, httpPort }) => {
+    for (const viewport of [{ width: 375, height: 600 }, { width: 1280, height: 500 }]) {
+      const page = await browser.newPage({ viewport });
+      await page.goto(`http://127.0.0.1:${httpPort}/`);
+      await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+      const atBottom = () =>
+        page.evaluate(
+          `(() => { const log = document.getElementById("log");
+            return log.scrollHeight - log.clientHeight - log.scrollTop <= 8; })()`,
+        );
+      for (let i = 0; i < 3; i++) { // each answer is taller than the log: a screenful and more
+        for (const command of ["/help", "/who", "/rooms"]) {
+          await page.fill("#input", command);
           await page.press("#input", "Enter");
-          await tcp.write(`someone else's line ${viewport.width}\r\n`);
-          await page.locator("#log li", { hasText: `someone else's line ${viewport.width}` })
-            .waitFor({ timeout: WAIT_MS });
-          assert.ok(
-            await atBottom(),
-            `at ${viewport.width} px the log stopped following: the last line is below`,
-          );
-          await page.close();
         }
-      });
-    });
+      }
+      await page.locator("#log li.block").nth(5).waitFor({ timeout: WAIT_MS });
+      await page.fill("#input", "my own line");
+      await page.press("#input", "Enter");
+      await tcp.write(`someone else's line ${viewport.width}\r\n`);
+      await page.locator("#log li", { hasText: `someone else's line ${viewport.width}` })
+        .waitFor({ timeout: WAIT_MS });
+      assert.ok(
+        await atBottom(),
+        `at ${viewport.width} px the log stopped following: the last line is below`,
+      );
+      await page.close();
+    }
   },
-});
+);
 
 Deno.test("pages dropped together come back spread out: each wait is the backoff give or take half", () => {
   const waits = [0, 0.5, 0.999].map((r) => {
@@ -1194,32 +1184,45 @@ Deno.test("a reloaded page takes its nick again: kept in the tab's sessionStorag
   assert.match(reloaded.socket.urls.at(-1)!, /[?&]nick=ann(&|$)/);
 });
 
-Deno.test({
-  name: haveChromium
-    ? "the page in Chromium keeps its nick across a reload"
-    : "the page keeps its nick across a reload (ignored: chromium not installed)",
-  ignore: !haveChromium,
-  sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed below
-  sanitizeResources: false,
-  async fn() {
-    await withWebServer({}, async (tcpPort, httpPort) => {
-      await withChromium(async (browser) => {
-        using tcp = await joinChat(tcpPort);
-        const page = await browser.newPage();
-        await page.goto(`http://127.0.0.1:${httpPort}/`);
-        await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
-        await page.fill("#input", "/nick zed");
-        await page.press("#input", "Enter");
-        await page.locator("#log li", { hasText: "You are now known as zed" }).waitFor({ timeout: WAIT_MS });
-        await readUntil(tcp, (l) => l.endsWith(" is now known as zed\r\n"));
-        await page.reload();
-        await readUntil(tcp, (l) => l.endsWith(" is now known as zed\r\n")); // the new page, as zed again
-        await page.locator("#log li", { hasText: "You are now known as zed" }).waitFor({ timeout: WAIT_MS });
-        await page.fill("#input", "still me");
-        await page.press("#input", "Enter");
-        assert.equal(await readUntil(tcp, (l) => l.includes("still me")), "[zed] still me\r\n");
-        await page.close();
-      });
-    });
-  },
+chromiumTest("the page in Chromium keeps its nick across a reload", async ({ browser, tcp, httpPort }) => {
+  const page = await browser.newPage();
+  await page.goto(`http://127.0.0.1:${httpPort}/`);
+  await page.locator("#status", { hasText: "connected" }).waitFor({ timeout: WAIT_MS });
+  await page.fill("#input", "/nick zed");
+  await page.press("#input", "Enter");
+  await page.locator("#log li", { hasText: "You are now known as zed" }).waitFor({ timeout: WAIT_MS });
+  await readUntil(tcp, (l) => l.endsWith(" is now known as zed\r\n"));
+  await page.reload();
+  await readUntil(tcp, (l) => l.endsWith(" is now known as zed\r\n")); // the new page, as zed again
+  await page.locator("#log li", { hasText: "You are now known as zed" }).waitFor({ timeout: WAIT_MS });
+  await page.fill("#input", "still me");
+  await page.press("#input", "Enter");
+  assert.equal(await readUntil(tcp, (l) => l.includes("still me")), "[zed] still me\r\n");
+  await page.close();
 });
+
+/**
+ * A test that drives the page in Chromium, against a web server and beside a TCP client in its
+ * lobby; without Chromium it is ignored, and its name says why.
+ */
+function chromiumTest(
+  name: string,
+  body: (ctx: { browser: Browser; tcp: TestClient; httpPort: number }) => Promise<void>,
+): void {
+  Deno.test({
+    name: haveChromium ? name : `${name} (ignored: chromium not installed)`,
+    ignore: !haveChromium,
+    sanitizeOps: false, // Playwright keeps timers and pipes of its own; the browser is closed by withChromium
+    sanitizeResources: false,
+    async fn() {
+      await withWebServer({}, async (tcpPort, httpPort) => {
+        await withChromium(async (browser) => {
+          using tcp = await joinChat(tcpPort);
+          await body({ browser, tcp, httpPort });
+        });
+      });
+    },
+  });
+}
+
+type Browser = Parameters<Parameters<typeof withChromium>[0]>[0];
