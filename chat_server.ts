@@ -1400,8 +1400,8 @@ class EventLog {
 /**
  * The lines the page's script reads to follow the room, its members and the names: the server
  * writes every one of them with these (nowhere with a literal of its own), and the page matches
- * them (`receive()` below). Change one, and change the page with it: tests/chat_server_web_test.ts
- * feeds each to the page's script.
+ * them (`receive()` in chat/page.js). Change one, and change the page with it:
+ * tests/chat_server_web_test.ts feeds each to the page's script.
  */
 export const PAGE_READS = {
   /** The seed's join line: the page asks /who again. */
